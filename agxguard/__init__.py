@@ -1,0 +1,224 @@
+"""agxguard: switchable, measurable locking for multi-threaded GPU inference.
+
+Modes (one vocabulary everywhere):
+
+    off     no locks (calls are still counted)
+    op      each driver call / torch op under one process-wide op lock
+    stream  each region or op under the lock of its stream
+    global  each guarded region under one process-wide lock
+
+Typical use::
+
+    import agxguard
+    agxguard.set_mode("stream")
+    with agxguard.guard():          # a region of GPU work
+        y = model(x)
+    with agxguard.ops():            # every torch op of this thread, locked per op
+        y = model(x)
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from typing import Any, Callable, Dict, Hashable, Iterator, Optional, TypeVar
+
+from . import _C, _config
+from ._C import Guard, Lock, LockTimeout, LockWaitWarning
+from ._config import ConfigWarning
+
+__all__ = [
+    "MODES", "set_mode", "get_mode", "mode", "guard", "ops", "use_stream",
+    "set_throttle", "get_throttle", "throttle", "set_lock_timeout", "get_lock_timeout",
+    "stats", "reset_stats", "global_lock", "op_lock", "stream_lock", "stream_key",
+    "Guard", "Lock", "LockTimeout", "LockWaitWarning", "ConfigWarning", "config",
+]
+
+__version__ = "0.1.0"
+
+MODES = _C.MODES
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _decorate(g: Guard, fn: F) -> F:
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        with g:
+            return fn(*args, **kwargs)
+
+    return guarded  # type: ignore[return-value]
+
+
+_C._set_decorator(_decorate)
+
+
+def _current_stream_key() -> int:
+    """The caller's current stream when none was set with use_stream():
+    torch's current CUDA stream once CUDA is initialized, else the default stream 0
+    (MPS and CPU have one stream per device)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return torch.cuda.current_stream().cuda_stream
+    return 0
+
+
+_C.set_stream_resolver(_current_stream_key)
+
+
+# ---------------------------------------------------------------- modes
+
+def set_mode(name: str) -> str:
+    """Switch the process-wide mode; returns the previous one.
+
+    Raises ValueError for a name not in MODES. Regions already open keep the
+    lock they took; the new mode applies to regions entered from now on."""
+    return _C.set_mode(name)
+
+
+def get_mode() -> str:
+    """The current mode's name."""
+    return _C.get_mode()
+
+
+@contextlib.contextmanager
+def mode(name: str) -> Iterator[str]:
+    """``with agxguard.mode("global"):`` switch the mode for the block, then restore."""
+    previous = _C.set_mode(name)
+    try:
+        yield name
+    finally:
+        _C.set_mode(previous)
+
+
+# ---------------------------------------------------------------- streams
+
+def stream_key(stream: Any) -> int:
+    """The 64-bit lock key of a stream: an int as is, a torch CUDA stream by its
+    handle, an object with ``cuda_stream`` likewise, any other hashable by hash().
+    Distinct keys with equal hashes share a lock (more serialization, never less)."""
+    if isinstance(stream, bool):
+        raise TypeError("a stream key cannot be a bool")
+    if isinstance(stream, int):
+        return stream & 0xFFFFFFFFFFFFFFFF
+    handle = getattr(stream, "cuda_stream", None)
+    if isinstance(handle, int):
+        return handle & 0xFFFFFFFFFFFFFFFF
+    if not isinstance(stream, Hashable):
+        raise TypeError(f"a stream must be an int, a torch stream or hashable, not {type(stream).__name__}")
+    return hash(stream) & 0xFFFFFFFFFFFFFFFF
+
+
+@contextlib.contextmanager
+def use_stream(stream: Any) -> Iterator[int]:
+    """Make `stream` this thread's current stream for ``stream`` mode regions and ops
+    (CPU threads and the driver model have no stream of their own)."""
+    key = stream_key(stream)
+    previous = _C.set_thread_stream(key)
+    try:
+        yield key
+    finally:
+        _C.set_thread_stream(previous)
+
+
+# ---------------------------------------------------------------- guards
+
+_REGION = _C.Guard()
+
+
+def guard(stream: Any = None) -> Guard:
+    """A guarded region under the current mode, as a context manager or decorator.
+
+    ``global``: the one process-wide lock; ``stream``: the lock of `stream`, or
+    of the caller's current stream; ``op``/``off``: no region lock. Re-entrant.
+    With a throttle set, at most N outermost regions run at once."""
+    if stream is None:
+        return _REGION
+    return _C.Guard(stream_key(stream))
+
+
+def ops() -> Any:
+    """A torch function mode that runs each torch op of this thread under the lock
+    the current mode assigns to one op (``op``: the op lock). Use as a context
+    manager in each worker thread (torch keeps function modes per thread)."""
+    from ._torch import GuardedOps
+
+    return GuardedOps()
+
+
+# ---------------------------------------------------------------- throttle, waits
+
+def set_throttle(n: Optional[int]) -> int:
+    """Let at most `n` outermost guarded regions run at once (None or 0: no limit).
+    Returns the previous limit (0 = none)."""
+    if n is None:
+        n = 0
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"throttle must be an int >= 0 or None, not {type(n).__name__}")
+    return _C.set_throttle(n)
+
+
+def get_throttle() -> int:
+    """The throttle limit (0 = no limit)."""
+    return _C.get_throttle()
+
+
+@contextlib.contextmanager
+def throttle(n: Optional[int]) -> Iterator[int]:
+    """``with agxguard.throttle(2):`` at most 2 guarded regions at once in the block."""
+    previous = set_throttle(n)
+    try:
+        yield get_throttle()
+    finally:
+        _C.set_throttle(previous)
+
+
+def set_lock_timeout(timeout_ms: Optional[float] = None, warn_ms: Optional[float] = None,
+                     action: str = "raise") -> None:
+    """Warn once when a wait passes `warn_ms`; past `timeout_ms`, raise LockTimeout
+    (action="raise") or abort the process (action="abort"). None turns each off."""
+    if action not in _config.TIMEOUT_ACTIONS:
+        raise ValueError(f"unknown timeout action {action!r}; allowed: {', '.join(_config.TIMEOUT_ACTIONS)}")
+    _C.set_wait(warn_ms=warn_ms, timeout_ms=timeout_ms, abort=(action == "abort"))
+
+
+def get_lock_timeout() -> Dict[str, Any]:
+    """The wait policy: ``{"warn_ms", "timeout_ms", "action"}``."""
+    w = _C.get_wait()
+    return {"warn_ms": w["warn_ms"], "timeout_ms": w["timeout_ms"], "action": "abort" if w["abort"] else "raise"}
+
+
+# ---------------------------------------------------------------- locks, stats
+
+def global_lock() -> Lock:
+    """The process-wide region lock (the one ``global`` mode takes)."""
+    return _C.global_lock()
+
+
+def op_lock() -> Lock:
+    """The process-wide op lock (the one ``op`` mode takes per call)."""
+    return _C.op_lock()
+
+
+def stream_lock(stream: Any) -> Lock:
+    """The lock of a stream (see stream_key)."""
+    return _C.stream_lock(stream_key(stream))
+
+
+def stats() -> Dict[str, Any]:
+    """Counters since the last reset: per domain (global, op, stream, object)
+    acquisitions, reentries, contentions, timeouts, wait/hold/max-wait ns; the
+    throttle; the current mode."""
+    return _C.stats()
+
+
+def reset_stats() -> None:
+    """Zero every counter."""
+    _C.reset_stats()
+
+
+# ---------------------------------------------------------------- import-time config
+
+config = _config.from_env()
+_C.set_mode(config.mode)
+_C.set_wait(warn_ms=config.warn_ms, timeout_ms=config.timeout_ms, abort=config.timeout_action == "abort")
+_C.set_throttle(config.throttle)

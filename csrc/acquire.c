@@ -1,0 +1,117 @@
+/* acquire.c: blocking waits for Python and native callers (see acquire.h). */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "acquire.h"
+#include "module_state.h"
+
+/* How often a Python waiter wakes to run signal handlers. */
+#define SLICE_NS (20 * 1000000LL)
+
+typedef struct waitable {
+    const char *what; /* for messages */
+    int (*try_once)(void *);
+    int (*wait_until)(void *, int64_t);
+    void (*note_wait)(void *, int64_t);
+    void (*note_timeout)(void *);
+} waitable;
+
+static int lock_try(void *o) { return agx_lock_try(o); }
+static int lock_wait(void *o, int64_t d) { return agx_lock_wait_until(o, d); }
+static void lock_note(void *o, int64_t w) { agx_lock_note_wait(o, w); }
+static void lock_timeout(void *o) { agx_lock_note_timeout(o); }
+static int sem_try(void *o) { return agx_sem_try(o); }
+static int sem_wait(void *o, int64_t d) { return agx_sem_wait_until(o, d); }
+static void sem_note(void *o, int64_t w) { agx_sem_note_wait(o, w); }
+static void sem_timeout(void *o) { agx_sem_note_timeout(o); }
+
+static const waitable LOCK_OPS = {"lock", lock_try, lock_wait, lock_note, lock_timeout};
+static const waitable SEM_OPS = {"throttle", sem_try, sem_wait, sem_note, sem_timeout};
+
+static void abort_on_timeout(const char *name, int64_t waited_ns) {
+    fprintf(stderr,
+            "agxguard: waited %lld ms for the '%s' lock, past the timeout; aborting "
+            "(AGXGUARD_LOCK_TIMEOUT_MS, timeout action 'abort')\n",
+            (long long)(waited_ns / 1000000), name);
+    fflush(stderr);
+    abort();
+}
+
+static int block_py(void *obj, const char *name, const waitable *w) {
+    if (w->try_once(obj)) return 0; /* once with the GIL held, as CPython's locks do */
+    int64_t start = agx_now_ns();
+    int64_t warn = atomic_load(&agx_wait.warn_ns);
+    int64_t timeout = atomic_load(&agx_wait.timeout_ns);
+    int warned = 0;
+    for (;;) {
+        int64_t now = agx_now_ns();
+        int64_t deadline = now + SLICE_NS;
+        if (timeout > 0 && start + timeout < deadline) deadline = start + timeout;
+        if (warn > 0 && !warned && start + warn < deadline) deadline = start + warn;
+        int got;
+        Py_BEGIN_ALLOW_THREADS
+        got = w->wait_until(obj, deadline);
+        Py_END_ALLOW_THREADS
+        int64_t waited = agx_now_ns() - start;
+        if (got) {
+            w->note_wait(obj, waited);
+            return 0;
+        }
+        if (PyErr_CheckSignals() < 0) return -1;
+        if (warn > 0 && !warned && waited >= warn) {
+            warned = 1;
+            if (PyErr_WarnFormat(agx_LockWaitWarning, 1,
+                                 "agxguard: waited %lld ms for the '%s' %s (warn threshold %lld ms)",
+                                 (long long)(waited / 1000000), name, w->what,
+                                 (long long)(warn / 1000000)) < 0)
+                return -1;
+        }
+        if (timeout > 0 && waited >= timeout) {
+            w->note_timeout(obj);
+            if (atomic_load(&agx_wait.timeout_aborts)) abort_on_timeout(name, waited);
+            PyErr_Format(agx_LockTimeout,
+                         "agxguard: gave up on the '%s' %s after %lld ms (timeout %lld ms)", name,
+                         w->what, (long long)(waited / 1000000), (long long)(timeout / 1000000));
+            return -1;
+        }
+    }
+}
+
+int agx_acquire_py(agx_lock *l) { return block_py(l, l->name, &LOCK_OPS); }
+
+int agx_throttle_acquire_py(void) { return block_py(agx_throttle(), "throttle", &SEM_OPS); }
+
+void agx_acquire_native(agx_lock *l) {
+    if (agx_lock_try(l)) return;
+    PyThreadState *ts = NULL;
+    if (Py_IsInitialized() && PyGILState_Check()) ts = PyEval_SaveThread();
+    int64_t start = agx_now_ns();
+    int64_t warn = atomic_load(&agx_wait.warn_ns);
+    int64_t timeout = atomic_load(&agx_wait.timeout_ns);
+    int warned = 0, timed_out = 0;
+    for (;;) {
+        int64_t deadline = -1;
+        if (warn > 0 && !warned) deadline = start + warn;
+        if (timeout > 0 && !timed_out && (deadline < 0 || start + timeout < deadline))
+            deadline = start + timeout;
+        if (agx_lock_wait_until(l, deadline)) break;
+        int64_t waited = agx_now_ns() - start;
+        if (warn > 0 && !warned && waited >= warn) {
+            warned = 1;
+            fprintf(stderr, "agxguard: a driver call waited %lld ms for the '%s' lock\n",
+                    (long long)(waited / 1000000), l->name);
+        }
+        if (timeout > 0 && !timed_out && waited >= timeout) {
+            timed_out = 1; /* a driver call cannot raise: report, then abort or keep waiting */
+            agx_lock_note_timeout(l);
+            if (atomic_load(&agx_wait.timeout_aborts)) abort_on_timeout(l->name, waited);
+            fprintf(stderr, "agxguard: a driver call is past the %lld ms timeout on the '%s' lock; still waiting\n",
+                    (long long)(timeout / 1000000), l->name);
+        }
+    }
+    agx_lock_note_wait(l, agx_now_ns() - start);
+    if (ts) PyEval_RestoreThread(ts);
+}

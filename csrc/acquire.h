@@ -1,0 +1,22 @@
+/* acquire.h: how every agxguard wait blocks, for Python callers and for native
+ * callers (driver hooks) alike. */
+#ifndef AGX_ACQUIRE_H
+#define AGX_ACQUIRE_H
+
+#include "guard.h"
+
+/* Take `l` for a caller that holds the GIL: one try with the GIL held; then a
+ * wait with the GIL released, in slices, running Python's signal handlers
+ * between slices (so Ctrl-C works) and warning once past the warn threshold.
+ * Returns 0, or -1 with a Python exception set (LockTimeout, KeyboardInterrupt). */
+int agx_acquire_py(agx_lock *l);
+
+/* Take `l` for a native caller that cannot raise (a driver hook). If the
+ * calling thread holds the GIL, it is released while waiting. Past the timeout
+ * it prints to stderr and aborts when so configured, else keeps waiting. */
+void agx_acquire_native(agx_lock *l);
+
+/* Take a throttle slot for a caller that holds the GIL; as agx_acquire_py. */
+int agx_throttle_acquire_py(void);
+
+#endif

@@ -1,0 +1,122 @@
+/* lock.h: the lock primitives every domain is made of. Pure C (pthreads, C11
+ * atomics), no Python, so the ThreadSanitizer stress test builds it alone.
+ *
+ * agx_lock is re-entrant for its owner. The uncontended path is one
+ * compare-and-swap on `owner`; sleeping waiters use a mutex and a condition
+ * variable that the releaser touches only when someone waits.
+ * agx_sem is a counting semaphore with an adjustable limit (the throttle).
+ *
+ * Counters are written only by the thread that holds the lock (relaxed atomic
+ * load + store, no read-modify-write) and may be read by any thread. */
+#ifndef AGX_LOCK_H
+#define AGX_LOCK_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+/* An id for the calling thread, never 0: the address of a thread-local. It
+ * survives fork() for the forking thread, which is what fork safety needs. */
+uintptr_t agx_thread_id(void);
+
+/* Monotonic time in nanoseconds (slow path only). */
+int64_t agx_now_ns(void);
+/* A cheap tick counter for hold times, and its rate (calibrated once). */
+uint64_t agx_ticks(void);
+double agx_ticks_per_ns(void);
+
+typedef struct agx_lock_counters {
+    uint64_t acquisitions; /* outermost acquisitions */
+    uint64_t reentries;    /* nested acquisitions by the owner */
+    uint64_t contentions;  /* acquisitions that had to wait */
+    uint64_t timeouts;     /* waits given up past the timeout */
+    uint64_t wait_ns;      /* total time spent waiting */
+    uint64_t max_wait_ns;
+    uint64_t hold_ns;      /* total time held (outermost acquire to release) */
+} agx_lock_counters;
+
+typedef struct agx_lock {
+    const char *name;        /* the domain, for messages */
+    _Atomic uintptr_t owner; /* 0 when free */
+    unsigned depth;          /* re-entry depth; only the owner touches it */
+    _Atomic int waiters;     /* threads sleeping or about to sleep on cv */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint64_t acquired_tick;  /* owner only */
+    /* counters: owner-written except timeouts (atomic add) */
+    _Atomic uint64_t n_acq, n_reent, n_cont, n_timeout, wait_ns, max_wait_ns, hold_ticks;
+} agx_lock;
+
+void agx_lock_init(agx_lock *l, const char *name);
+
+/* Try once, never blocks. Returns 1 if the caller now holds the lock
+ * (acquired or re-entered), 0 if another thread holds it. */
+static inline int agx_lock_try(agx_lock *l) {
+    uintptr_t me = agx_thread_id();
+    uintptr_t cur = atomic_load_explicit(&l->owner, memory_order_relaxed);
+    if (cur == me) {
+        l->depth++;
+        atomic_store_explicit(&l->n_reent,
+                              atomic_load_explicit(&l->n_reent, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+        return 1;
+    }
+    uintptr_t expect = 0;
+    if (cur == 0 && atomic_compare_exchange_strong_explicit(
+                        &l->owner, &expect, me, memory_order_acquire, memory_order_relaxed)) {
+        l->depth = 1;
+        l->acquired_tick = agx_ticks();
+        atomic_store_explicit(&l->n_acq,
+                              atomic_load_explicit(&l->n_acq, memory_order_relaxed) + 1,
+                              memory_order_relaxed);
+        return 1;
+    }
+    return 0;
+}
+
+/* Block until the lock is taken or `deadline_ns` (agx_now_ns clock; < 0 means
+ * no deadline) passes. Returns 1 when acquired, 0 on deadline. Does not count
+ * a contention: the caller, who knows the whole wait, calls agx_lock_note_wait. */
+int agx_lock_wait_until(agx_lock *l, int64_t deadline_ns);
+
+/* Record a finished wait of `waited_ns` (caller holds the lock). */
+void agx_lock_note_wait(agx_lock *l, int64_t waited_ns);
+/* Record a wait given up past its timeout (caller does not hold the lock). */
+void agx_lock_note_timeout(agx_lock *l);
+
+/* Release one level. Returns -1 if the caller does not own the lock. */
+int agx_lock_release(agx_lock *l);
+
+static inline int agx_lock_owned(agx_lock *l) {
+    return atomic_load_explicit(&l->owner, memory_order_relaxed) == agx_thread_id();
+}
+
+void agx_lock_read(agx_lock *l, agx_lock_counters *out);
+void agx_lock_reset_counters(agx_lock *l);
+/* In a child after fork(): a lock held by a thread that did not survive is
+ * made free; one held by the forking thread stays held. */
+void agx_lock_after_fork(agx_lock *l);
+
+/* Counting semaphore with a limit that may change at run time (0 = no limit). */
+typedef struct agx_sem {
+    _Atomic int in_use;
+    _Atomic int limit;
+    _Atomic int waiters;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    _Atomic uint64_t n_acq, n_cont, n_timeout, wait_ns, max_wait_ns;
+} agx_sem;
+
+void agx_sem_init(agx_sem *s, int limit);
+int agx_sem_try(agx_sem *s);
+int agx_sem_wait_until(agx_sem *s, int64_t deadline_ns);
+void agx_sem_release(agx_sem *s);
+void agx_sem_set_limit(agx_sem *s, int limit);
+void agx_sem_note_wait(agx_sem *s, int64_t waited_ns);
+void agx_sem_note_timeout(agx_sem *s);
+void agx_sem_read(agx_sem *s, agx_lock_counters *out);
+void agx_sem_reset_counters(agx_sem *s);
+/* In a fork child: `kept` slots are still held by the surviving thread. */
+void agx_sem_after_fork(agx_sem *s, int kept);
+
+#endif
