@@ -1,0 +1,634 @@
+/* swizzle.c: the swizzle engine (see swizzle.h). Wrappers come from the shape
+ * list in swizzle_shapes.h; a method's type encoding is reduced to a shape key
+ * here, and a hook binds one free wrapper slot of that shape to the method. */
+#include "swizzle.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "acquire.h"
+#include "guard.h"
+#include "swizzle_shapes.h"
+
+/* ------------------------------------------------------------------ slots */
+
+typedef struct agx_hook_slot {
+    int used;                 /* bound to (cls, sel) for the process's life */
+    Class cls;
+    Class super;              /* for added overrides */
+    SEL sel;
+    const char *class_name;   /* owned copies */
+    const char *sel_name;
+    const char *shape;
+    int added;                /* the class only inherited the method */
+    _Atomic uintptr_t orig;   /* the original IMP (own methods) */
+    _Atomic int active;
+    _Atomic uint64_t calls;
+} agx_hook_slot;
+
+/* Lock (or not) and count one call; *orig gets the implementation to call.
+ * Not-active slots forward untouched: a thread that looked the wrapper up just
+ * before uninstall still runs the original. */
+static inline agx_lock *agx_hook_enter(agx_hook_slot *s, id self, IMP *orig) {
+    if (s->added)
+        *orig = class_getMethodImplementation(s->super, s->sel);
+    else
+        *orig = (IMP)atomic_load_explicit(&s->orig, memory_order_acquire);
+    if (!atomic_load_explicit(&s->active, memory_order_acquire)) return NULL;
+    atomic_fetch_add_explicit(&s->calls, 1, memory_order_relaxed);
+    uint64_t key = 0;
+    int has = agx_swizzle_stream_of(self, &key);
+    agx_lock *l = agx_lock_for(AGX_SITE_CALL, has, key, (const void *)self);
+    if (l) agx_acquire_native(l);
+    return l;
+}
+
+static inline void agx_hook_exit(agx_lock *l) {
+    if (l) agx_lock_release(l);
+}
+
+#define AGX_RK_v V
+#define AGX_RK_u64 VAL
+#define AGX_RK_f32 VAL
+#define AGX_RK_f64 VAL
+#define AGX_RK_q2 VAL
+#define AGX_RK_q3 VAL
+#define AGX_RK_q4 VAL
+#define AGX_RK_q6 VAL
+#define AGX_RK_d2 VAL
+#define AGX_RK_d4 VAL
+
+#define AGX_WRAP_V(name, RTOK, N, ARGS, k)                                                    \
+    static void agx_w_##name##_##k(id self, SEL cmd AGX_CAT(AGX_P, N) ARGS) {                 \
+        IMP o;                                                                                \
+        agx_lock *l = agx_hook_enter(&agx_slots_##name[k], self, &o);                         \
+        ((void (*)(id, SEL AGX_CAT(AGX_T, N) ARGS))o)(self, cmd AGX_CAT(AGX_A, N) ARGS);      \
+        agx_hook_exit(l);                                                                     \
+    }
+#define AGX_WRAP_VAL(name, RTOK, N, ARGS, k)                                                  \
+    static agx_t_##RTOK agx_w_##name##_##k(id self, SEL cmd AGX_CAT(AGX_P, N) ARGS) {         \
+        IMP o;                                                                                \
+        agx_lock *l = agx_hook_enter(&agx_slots_##name[k], self, &o);                         \
+        agx_t_##RTOK r = ((agx_t_##RTOK(*)(id, SEL AGX_CAT(AGX_T, N) ARGS))o)(                \
+            self, cmd AGX_CAT(AGX_A, N) ARGS);                                                \
+        agx_hook_exit(l);                                                                     \
+        return r;                                                                             \
+    }
+#define AGX_WRAP_ONE(name, RTOK, N, ARGS, k) AGX_CAT(AGX_WRAP_, AGX_RK_##RTOK)(name, RTOK, N, ARGS, k)
+#define AGX_WRAP_PTR(name, k) (IMP) agx_w_##name##_##k,
+
+#define AGX_DEFINE_SHAPE_WRAPPERS(name, RTOK, N, ARGS)                   \
+    static agx_hook_slot agx_slots_##name[AGX_HOOK_SLOTS];              \
+    AGX_REPEAT_SLOTS(AGX_WRAP_ONE, name, RTOK, N, ARGS)                 \
+    static const IMP agx_wrappers_##name[AGX_HOOK_SLOTS] = {AGX_REPEAT_SLOTS(AGX_WRAP_PTR, name)};
+AGX_SHAPES(AGX_DEFINE_SHAPE_WRAPPERS)
+
+/* ------------------------------------------------------------- probes */
+/* Each shape also gets a probe method (records a digest of its arguments and
+ * returns a value made from it) and a caller that checks both, bit for bit. */
+
+static _Thread_local uint64_t agx_probe_seen;
+
+static inline uint64_t agx_mix(uint64_t h, const void *p, size_t n) {
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+    return h * 31 + n;
+}
+#define AGX_H(x) h = agx_mix(h, &(x), sizeof(x));
+
+static agx_t_u64 agx_mk_u64(uint64_t s) { return s * 0x9E3779B97F4A7C15ull + 0x1234; }
+static agx_t_f32 agx_mk_f32(uint64_t s) { return (float)(s % 100000) * 0.25f + 1.5f; }
+static agx_t_f64 agx_mk_f64(uint64_t s) { return (double)(s % 1000000007) * 0.125 - 3.75; }
+static agx_t_q2 agx_mk_q2(uint64_t s) { agx_t_q2 r; for (int i = 0; i < 2; i++) r.v[i] = agx_mk_u64(s + i); return r; }
+static agx_t_q3 agx_mk_q3(uint64_t s) { agx_t_q3 r; for (int i = 0; i < 3; i++) r.v[i] = agx_mk_u64(s + i); return r; }
+static agx_t_q4 agx_mk_q4(uint64_t s) { agx_t_q4 r; for (int i = 0; i < 4; i++) r.v[i] = agx_mk_u64(s + i); return r; }
+static agx_t_q6 agx_mk_q6(uint64_t s) { agx_t_q6 r; for (int i = 0; i < 6; i++) r.v[i] = agx_mk_u64(s + i); return r; }
+static agx_t_d2 agx_mk_d2(uint64_t s) { agx_t_d2 r; for (int i = 0; i < 2; i++) r.v[i] = agx_mk_f64(s + i); return r; }
+static agx_t_d4 agx_mk_d4(uint64_t s) { agx_t_d4 r; for (int i = 0; i < 4; i++) r.v[i] = agx_mk_f64(s + i); return r; }
+
+#define AGX_HA0()
+#define AGX_HA1(a) AGX_H(a1)
+#define AGX_HA2(a, b) AGX_HA1(a) AGX_H(a2)
+#define AGX_HA3(a, b, c) AGX_HA2(a, b) AGX_H(a3)
+#define AGX_HA4(a, b, c, d) AGX_HA3(a, b, c) AGX_H(a4)
+#define AGX_HA5(a, b, c, d, e) AGX_HA4(a, b, c, d) AGX_H(a5)
+#define AGX_HA6(a, b, c, d, e, f) AGX_HA5(a, b, c, d, e) AGX_H(a6)
+#define AGX_HA7(a, b, c, d, e, f, g) AGX_HA6(a, b, c, d, e, f) AGX_H(a7)
+#define AGX_HA8(a, b, c, d, e, f, g, h_) AGX_HA7(a, b, c, d, e, f, g) AGX_H(a8)
+#define AGX_HA9(a, b, c, d, e, f, g, h_, i) AGX_HA8(a, b, c, d, e, f, g, h_) AGX_H(a9)
+#define AGX_HA10(a, b, c, d, e, f, g, h_, i, j) AGX_HA9(a, b, c, d, e, f, g, h_, i) AGX_H(a10)
+
+#define AGX_MK0()
+#define AGX_MK1(a) agx_t_##a a1 = agx_mk_##a(101);
+#define AGX_MK2(a, b) AGX_MK1(a) agx_t_##b a2 = agx_mk_##b(202);
+#define AGX_MK3(a, b, c) AGX_MK2(a, b) agx_t_##c a3 = agx_mk_##c(303);
+#define AGX_MK4(a, b, c, d) AGX_MK3(a, b, c) agx_t_##d a4 = agx_mk_##d(404);
+#define AGX_MK5(a, b, c, d, e) AGX_MK4(a, b, c, d) agx_t_##e a5 = agx_mk_##e(505);
+#define AGX_MK6(a, b, c, d, e, f) AGX_MK5(a, b, c, d, e) agx_t_##f a6 = agx_mk_##f(606);
+#define AGX_MK7(a, b, c, d, e, f, g) AGX_MK6(a, b, c, d, e, f) agx_t_##g a7 = agx_mk_##g(707);
+#define AGX_MK8(a, b, c, d, e, f, g, h_) AGX_MK7(a, b, c, d, e, f, g) agx_t_##h_ a8 = agx_mk_##h_(808);
+#define AGX_MK9(a, b, c, d, e, f, g, h_, i) AGX_MK8(a, b, c, d, e, f, g, h_) agx_t_##i a9 = agx_mk_##i(909);
+#define AGX_MK10(a, b, c, d, e, f, g, h_, i, j) AGX_MK9(a, b, c, d, e, f, g, h_, i) agx_t_##j a10 = agx_mk_##j(1010);
+
+#define AGX_PROBE_V(name, RTOK, N, ARGS)                                                       \
+    static void agx_probe_##name(id self, SEL cmd AGX_CAT(AGX_P, N) ARGS) {                   \
+        uint64_t h = 14695981039346656037ull;                                                 \
+        AGX_CAT(AGX_HA, N) ARGS agx_probe_seen = h;                                           \
+    }                                                                                         \
+    static int agx_probe_call_##name(IMP imp, id obj, SEL sel) {                              \
+        AGX_CAT(AGX_MK, N) ARGS uint64_t h = 14695981039346656037ull;                         \
+        AGX_CAT(AGX_HA, N) ARGS agx_probe_seen = 0;                                           \
+        ((void (*)(id, SEL AGX_CAT(AGX_T, N) ARGS))imp)(obj, sel AGX_CAT(AGX_A, N) ARGS);     \
+        return agx_probe_seen == h ? 0 : 1;                                                   \
+    }
+#define AGX_PROBE_VAL(name, RTOK, N, ARGS)                                                     \
+    static agx_t_##RTOK agx_probe_##name(id self, SEL cmd AGX_CAT(AGX_P, N) ARGS) {           \
+        uint64_t h = 14695981039346656037ull;                                                 \
+        AGX_CAT(AGX_HA, N) ARGS agx_probe_seen = h;                                           \
+        return agx_mk_##RTOK(h);                                                              \
+    }                                                                                         \
+    static int agx_probe_call_##name(IMP imp, id obj, SEL sel) {                              \
+        AGX_CAT(AGX_MK, N) ARGS uint64_t h = 14695981039346656037ull;                         \
+        AGX_CAT(AGX_HA, N) ARGS agx_probe_seen = 0;                                           \
+        agx_t_##RTOK r = ((agx_t_##RTOK(*)(id, SEL AGX_CAT(AGX_T, N) ARGS))imp)(              \
+            obj, sel AGX_CAT(AGX_A, N) ARGS);                                                 \
+        agx_t_##RTOK want = agx_mk_##RTOK(h);                                                 \
+        if (agx_probe_seen != h) return 1;                                                    \
+        return memcmp(&r, &want, sizeof r) == 0 ? 0 : 2;                                      \
+    }
+#define AGX_DEFINE_PROBE(name, RTOK, N, ARGS) AGX_CAT(AGX_PROBE_, AGX_RK_##RTOK)(name, RTOK, N, ARGS)
+AGX_SHAPES(AGX_DEFINE_PROBE)
+
+/* Objective-C type encodings of the canonical types, for the probe methods. */
+#define AGX_ENC_v "v"
+#define AGX_ENC_u64 "Q"
+#define AGX_ENC_f32 "f"
+#define AGX_ENC_f64 "d"
+#define AGX_ENC_q2 "{_NSRange=QQ}"
+#define AGX_ENC_q3 "{MTLSize=QQQ}"
+#define AGX_ENC_q4 "{AGXQuad=QQQQ}"
+#define AGX_ENC_q6 "{MTLRegion={MTLOrigin=QQQ}{MTLSize=QQQ}}"
+#define AGX_ENC_d2 "{CGPoint=dd}"
+#define AGX_ENC_d4 "{MTLClearColor=dddd}"
+#define AGX_E0() ""
+#define AGX_E1(a) AGX_ENC_##a
+#define AGX_E2(a, b) AGX_E1(a) AGX_ENC_##b
+#define AGX_E3(a, b, c) AGX_E2(a, b) AGX_ENC_##c
+#define AGX_E4(a, b, c, d) AGX_E3(a, b, c) AGX_ENC_##d
+#define AGX_E5(a, b, c, d, e) AGX_E4(a, b, c, d) AGX_ENC_##e
+#define AGX_E6(a, b, c, d, e, f) AGX_E5(a, b, c, d, e) AGX_ENC_##f
+#define AGX_E7(a, b, c, d, e, f, g) AGX_E6(a, b, c, d, e, f) AGX_ENC_##g
+#define AGX_E8(a, b, c, d, e, f, g, h) AGX_E7(a, b, c, d, e, f, g) AGX_ENC_##h
+#define AGX_E9(a, b, c, d, e, f, g, h, i) AGX_E8(a, b, c, d, e, f, g, h) AGX_ENC_##i
+#define AGX_E10(a, b, c, d, e, f, g, h, i, j) AGX_E9(a, b, c, d, e, f, g, h, i) AGX_ENC_##j
+
+typedef struct agx_shape {
+    const char *key;        /* "v(q3,q3)" */
+    const char *name;       /* "v_q3q3" */
+    const char *probe_types;
+    agx_hook_slot *slots;
+    const IMP *wrappers;
+    IMP probe;
+    int (*probe_call)(IMP, id, SEL);
+} agx_shape;
+
+#define AGX_SHAPE_ROW(name, RTOK, N, ARGS)                                                   \
+    {AGX_STR(RTOK) AGX_STR(ARGS), #name, AGX_ENC_##RTOK "@:" AGX_CAT(AGX_E, N) ARGS,        \
+     agx_slots_##name, agx_wrappers_##name, (IMP)agx_probe_##name, agx_probe_call_##name},
+static const agx_shape agx_shapes[] = {AGX_SHAPES(AGX_SHAPE_ROW)};
+#define AGX_NSHAPES (sizeof agx_shapes / sizeof agx_shapes[0])
+
+/* ------------------------------------------------------ type encodings */
+
+static const char *agx_skip_offset(const char *p) {
+    while (*p == '+' || *p == '-' || (*p >= '0' && *p <= '9')) p++;
+    return p;
+}
+
+static const char *agx_skip_qualifiers(const char *p) {
+    while (*p && strchr("rnNoORVA", *p)) p++;
+    return p;
+}
+
+/* Skips one complete type; NULL on malformed input. */
+static const char *agx_skip_type(const char *p) {
+    p = agx_skip_qualifiers(p);
+    switch (*p) {
+    case 0: return NULL;
+    case '^': return agx_skip_type(p + 1);
+    case '@':
+        p++;
+        if (*p == '?') return p + 1;
+        if (*p == '"') { const char *q = strchr(p + 1, '"'); return q ? q + 1 : NULL; }
+        return p;
+    case 'b': p++; while (*p >= '0' && *p <= '9') p++; return p;
+    case '{': case '(': case '[': {
+        char open = *p, close = open == '{' ? '}' : open == '(' ? ')' : ']';
+        int depth = 0;
+        for (; *p; p++) {
+            if (*p == open) depth++;
+            else if (*p == close && --depth == 0) return p + 1;
+        }
+        return NULL;
+    }
+    default: return p + 1;
+    }
+}
+
+/* Size of a scalar type code; 0 if not an integer/pointer scalar. */
+static int agx_int_size(char c) {
+    switch (c) {
+    case 'c': case 'C': case 'B': return 1;
+    case 's': case 'S': return 2;
+    case 'i': case 'I': return 4;
+    case 'l': case 'L': return AGX_ENC_LONG_SIZE;
+    case 'q': case 'Q': case '*': case '#': case ':': case '^': case '@': return 8;
+    default: return 0;
+    }
+}
+
+/* Flattens struct fields: counts 64-bit integer words and doubles; anything
+ * else makes *other nonzero. Returns the position after '}' or NULL. */
+static const char *agx_struct_fields(const char *p, int *words, int *doubles, int *other) {
+    /* p at '{' */
+    p++;
+    while (*p && *p != '=' && *p != '}') p++;
+    if (*p != '=') return NULL; /* opaque struct: layout unknown */
+    p++;
+    while (*p && *p != '}') {
+        if (*p == '"') { const char *q = strchr(p + 1, '"'); if (!q) return NULL; p = q + 1; continue; }
+        p = agx_skip_qualifiers(p);
+        if (*p == '{') {
+            p = agx_struct_fields(p, words, doubles, other);
+            if (!p) return NULL;
+            continue;
+        }
+        const char *next = agx_skip_type(p);
+        if (!next) return NULL;
+        if (*p == 'd') (*doubles)++;
+        else if (agx_int_size(*p) == 8) (*words)++;
+        else (*other)++;
+        p = next;
+    }
+    return *p == '}' ? p + 1 : NULL;
+}
+
+/* One type -> canonical token, or NULL with *why set. */
+static const char *agx_canonical(const char **pp, int is_return, int *narrow, const char **why) {
+    const char *p = agx_skip_qualifiers(*pp);
+    const char *next = agx_skip_type(p);
+    if (!next) { *why = "malformed type encoding"; return NULL; }
+    *narrow = 0;
+    const char *tok = NULL;
+    if (*p == 'v') {
+        if (is_return) tok = "v"; else *why = "void argument";
+    } else if (*p == 'f') {
+        tok = "f32";
+    } else if (*p == 'd') {
+        tok = "f64";
+    } else if (*p == '{') {
+        int w = 0, d = 0, o = 0;
+        if (!agx_struct_fields(p, &w, &d, &o)) { *why = "opaque or malformed struct"; return NULL; }
+        if (o == 0 && d == 0 && (w == 2 || w == 3 || w == 4 || w == 6))
+            tok = w == 2 ? "q2" : w == 3 ? "q3" : w == 4 ? "q4" : "q6";
+        else if (o == 0 && w == 0 && (d == 2 || d == 4))
+            tok = d == 2 ? "d2" : "d4";
+        else
+            *why = "struct layout with no exact wrapper (only 2/3/4/6 x 64-bit integers or 2/4 doubles)";
+    } else if (agx_int_size(*p)) {
+        tok = "u64";
+        *narrow = agx_int_size(*p) < 8;
+    } else {
+        *why = "type with no exact wrapper (long double, union, array, bit-field or unknown)";
+    }
+    *pp = agx_skip_offset(next);
+    return tok;
+}
+
+const char *agx_swizzle_shape_for(const char *types, char *err, size_t errlen) {
+    char key[256];
+    size_t len = 0;
+    const char *why = NULL;
+    int narrow = 0;
+    const char *p = types;
+    if (!p) { snprintf(err, errlen, "no type encoding"); return NULL; }
+    const char *ret = agx_canonical(&p, 1, &narrow, &why);
+    if (!ret) { snprintf(err, errlen, "return: %s", why); return NULL; }
+    /* self and _cmd */
+    p = agx_skip_qualifiers(p);
+    if (*p != '@') { snprintf(err, errlen, "first argument is not an object"); return NULL; }
+    p = agx_skip_offset(agx_skip_type(p));
+    if (*p != ':') { snprintf(err, errlen, "second argument is not a selector"); return NULL; }
+    p = agx_skip_offset(p + 1);
+    len += snprintf(key + len, sizeof key - len, "%s(", ret);
+    int nargs = 0, int_regs = 2;
+    while (*p) {
+        const char *tok = agx_canonical(&p, 0, &narrow, &why);
+        if (!tok) { snprintf(err, errlen, "argument %d: %s", nargs + 1, why); return NULL; }
+        if (narrow && !AGX_NARROW_STACK_ARGS_OK && int_regs >= AGX_INT_ARG_REGS) {
+            snprintf(err, errlen, "argument %d: narrow integer passed on the stack", nargs + 1);
+            return NULL;
+        }
+        if (!strcmp(tok, "u64")) int_regs++;
+        else if (!strcmp(tok, "q2")) int_regs += 2;
+        else if (tok[0] == 'q') int_regs++;
+        len += snprintf(key + len, sizeof key - len, "%s%s", nargs ? "," : "", tok);
+        if (len >= sizeof key - 8) { snprintf(err, errlen, "too many arguments"); return NULL; }
+        nargs++;
+    }
+    snprintf(key + len, sizeof key - len, ")");
+    for (size_t i = 0; i < AGX_NSHAPES; i++)
+        if (!strcmp(agx_shapes[i].key, key)) return agx_shapes[i].key;
+    snprintf(err, errlen, "no wrapper for shape %s", key);
+    return NULL;
+}
+
+static const agx_shape *agx_shape_by_key(const char *key) {
+    for (size_t i = 0; i < AGX_NSHAPES; i++)
+        if (agx_shapes[i].key == key || !strcmp(agx_shapes[i].key, key)) return &agx_shapes[i];
+    return NULL;
+}
+
+/* ------------------------------------------------------ install / remove */
+
+static pthread_mutex_t agx_swz_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static agx_hook_slot *agx_find_slot(Class cls, SEL sel) {
+    for (size_t i = 0; i < AGX_NSHAPES; i++)
+        for (int k = 0; k < AGX_HOOK_SLOTS; k++) {
+            agx_hook_slot *s = &agx_shapes[i].slots[k];
+            if (s->used && s->cls == cls && sel_isEqual(s->sel, sel)) return s;
+        }
+    return NULL;
+}
+
+static int agx_class_defines(Class cls, SEL sel) {
+    unsigned n = 0;
+    Method *ms = class_copyMethodList(cls, &n);
+    int found = 0;
+    for (unsigned i = 0; i < n && !found; i++)
+        if (sel_isEqual(method_getName(ms[i]), sel)) found = 1;
+    free(ms);
+    return found;
+}
+
+int agx_swizzle_install(const char *class_name, const char *selector, char *err, size_t errlen) {
+    Class cls = objc_getClass(class_name);
+    if (!cls) { snprintf(err, errlen, "no Objective-C class named %s", class_name); return AGX_SWZ_ERROR; }
+    SEL sel = sel_registerName(selector);
+    Method m = class_getInstanceMethod(cls, sel);
+    if (!m) {
+        snprintf(err, errlen, "-[%s %s]: the class has no such instance method", class_name, selector);
+        return AGX_SWZ_ERROR;
+    }
+    int rc = AGX_SWZ_ERROR;
+    pthread_mutex_lock(&agx_swz_mu);
+    agx_hook_slot *s = agx_find_slot(cls, sel);
+    if (s) {
+        if (atomic_load(&s->active)) {
+            rc = AGX_SWZ_ALREADY;
+        } else {
+            if (!s->added) {
+                IMP cur = method_getImplementation(m);
+                const agx_shape *sh = agx_shape_by_key(s->shape);
+                IMP w = sh->wrappers[s - sh->slots];
+                if (cur != w) atomic_store_explicit(&s->orig, (uintptr_t)cur, memory_order_release);
+                atomic_store_explicit(&s->active, 1, memory_order_release);
+                method_setImplementation(m, w);
+            } else {
+                atomic_store_explicit(&s->active, 1, memory_order_release);
+            }
+            rc = AGX_SWZ_INSTALLED;
+        }
+        goto out;
+    }
+    const char *types = method_getTypeEncoding(m);
+    char why[160];
+    const char *key = agx_swizzle_shape_for(types, why, sizeof why);
+    if (!key) {
+        snprintf(err, errlen, "-[%s %s] has type encoding \"%s\", which the swizzle engine cannot forward exactly: %s",
+                 class_name, selector, types ? types : "(none)", why);
+        goto out;
+    }
+    const agx_shape *sh = agx_shape_by_key(key);
+    int k = 0;
+    while (k < AGX_HOOK_SLOTS && sh->slots[k].used) k++;
+    if (k == AGX_HOOK_SLOTS) {
+        snprintf(err, errlen, "-[%s %s]: all %d wrapper slots of shape %s are in use",
+                 class_name, selector, AGX_HOOK_SLOTS, key);
+        goto out;
+    }
+    s = &sh->slots[k];
+    s->cls = cls;
+    s->super = class_getSuperclass(cls);
+    s->sel = sel;
+    s->class_name = strdup(class_name);
+    s->sel_name = strdup(selector);
+    s->shape = sh->key;
+    s->added = !agx_class_defines(cls, sel);
+    atomic_store_explicit(&s->orig, (uintptr_t)method_getImplementation(m), memory_order_release);
+    atomic_store_explicit(&s->calls, 0, memory_order_relaxed);
+    atomic_store_explicit(&s->active, 1, memory_order_release);
+    s->used = 1;
+    /* The slot is complete before any thread can reach the wrapper. */
+    if (s->added)
+        class_addMethod(cls, sel, sh->wrappers[k], types);
+    else
+        method_setImplementation(m, sh->wrappers[k]);
+    rc = AGX_SWZ_INSTALLED;
+out:
+    pthread_mutex_unlock(&agx_swz_mu);
+    return rc;
+}
+
+int agx_swizzle_uninstall(const char *class_name, const char *selector, char *err, size_t errlen) {
+    Class cls = objc_getClass(class_name);
+    if (!cls) { snprintf(err, errlen, "no Objective-C class named %s", class_name); return -1; }
+    SEL sel = selector ? sel_registerName(selector) : NULL;
+    int n = 0;
+    pthread_mutex_lock(&agx_swz_mu);
+    for (size_t i = 0; i < AGX_NSHAPES; i++)
+        for (int k = 0; k < AGX_HOOK_SLOTS; k++) {
+            agx_hook_slot *s = &agx_shapes[i].slots[k];
+            if (!s->used || s->cls != cls || !atomic_load(&s->active)) continue;
+            if (sel && !sel_isEqual(s->sel, sel)) continue;
+            atomic_store_explicit(&s->active, 0, memory_order_release);
+            if (!s->added) {
+                /* Own method: the original implementation goes back exactly.
+                 * An added override stays but forwards to the superclass
+                 * untouched (the runtime cannot remove a method). */
+                Method m = class_getInstanceMethod(cls, s->sel);
+                method_setImplementation(m, (IMP)atomic_load(&s->orig));
+            }
+            n++;
+        }
+    pthread_mutex_unlock(&agx_swz_mu);
+    return n;
+}
+
+int agx_swizzle_install_table(agx_hook_entry *entries, size_t n, char *err, size_t errlen) {
+    int installed = 0;
+    for (size_t i = 0; i < n; i++) {
+        entries[i].result = agx_swizzle_install(entries[i].class_name, entries[i].selector, err, errlen);
+        if (entries[i].result == AGX_SWZ_ERROR) return -1;
+        if (entries[i].result == AGX_SWZ_INSTALLED) installed++;
+    }
+    return installed;
+}
+
+size_t agx_swizzle_hook_count(void) {
+    size_t n = 0;
+    for (size_t i = 0; i < AGX_NSHAPES; i++)
+        for (int k = 0; k < AGX_HOOK_SLOTS; k++) n += agx_shapes[i].slots[k].used != 0;
+    return n;
+}
+
+int agx_swizzle_hook_info(size_t idx, agx_hook_info *out) {
+    size_t n = 0;
+    for (size_t i = 0; i < AGX_NSHAPES; i++)
+        for (int k = 0; k < AGX_HOOK_SLOTS; k++) {
+            agx_hook_slot *s = &agx_shapes[i].slots[k];
+            if (!s->used) continue;
+            if (n++ != idx) continue;
+            out->class_name = s->class_name;
+            out->selector = s->sel_name;
+            out->shape = s->shape;
+            out->active = atomic_load(&s->active);
+            out->added = s->added;
+            out->calls = atomic_load_explicit(&s->calls, memory_order_relaxed);
+            return 0;
+        }
+    return -1;
+}
+
+void agx_swizzle_reset_counts(void) {
+    for (size_t i = 0; i < AGX_NSHAPES; i++)
+        for (int k = 0; k < AGX_HOOK_SLOTS; k++)
+            atomic_store_explicit(&agx_shapes[i].slots[k].calls, 0, memory_order_relaxed);
+}
+
+/* -------------------------------------------------------------- streams */
+/* Open addressing, entries never removed (a cleared one keeps its object with
+ * has = 0), so lookups need no lock and always terminate. */
+
+#define AGX_STREAM_TABLE 16384
+static struct {
+    _Atomic uintptr_t obj;
+    _Atomic uint64_t key;
+    _Atomic int has;
+} agx_streams[AGX_STREAM_TABLE];
+static _Atomic int agx_streams_used;
+static _Atomic uintptr_t agx_resolver;
+
+static inline size_t agx_ptr_hash(uintptr_t p) {
+    p ^= p >> 33;
+    p *= 0xff51afd7ed558ccdull;
+    p ^= p >> 33;
+    return (size_t)p & (AGX_STREAM_TABLE - 1);
+}
+
+int agx_swizzle_set_stream(const void *object, uint64_t key) {
+    uintptr_t o = (uintptr_t)object;
+    size_t h = agx_ptr_hash(o);
+    for (size_t i = 0; i < AGX_STREAM_TABLE; i++) {
+        size_t j = (h + i) & (AGX_STREAM_TABLE - 1);
+        uintptr_t cur = atomic_load_explicit(&agx_streams[j].obj, memory_order_acquire);
+        if (cur == 0) {
+            uintptr_t expect = 0;
+            if (atomic_compare_exchange_strong(&agx_streams[j].obj, &expect, o)) {
+                atomic_fetch_add(&agx_streams_used, 1);
+                cur = o;
+            } else {
+                cur = expect;
+            }
+        }
+        if (cur == o) {
+            atomic_store_explicit(&agx_streams[j].key, key, memory_order_relaxed);
+            atomic_store_explicit(&agx_streams[j].has, 1, memory_order_release);
+            return 0;
+        }
+    }
+    return -1;
+}
+
+static int agx_stream_slot(uintptr_t o) {
+    size_t h = agx_ptr_hash(o);
+    for (size_t i = 0; i < AGX_STREAM_TABLE; i++) {
+        size_t j = (h + i) & (AGX_STREAM_TABLE - 1);
+        uintptr_t cur = atomic_load_explicit(&agx_streams[j].obj, memory_order_acquire);
+        if (cur == o) return (int)j;
+        if (cur == 0) return -1;
+    }
+    return -1;
+}
+
+void agx_swizzle_clear_stream(const void *object) {
+    int j = agx_stream_slot((uintptr_t)object);
+    if (j >= 0) atomic_store_explicit(&agx_streams[j].has, 0, memory_order_release);
+}
+
+int agx_swizzle_stream_of(const void *object, uint64_t *key) {
+    if (atomic_load_explicit(&agx_streams_used, memory_order_relaxed)) {
+        int j = agx_stream_slot((uintptr_t)object);
+        if (j >= 0 && atomic_load_explicit(&agx_streams[j].has, memory_order_acquire)) {
+            *key = atomic_load_explicit(&agx_streams[j].key, memory_order_relaxed);
+            return 1;
+        }
+    }
+    agx_stream_resolver fn = (agx_stream_resolver)atomic_load_explicit(&agx_resolver, memory_order_acquire);
+    return fn ? fn(object, key) : 0;
+}
+
+void agx_swizzle_set_stream_resolver(agx_stream_resolver fn) {
+    atomic_store_explicit(&agx_resolver, (uintptr_t)fn, memory_order_release);
+}
+
+/* --------------------------------------------------------------- probes */
+
+static Class agx_probe_cls;
+static id agx_probe_obj;
+static SEL agx_probe_sels[AGX_NSHAPES];
+static char agx_probe_names[AGX_NSHAPES][48];
+
+Class agx_swizzle_probe_class(void) {
+    pthread_mutex_lock(&agx_swz_mu);
+    if (!agx_probe_cls) {
+        Class c = objc_getClass("AGXShapeProbe");
+        if (!c) {
+            c = objc_allocateClassPair(Nil, "AGXShapeProbe", 0);
+            agx_objc_add_isa_ivar(c);
+            for (size_t i = 0; i < AGX_NSHAPES; i++) {
+                snprintf(agx_probe_names[i], sizeof agx_probe_names[i], "probe_%s", agx_shapes[i].name);
+                agx_probe_sels[i] = sel_registerName(agx_probe_names[i]);
+                class_addMethod(c, agx_probe_sels[i], agx_shapes[i].probe, agx_shapes[i].probe_types);
+            }
+            objc_registerClassPair(c);
+        }
+        agx_probe_obj = class_createInstance(c, 0);
+        agx_probe_cls = c;
+    }
+    pthread_mutex_unlock(&agx_swz_mu);
+    return agx_probe_cls;
+}
+
+size_t agx_swizzle_shape_count(void) { return AGX_NSHAPES; }
+const char *agx_swizzle_shape_key(size_t i) { return i < AGX_NSHAPES ? agx_shapes[i].key : NULL; }
+
+const char *agx_swizzle_probe_selector(size_t i) {
+    if (i >= AGX_NSHAPES) return NULL;
+    agx_swizzle_probe_class();
+    return agx_probe_names[i];
+}
+
+int agx_swizzle_probe_call(size_t i, char *err, size_t errlen) {
+    if (i >= AGX_NSHAPES) { snprintf(err, errlen, "no shape %zu", i); return -1; }
+    agx_swizzle_probe_class();
+    IMP imp = agx_objc_lookup(agx_probe_obj, agx_probe_sels[i]);
+    int r = agx_shapes[i].probe_call(imp, agx_probe_obj, agx_probe_sels[i]);
+    if (r == 1) { snprintf(err, errlen, "shape %s: arguments arrived changed", agx_shapes[i].key); return -1; }
+    if (r == 2) { snprintf(err, errlen, "shape %s: return value came back changed", agx_shapes[i].key); return -1; }
+    return 0;
+}
