@@ -1,0 +1,548 @@
+/* driver_model.c: the Metal-shaped driver model (see driver_model.h).
+ * Shared state and where each bug lives:
+ *   device->current_ctx   device-wide compute context: dispatch publishes its
+ *                         context there and reads it back in prepareForEnqueue;
+ *                         any endEncoding nulls it (context_race) -> the 0x98 fault.
+ *   device encoder pool   free list of encoders; endEncoding frees the
+ *                         encoder's binding table and pushes it; an unlocked
+ *                         pop can hand one encoder to two threads
+ *                         (encoder_recycle) -> a recycled encoder's next call
+ *                         dereferences its freed table.
+ *   queue buffer pool     free list of command buffers; an unlocked pop can
+ *                         hand one buffer to two threads (buffer_recycle) ->
+ *                         "already encoding" or "already committed" aborts.
+ *   cached IMPs           taken at class creation; the internal dispatch path
+ *                         calls them when bypass is on. */
+#include "driver_model.h"
+
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+const char *const agx_model_device_class = "AGXModelG16XDevice";
+const char *const agx_model_queue_class = "AGXModelG16XFamilyCommandQueue";
+const char *const agx_model_cmdbuf_class = "AGXModelG16XFamilyCommandBuffer";
+const char *const agx_model_compute_class = "AGXModelG16XFamilyComputeContext";
+const char *const agx_model_blit_class = "AGXModelG16XFamilyBlitContext";
+const char *const agx_model_buffer_class = "AGXModelG16XBuffer";
+const char *const agx_model_pipeline_class = "AGXModelG16XComputePipelineState";
+
+#define MAX_BINDINGS 8
+#define MAX_CMDS 32
+
+enum { KERNEL_SAXPY = 1 };
+enum { CMD_DISPATCH = 1, CMD_FILL, CMD_COPY };
+enum { CB_NOT_ENQUEUED = 0, CB_COMMITTED = 2, CB_COMPLETED = 4 };
+
+typedef struct model_cmd {
+    int type;
+    int kernel;
+    float *x, *y;
+    float a;
+    uint64_t n;
+    unsigned char *dst, *src;
+    uint64_t len;
+    unsigned char value;
+} model_cmd;
+
+typedef struct model_cmd_list {
+    int count;
+    model_cmd cmds[MAX_CMDS];
+} model_cmd_list;
+
+/* The AGX compute context: prepareForEnqueue reads the field at 0x98. */
+typedef struct model_compute_ctx {
+    char state[0x98];
+    model_cmd_list *enqueue;
+} model_compute_ctx;
+_Static_assert(offsetof(model_compute_ctx, enqueue) == 0x98, "enqueue must sit at 0x98");
+
+typedef struct model_bindings {
+    int count;
+    int pipeline_kernel;
+    id buffers[MAX_BINDINGS];
+    uint64_t offsets[MAX_BINDINGS];
+    unsigned char bytes[MAX_BINDINGS][16];
+} model_bindings;
+
+typedef struct dev_ivars {
+    model_compute_ctx *volatile current_ctx;
+    id volatile encoder_pool;
+    id volatile blit_pool;
+    pthread_mutex_t pool_mu;
+    _Atomic int queues;
+} dev_ivars;
+
+typedef struct queue_ivars {
+    id device;
+    int index;
+    id volatile buffer_pool;
+    pthread_mutex_t pool_mu;
+} queue_ivars;
+
+typedef struct cmdbuf_ivars {
+    id queue;
+    volatile int status;
+    id volatile open_encoder;
+    id volatile next_free;
+    model_cmd_list list;
+} cmdbuf_ivars;
+
+typedef struct enc_ivars {
+    id device;
+    id cmdbuf;
+    model_bindings *volatile bindings; /* NULL once ended (freed) */
+    model_compute_ctx ctx;
+    id volatile next_free;
+    int is_blit;
+} enc_ivars;
+
+typedef struct buffer_ivars {
+    uint64_t length;
+    unsigned char *contents;
+} buffer_ivars;
+
+typedef struct pipeline_ivars {
+    int kernel;
+} pipeline_ivars;
+
+static agx_model_config cfg;
+static pthread_mutex_t init_mu = PTHREAD_MUTEX_INITIALIZER;
+static _Atomic int inited;
+static Class c_device, c_queue, c_cmdbuf, c_compute, c_blit, c_buffer, c_pipeline;
+static id the_device;
+
+static SEL s_setPipeline, s_setBuffer, s_setBytes, s_dispatchThreads, s_endEncoding;
+/* Implementations captured when the classes were made (the bypass). */
+static IMP cached_setPipeline, cached_setBuffer, cached_setBytes, cached_dispatchThreads;
+
+#define IV(type, obj) ((type *)object_getIndexedIvars(obj))
+
+void agx_model_configure(const agx_model_config *c) {
+    cfg = *c;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+void agx_model_get_config(agx_model_config *c) { *c = cfg; }
+
+/* Widens a race; with no other thread in the stretch it changes nothing. */
+static inline void window(void) {
+    for (int i = 0; i < cfg.window_spins; i++) __asm__ __volatile__("" ::: "memory");
+    for (int i = 0; i < cfg.window_yields; i++) sched_yield();
+}
+
+__attribute__((noreturn)) static void driver_assert(const char *where, const char *msg) {
+    fprintf(stderr, "-[%s]: failed assertion `%s'\n", where, msg);
+    fflush(stderr);
+    abort();
+}
+
+static id new_instance(Class c, size_t ivars) {
+    id o = class_createInstance(c, ivars);
+    memset(object_getIndexedIvars(o), 0, ivars);
+    return o;
+}
+
+/* ------------------------------------------------------------- buffers */
+
+static void *buffer_contents(id self, SEL cmd) { (void)cmd; return IV(buffer_ivars, self)->contents; }
+static uint64_t buffer_length(id self, SEL cmd) { (void)cmd; return IV(buffer_ivars, self)->length; }
+static uint64_t pipeline_max_threads(id self, SEL cmd) { (void)self; (void)cmd; return 1024; }
+
+/* -------------------------------------------------------------- device */
+
+static id device_newCommandQueue(id self, SEL cmd) {
+    (void)cmd;
+    id q = new_instance(c_queue, sizeof(queue_ivars));
+    queue_ivars *qi = IV(queue_ivars, q);
+    qi->device = self;
+    qi->index = atomic_fetch_add(&IV(dev_ivars, self)->queues, 1);
+    pthread_mutex_init(&qi->pool_mu, NULL);
+    return q;
+}
+
+static id device_newBuffer(id self, SEL cmd, uint64_t length, uint64_t options) {
+    (void)self; (void)cmd; (void)options;
+    id b = new_instance(c_buffer, sizeof(buffer_ivars));
+    IV(buffer_ivars, b)->length = length;
+    IV(buffer_ivars, b)->contents = calloc(1, length ? length : 1);
+    return b;
+}
+
+static id device_newPipeline(id self, SEL cmd, const char *name) {
+    (void)self; (void)cmd;
+    if (!name || strcmp(name, "saxpy") != 0) return NULL;
+    id p = new_instance(c_pipeline, sizeof(pipeline_ivars));
+    IV(pipeline_ivars, p)->kernel = KERNEL_SAXPY;
+    return p;
+}
+
+/* --------------------------------------------------------------- queue */
+
+static id pool_pop(id volatile *head, pthread_mutex_t *mu, int racy, id volatile *(*next_of)(id)) {
+    if (!racy) pthread_mutex_lock(mu);
+    id o = *head;
+    if (racy) window();
+    if (o) *head = *next_of(o);
+    if (!racy) pthread_mutex_unlock(mu);
+    return o;
+}
+
+static void pool_push(id volatile *head, pthread_mutex_t *mu, int racy, id volatile *(*next_of)(id), id o) {
+    if (!racy) pthread_mutex_lock(mu);
+    id h = *head;
+    if (racy) window();
+    *next_of(o) = h;
+    *head = o;
+    if (!racy) pthread_mutex_unlock(mu);
+}
+
+static id volatile *cmdbuf_next(id o) { return &IV(cmdbuf_ivars, o)->next_free; }
+static id volatile *enc_next(id o) { return &IV(enc_ivars, o)->next_free; }
+
+static id queue_commandBuffer(id self, SEL cmd) {
+    (void)cmd;
+    queue_ivars *qi = IV(queue_ivars, self);
+    id cb = pool_pop(&qi->buffer_pool, &qi->pool_mu, cfg.buffer_recycle, cmdbuf_next);
+    if (!cb) cb = new_instance(c_cmdbuf, sizeof(cmdbuf_ivars));
+    cmdbuf_ivars *ci = IV(cmdbuf_ivars, cb);
+    ci->queue = self;
+    ci->status = CB_NOT_ENQUEUED;
+    ci->open_encoder = NULL;
+    ci->next_free = NULL;
+    ci->list.count = 0;
+    return cb;
+}
+
+static id queue_device(id self, SEL cmd) { (void)cmd; return IV(queue_ivars, self)->device; }
+
+/* ------------------------------------------------------ command buffer */
+
+static id make_encoder(id cb, int blit) {
+    cmdbuf_ivars *ci = IV(cmdbuf_ivars, cb);
+    id dev = IV(queue_ivars, ci->queue)->device;
+    dev_ivars *di = IV(dev_ivars, dev);
+    if (ci->open_encoder)
+        driver_assert(blit ? "AGXModelG16XFamilyCommandBuffer blitCommandEncoder"
+                           : "AGXModelG16XFamilyCommandBuffer computeCommandEncoder",
+                      "A command encoder is already encoding to this command buffer");
+    id enc = blit ? pool_pop(&di->blit_pool, &di->pool_mu, cfg.encoder_recycle, enc_next)
+                  : pool_pop(&di->encoder_pool, &di->pool_mu, cfg.encoder_recycle, enc_next);
+    if (!enc) enc = new_instance(blit ? c_blit : c_compute, sizeof(enc_ivars));
+    enc_ivars *ei = IV(enc_ivars, enc);
+    ei->device = dev;
+    ei->cmdbuf = cb;
+    ei->is_blit = blit;
+    ei->next_free = NULL;
+    ei->ctx.enqueue = &ci->list;
+    ei->bindings = calloc(1, sizeof(model_bindings));
+    ci->open_encoder = enc;
+    return enc;
+}
+
+static id cmdbuf_computeCommandEncoder(id self, SEL cmd) { (void)cmd; return make_encoder(self, 0); }
+static id cmdbuf_blitCommandEncoder(id self, SEL cmd) { (void)cmd; return make_encoder(self, 1); }
+
+static void run_cmd(const model_cmd *c) {
+    switch (c->type) {
+    case CMD_DISPATCH:
+        if (c->kernel == KERNEL_SAXPY)
+            for (uint64_t i = 0; i < c->n; i++) c->y[i] = c->a * c->x[i] + c->y[i];
+        break;
+    case CMD_FILL: memset(c->dst, c->value, c->len); break;
+    case CMD_COPY: memmove(c->dst, c->src, c->len); break;
+    }
+}
+
+static void cmdbuf_commit(id self, SEL cmd) {
+    (void)cmd;
+    cmdbuf_ivars *ci = IV(cmdbuf_ivars, self);
+    int status = ci->status;
+    window();
+    if (status >= CB_COMMITTED)
+        driver_assert("AGXModelG16XFamilyCommandBuffer commit", "commit an already committed command buffer");
+    ci->status = CB_COMMITTED;
+    /* The "GPU": runs the recorded commands for real. */
+    int n = ci->list.count;
+    if (n > MAX_CMDS) n = MAX_CMDS;
+    for (int i = 0; i < n; i++) run_cmd(&ci->list.cmds[i]);
+    ci->status = CB_COMPLETED;
+}
+
+static void cmdbuf_waitUntilCompleted(id self, SEL cmd) {
+    (void)cmd;
+    cmdbuf_ivars *ci = IV(cmdbuf_ivars, self);
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (ci->status != CB_COMPLETED) {
+        sched_yield();
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        if (t.tv_sec - t0.tv_sec > 2) {
+            /* The real driver hangs here; the model says so and stops. */
+            fprintf(stderr, "AGXModel: waitUntilCompleted: command buffer never completes (hang)\n");
+            fflush(stderr);
+            abort();
+        }
+    }
+}
+
+static uint64_t cmdbuf_status(id self, SEL cmd) { (void)cmd; return (uint64_t)IV(cmdbuf_ivars, self)->status; }
+
+/* Gives the buffer back to its queue's pool (the model's last release). */
+static void cmdbuf_release(id self, SEL cmd) {
+    (void)cmd;
+    cmdbuf_ivars *ci = IV(cmdbuf_ivars, self);
+    queue_ivars *qi = IV(queue_ivars, ci->queue);
+    pool_push(&qi->buffer_pool, &qi->pool_mu, cfg.buffer_recycle, cmdbuf_next, self);
+}
+
+/* ----------------------------------------------------- compute encoder */
+
+/* The binding table of a live encoder; a recycled one has none, and the read
+ * of its count faults as the freed encoder does in the real driver. */
+static inline model_bindings *live_bindings(id self) {
+    model_bindings *b = IV(enc_ivars, self)->bindings;
+    (void)*(volatile int *)&b->count;
+    return b;
+}
+
+static void enc_setComputePipelineState(id self, SEL cmd, id pipeline) {
+    (void)cmd;
+    model_bindings *b = live_bindings(self);
+    b->pipeline_kernel = pipeline ? IV(pipeline_ivars, pipeline)->kernel : 0;
+}
+
+static void enc_setBuffer(id self, SEL cmd, id buffer, uint64_t offset, uint64_t index) {
+    (void)cmd;
+    model_bindings *b = live_bindings(self);
+    if (index >= MAX_BINDINGS) return;
+    b->buffers[index] = buffer;
+    b->offsets[index] = offset;
+    b->count++;
+}
+
+static void enc_setBytes(id self, SEL cmd, const void *bytes, uint64_t length, uint64_t index) {
+    (void)cmd;
+    model_bindings *b = live_bindings(self);
+    if (index >= MAX_BINDINGS || length > sizeof b->bytes[0]) return;
+    memcpy(b->bytes[index], bytes, length);
+    b->count++;
+}
+
+/* AGX::ComputeContext::prepareForEnqueue: the command list at ctx + 0x98. */
+static model_cmd_list *prepare_for_enqueue(model_compute_ctx *ctx) {
+    model_compute_ctx *volatile c = ctx;
+    return c->enqueue; /* ctx == NULL: EXC_BAD_ACCESS at 0x98 */
+}
+
+static void encode_dispatch(id self, uint64_t n) {
+    enc_ivars *ei = IV(enc_ivars, self);
+    model_bindings *b = live_bindings(self);
+    model_compute_ctx *ctx = &ei->ctx;
+    if (cfg.context_race) {
+        dev_ivars *di = IV(dev_ivars, ei->device);
+        di->current_ctx = ctx; /* publish the device-wide context */
+        window();
+        ctx = di->current_ctx; /* ... and read it back */
+    }
+    model_cmd_list *list = prepare_for_enqueue(ctx);
+    if (b->pipeline_kernel != KERNEL_SAXPY || !b->buffers[0] || !b->buffers[1]) return;
+    buffer_ivars *x = IV(buffer_ivars, b->buffers[0]), *y = IV(buffer_ivars, b->buffers[1]);
+    uint64_t cap = (x->length - b->offsets[0]) / sizeof(float);
+    uint64_t cap_y = (y->length - b->offsets[1]) / sizeof(float);
+    if (cap_y < cap) cap = cap_y;
+    if (n > cap) n = cap;
+    int i = list->count;
+    if (i >= MAX_CMDS) driver_assert("AGXModelG16XFamilyComputeContext dispatchThreads:threadsPerThreadgroup:",
+                                     "command list overflow");
+    model_cmd *c = &list->cmds[i];
+    c->type = CMD_DISPATCH;
+    c->kernel = KERNEL_SAXPY;
+    c->x = (float *)(x->contents + b->offsets[0]);
+    c->y = (float *)(y->contents + b->offsets[1]);
+    memcpy(&c->a, b->bytes[2], sizeof(float));
+    c->n = n;
+    list->count = i + 1;
+}
+
+static void enc_dispatchThreads(id self, SEL cmd, agx_mtl_size grid, agx_mtl_size tg) {
+    (void)cmd; (void)tg;
+    encode_dispatch(self, grid.width * grid.height * grid.depth);
+}
+
+static void enc_dispatchThreadgroups(id self, SEL cmd, agx_mtl_size groups, agx_mtl_size tg) {
+    (void)cmd;
+    encode_dispatch(self, groups.width * groups.height * groups.depth * tg.width * tg.height * tg.depth);
+}
+
+static void end_encoding(id self, int blit) {
+    enc_ivars *ei = IV(enc_ivars, self);
+    model_bindings *b = live_bindings(self);
+    dev_ivars *di = IV(dev_ivars, ei->device);
+    if (!blit && cfg.context_race) di->current_ctx = NULL; /* clears whoever's context it is */
+    id cb = ei->cmdbuf;
+    if (cb && IV(cmdbuf_ivars, cb)->open_encoder == self) IV(cmdbuf_ivars, cb)->open_encoder = NULL;
+    ei->bindings = NULL;
+    free(b);
+    pool_push(blit ? &di->blit_pool : &di->encoder_pool, &di->pool_mu, cfg.encoder_recycle, enc_next, self);
+}
+
+static void enc_endEncoding(id self, SEL cmd) { (void)cmd; end_encoding(self, 0); }
+
+/* -------------------------------------------------------- blit encoder */
+
+static model_cmd *blit_cmd(id self) {
+    live_bindings(self);
+    enc_ivars *ei = IV(enc_ivars, self);
+    model_cmd_list *list = &IV(cmdbuf_ivars, ei->cmdbuf)->list;
+    if (list->count >= MAX_CMDS) driver_assert("AGXModelG16XFamilyBlitContext", "command list overflow");
+    return &list->cmds[list->count++];
+}
+
+static void blit_fill(id self, SEL cmd, id buffer, agx_ns_range range, uint8_t value) {
+    (void)cmd;
+    buffer_ivars *bi = IV(buffer_ivars, buffer);
+    if (range.location > bi->length || range.length > bi->length - range.location) return;
+    model_cmd *c = blit_cmd(self);
+    c->type = CMD_FILL;
+    c->dst = bi->contents + range.location;
+    c->len = range.length;
+    c->value = value;
+}
+
+static void blit_copy(id self, SEL cmd, id src, uint64_t src_off, id dst, uint64_t dst_off, uint64_t size) {
+    (void)cmd;
+    buffer_ivars *s = IV(buffer_ivars, src), *d = IV(buffer_ivars, dst);
+    if (src_off > s->length || size > s->length - src_off || dst_off > d->length || size > d->length - dst_off) return;
+    model_cmd *c = blit_cmd(self);
+    c->type = CMD_COPY;
+    c->src = s->contents + src_off;
+    c->dst = d->contents + dst_off;
+    c->len = size;
+}
+
+static void blit_endEncoding(id self, SEL cmd) { (void)cmd; end_encoding(self, 1); }
+
+/* ---------------------------------------------------------------- setup */
+
+static Class make_class(Class super, const char *name) {
+    Class c = objc_allocateClassPair(super, name, 0);
+    if (c && !super) agx_objc_add_isa_ivar(c);
+    return c;
+}
+
+static void add(Class c, const char *sel, void *imp, const char *types) {
+    class_addMethod(c, sel_registerName(sel), (IMP)imp, types);
+}
+
+int agx_model_init(void) {
+    if (atomic_load(&inited)) return 0;
+    pthread_mutex_lock(&init_mu);
+    if (atomic_load(&inited)) { pthread_mutex_unlock(&init_mu); return 0; }
+    int rc = -1;
+    Class root = objc_getClass("AGXModelObject");
+    if (root) goto out; /* made by someone else: not ours to reuse */
+    root = make_class(Nil, "AGXModelObject");
+    if (!root) goto out;
+    objc_registerClassPair(root);
+
+    c_device = make_class(root, agx_model_device_class);
+    add(c_device, "newCommandQueue", device_newCommandQueue, "@@:");
+    add(c_device, "newBufferWithLength:options:", device_newBuffer, "@@:QQ");
+    add(c_device, "newComputePipelineStateWithName:", device_newPipeline, "@@:r*");
+    objc_registerClassPair(c_device);
+
+    c_queue = make_class(root, agx_model_queue_class);
+    add(c_queue, "commandBuffer", queue_commandBuffer, "@@:");
+    add(c_queue, "device", queue_device, "@@:");
+    objc_registerClassPair(c_queue);
+
+    c_cmdbuf = make_class(root, agx_model_cmdbuf_class);
+    add(c_cmdbuf, "computeCommandEncoder", cmdbuf_computeCommandEncoder, "@@:");
+    add(c_cmdbuf, "blitCommandEncoder", cmdbuf_blitCommandEncoder, "@@:");
+    add(c_cmdbuf, "commit", cmdbuf_commit, "v@:");
+    add(c_cmdbuf, "waitUntilCompleted", cmdbuf_waitUntilCompleted, "v@:");
+    add(c_cmdbuf, "status", cmdbuf_status, "Q@:");
+    add(c_cmdbuf, "release", cmdbuf_release, "Vv@:");
+    objc_registerClassPair(c_cmdbuf);
+
+    c_compute = make_class(root, agx_model_compute_class);
+    add(c_compute, "setComputePipelineState:", enc_setComputePipelineState, "v@:@");
+    add(c_compute, "setBuffer:offset:atIndex:", enc_setBuffer, "v@:@QQ");
+    add(c_compute, "setBytes:length:atIndex:", enc_setBytes, "v@:r^vQQ");
+    add(c_compute, "dispatchThreads:threadsPerThreadgroup:", enc_dispatchThreads,
+        "v@:{MTLSize=QQQ}{MTLSize=QQQ}");
+    add(c_compute, "dispatchThreadgroups:threadsPerThreadgroup:", enc_dispatchThreadgroups,
+        "v@:{MTLSize=QQQ}{MTLSize=QQQ}");
+    add(c_compute, "endEncoding", enc_endEncoding, "v@:");
+    objc_registerClassPair(c_compute);
+
+    c_blit = make_class(root, agx_model_blit_class);
+    add(c_blit, "fillBuffer:range:value:", blit_fill, "v@:@{_NSRange=QQ}C");
+    add(c_blit, "copyFromBuffer:sourceOffset:toBuffer:destinationOffset:size:", blit_copy, "v@:@Q@QQ");
+    add(c_blit, "endEncoding", blit_endEncoding, "v@:");
+    objc_registerClassPair(c_blit);
+
+    c_buffer = make_class(root, agx_model_buffer_class);
+    add(c_buffer, "contents", buffer_contents, "^v@:");
+    add(c_buffer, "length", buffer_length, "Q@:");
+    objc_registerClassPair(c_buffer);
+
+    c_pipeline = make_class(root, agx_model_pipeline_class);
+    add(c_pipeline, "maxTotalThreadsPerThreadgroup", pipeline_max_threads, "Q@:");
+    objc_registerClassPair(c_pipeline);
+
+    s_setPipeline = sel_registerName("setComputePipelineState:");
+    s_setBuffer = sel_registerName("setBuffer:offset:atIndex:");
+    s_setBytes = sel_registerName("setBytes:length:atIndex:");
+    s_dispatchThreads = sel_registerName("dispatchThreads:threadsPerThreadgroup:");
+    s_endEncoding = sel_registerName("endEncoding");
+    /* The internal path's cache, taken once, as MPS caches method pointers. */
+    cached_setPipeline = class_getMethodImplementation(c_compute, s_setPipeline);
+    cached_setBuffer = class_getMethodImplementation(c_compute, s_setBuffer);
+    cached_setBytes = class_getMethodImplementation(c_compute, s_setBytes);
+    cached_dispatchThreads = class_getMethodImplementation(c_compute, s_dispatchThreads);
+
+    the_device = new_instance(c_device, sizeof(dev_ivars));
+    pthread_mutex_init(&IV(dev_ivars, the_device)->pool_mu, NULL);
+    if ((void *)object_getIndexedIvars(the_device) == (void *)the_device) goto out; /* no isa slot */
+    atomic_store(&inited, 1);
+    rc = 0;
+out:
+    pthread_mutex_unlock(&init_mu);
+    return rc;
+}
+
+id agx_model_device(void) { return agx_model_init() == 0 ? the_device : NULL; }
+
+void agx_model_encode_saxpy(id enc, id pipeline, id x, id y, float a, uint64_t n) {
+    agx_mtl_size grid = {n, 1, 1}, tg = {n < 256 ? n : 256, 1, 1};
+    IMP setp, setb, setby, disp;
+    if (cfg.bypass) {
+        setp = cached_setPipeline, setb = cached_setBuffer, setby = cached_setBytes, disp = cached_dispatchThreads;
+    } else {
+        setp = agx_objc_lookup(enc, s_setPipeline);
+        setb = agx_objc_lookup(enc, s_setBuffer);
+        setby = agx_objc_lookup(enc, s_setBytes);
+        disp = agx_objc_lookup(enc, s_dispatchThreads);
+    }
+    ((void (*)(id, SEL, id))setp)(enc, s_setPipeline, pipeline);
+    ((void (*)(id, SEL, id, uint64_t, uint64_t))setb)(enc, s_setBuffer, x, 0, 0);
+    ((void (*)(id, SEL, id, uint64_t, uint64_t))setb)(enc, s_setBuffer, y, 0, 1);
+    ((void (*)(id, SEL, const void *, uint64_t, uint64_t))setby)(enc, s_setBytes, &a, sizeof a, 2);
+    ((void (*)(id, SEL, agx_mtl_size, agx_mtl_size))disp)(enc, s_dispatchThreads, grid, tg);
+}
+
+id agx_msg_id(id obj, const char *sel) {
+    SEL s = sel_registerName(sel);
+    return ((id(*)(id, SEL))agx_objc_lookup(obj, s))(obj, s);
+}
+
+void agx_msg_void(id obj, const char *sel) {
+    SEL s = sel_registerName(sel);
+    ((void (*)(id, SEL))agx_objc_lookup(obj, s))(obj, s);
+}

@@ -1,0 +1,43 @@
+/* model_runner.h: agxguard's side of the driver model: the model's hook set,
+ * and the op pattern of a PyTorch MPS op run from native threads. This file
+ * knows agxguard (modes, regions, streams); the model itself does not. */
+#ifndef AGX_MODEL_RUNNER_H
+#define AGX_MODEL_RUNNER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct agx_run_options {
+    int threads;
+    int iterations;      /* ops per thread */
+    int shared_queue;    /* one command queue for all threads, else one each */
+    int region;          /* wrap each op in a region, as `with agxguard.guard():` */
+    int internal_every;  /* every Nth op of a thread takes the internal dispatch path (0: never) */
+    uint64_t length;     /* floats per buffer */
+} agx_run_options;
+
+typedef struct agx_run_result {
+    uint64_t ops;
+    uint64_t internal_ops;
+    double seconds;
+    uint64_t mismatches; /* elements that differ from the reference */
+} agx_run_result;
+
+/* The model's hook set (encoders, command buffers, queue pool): how many
+ * were installed, or -1 with err. */
+int agx_model_hook(char *err, size_t errlen);
+int agx_model_unhook(void);
+
+/* Runs the op pattern from `threads` native threads (call without the GIL).
+ * 0, or -1 with err. */
+int agx_model_run(const agx_run_options *o, agx_run_result *r, char *err, size_t errlen);
+
+/* One op on queue `queue` (made on first use): y = a*x + y over `length`
+ * floats, through the internal path when `internal`. 1 if the result is
+ * right, 0 if not, -1 with err. Call without the GIL. */
+int agx_model_run_op(int queue, float a, uint64_t length, int internal, char *err, size_t errlen);
+
+/* The stream key the runner gives queue i. */
+uint64_t agx_model_stream_key(int queue);
+
+#endif
