@@ -262,15 +262,15 @@ class Report:
         return rows
 
     def findings(self) -> List[str]:
-        """One line per mode and chapter: what the chapter found (ops completed, max diff, ...)."""
+        """One line per mode and chapter: runs passed, ops completed, max diff, batching
+        samples/s, and every run that did not pass, named with what happened."""
         lines = []
         for mode in self.modes:
             by_chapter: "OrderedDict[str, List[Dict[str, Any]]]" = OrderedDict()
             for r in self.results_for(mode):
                 by_chapter.setdefault(r.get("chapter") or "?", []).append(r)
             for chapter, rs in by_chapter.items():
-                parts = [_finding(r) for r in rs]
-                lines.append("%-7s %-18s %s" % (mode, chapter, "; ".join(p for p in parts if p)))
+                lines.append("%-7s %-14s %s" % (mode, chapter, _chapter_finding(chapter, rs)))
         return lines
 
     def table(self) -> str:
@@ -373,33 +373,38 @@ class Report:
         return "".join(parts)
 
 
-def _finding(r: Dict[str, Any]) -> str:
-    """A short account of one result for the findings lines."""
-    v = r.get("value") if isinstance(r.get("value"), dict) else {}
-    label = []
-    if r.get("workload") and r.get("chapter") not in ("thread_safety_story",):
-        label.append(str(r["workload"]))
+def _label(r: Dict[str, Any]) -> str:
+    bits = [str(r["workload"])] if r.get("workload") else []
     if r.get("threads") is not None:
-        label.append("%sx" % r["threads"] + ("b%s" % r["batch"] if r.get("batch", 1) != 1 else ""))
-    head = " ".join(label)
-    if not r.get("passed"):
-        last = r["attempts"][-1] if r.get("attempts") else {}
-        what = last.get("status", "?")
-        if last.get("signal") and what == "signal":
-            what = last["signal"]
-        text = "%s %s" % (head, what.upper())
-    else:
-        bits = []
-        if "completed" in v and "expected" in v:
-            bits.append("%s/%s ops" % (v["completed"], v["expected"]))
-        if "samples_per_s" in v and r.get("chapter") == "batching":
-            bits.append("%s samples/s" % _num(v["samples_per_s"]))
-        elif "ops_per_s" in v and not r.get("scaling"):
-            bits.append("%s ops/s" % _num(v["ops_per_s"]))
-        if "max_abs_diff" in v:
-            bits.append("max diff %.2g" % v["max_abs_diff"])
-        text = "%s %s" % (head, " ".join(bits) or "ok")
-    retried = len(r.get("attempts") or []) - 1
-    if retried > 0:
-        text += " (%d %s)" % (retried, "retry" if retried == 1 else "retries")
-    return text.strip()
+        bits.append("%sx" % r["threads"] + ("b%s" % r["batch"] if r.get("batch", 1) != 1 else ""))
+    return " ".join(bits)
+
+
+def _chapter_finding(chapter: str, rs: List[Dict[str, Any]]) -> str:
+    """What one chapter of one mode found, in a line."""
+    values = [r["value"] for r in rs if isinstance(r.get("value"), dict)]
+    parts = ["%d/%d runs passed" % (sum(bool(r.get("passed")) for r in rs), len(rs))]
+    done = [v for v in values if v.get("expected")]
+    if done:
+        parts.append("%d/%d ops completed" % (sum(v.get("completed") or 0 for v in done),
+                                              sum(v["expected"] for v in done)))
+    diffs = [v["max_abs_diff"] for v in values if v.get("max_abs_diff") is not None]
+    if diffs:
+        parts.append("max abs diff %.2g" % max(diffs))
+    if chapter == "batching":
+        parts.append(", ".join("%sx b%s %s samples/s" % (r.get("threads"), r.get("batch", 1),
+                                                       _num(r["value"].get("samples_per_s")))
+                               for r in rs if r.get("passed") and isinstance(r.get("value"), dict)))
+    retried = sum(max(0, len(r.get("attempts") or []) - 1) for r in rs)
+    if retried:
+        parts.append("%d retries" % retried)
+    bad = []
+    for r in rs:
+        for a in r.get("attempts") or []:
+            if a.get("status") != "passed":
+                what = a.get("signal") if a.get("status") == "signal" else a.get("status")
+                bad.append("%s %s" % (_label(r), what.upper() if what else "?"))
+    if bad:
+        shown = sorted(set(bad), key=bad.index)
+        parts.append("not passed: " + ", ".join(shown[:6]) + (" ..." if len(shown) > 6 else ""))
+    return "; ".join(p for p in parts if p)
