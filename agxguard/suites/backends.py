@@ -140,6 +140,17 @@ class TorchBackend:
         b = b.detach().to("cpu", self.torch.float64)
         return float((a - b).abs().max())
 
+    def compare(self, name: str, x, y):
+        """(correct?, max abs diff) of output ``y`` for input ``x`` against the reference."""
+        if y is None:
+            return False, None
+        diff = self.max_abs_diff(y, self.reference(name, x))
+        return diff <= self.tolerance(name), diff
+
+    def same(self, a, b) -> float:
+        """Max abs difference between two outputs."""
+        return self.max_abs_diff(a, b)
+
     def finite(self, y) -> bool:
         return bool(self.torch.isfinite(y).all())
 
@@ -152,12 +163,12 @@ class TorchBackend:
 _backends: Dict[str, Any] = {}
 
 
-def get_backend(device: str):
+def get_backend(device: str, options: Optional[Dict[str, Any]] = None):
     """The (cached) backend of ``device`` in this child process."""
     if device not in _backends:
         if device == "model":
             from .model_backend import ModelBackend
-            _backends[device] = ModelBackend()
+            _backends[device] = ModelBackend(options)
         else:
             _backends[device] = TorchBackend(device)
     return _backends[device]

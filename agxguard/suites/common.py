@@ -201,8 +201,40 @@ def warm_up(backend, workload: str, batch: int = 1) -> None:
     """One unmeasured request (builds the model, allocates, compiles kernels)."""
     key = (workload, batch)
     if key not in _warmed:
-        backend.run(workload, backend.make_input(workload, batch=batch, seed=0))
+        with backend.worker("off"):
+            backend.run(workload, backend.make_input(workload, batch=batch, seed=0))
         _warmed.add(key)
+
+
+def check_outputs(backend, workload: str, r: Dict[str, Any], value: Dict[str, Any],
+                  problems: List[str], *, against_reference: bool = False,
+                  repeatable: bool = False) -> None:
+    """Checks on kept outputs: all present and finite; optionally each right against the
+    reference (max abs diff where the backend has one), and each thread's last output
+    equal to its first (same input, same answer)."""
+    outs = r["_outputs"]
+    value["finite"] = all(y is not None and backend.finite(y) for y in outs)
+    if not value["finite"]:
+        problems.append("missing, non-finite or wrong outputs")
+    if against_reference:
+        checks = [backend.compare(workload, x, y) for x, y in zip(r["_inputs"], outs)]
+        value["results_ok"] = sum(ok for ok, _ in checks)
+        diffs = [d for _, d in checks if d is not None]
+        if diffs:
+            value["max_abs_diff"] = max(diffs)
+        tol = getattr(backend, "tolerance", None)
+        if tol is not None:
+            value["tolerance"] = tol(workload)
+        if value["results_ok"] != len(checks):
+            problems.append("%d of %d outputs wrong%s" % (
+                len(checks) - value["results_ok"], len(checks),
+                " (max abs diff %.3g)" % value["max_abs_diff"] if diffs else ""))
+    if repeatable and value["finite"]:
+        value["repeat_max_abs_diff"] = max(backend.same(a, b) for a, b in zip(r["_firsts"], outs))
+        tol = getattr(backend, "tolerance", None)
+        limit = tol(workload) if tol is not None else 0.0
+        if not value["repeat_max_abs_diff"] <= limit:
+            problems.append("same input gave different outputs (max diff %.3g)" % value["repeat_max_abs_diff"])
 
 
 def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
@@ -213,7 +245,7 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
         return probe(case)
     mode = case["mode"]
     agxguard.set_mode(mode)
-    backend = get_backend(case["device"])
+    backend = get_backend(case["device"], case.get("backend_options"))
     if case["suite"] == "complete_story":
         from .story import run_chapter
     else:
@@ -251,7 +283,7 @@ def probe(case: Dict[str, Any]) -> Dict[str, Any]:
     """What the child sees: versions and the device (run once before a suite)."""
     import agxguard
     from .backends import get_backend
-    info = dict(get_backend(case["device"]).info())
+    info = dict(get_backend(case["device"], case.get("backend_options")).info())
     info["agxguard"] = getattr(agxguard, "__version__", None)
     return info
 
@@ -292,18 +324,24 @@ class Progress:
 
 def run_suite(suite: str, device: str, modes: List[str], cases_for_mode: Callable[[str], List[Dict[str, Any]]],
               options: Dict[str, Any], *, retries: int, timeout: float, json_path: Optional[str],
-              progress=sys.stderr, plot: bool = True) -> Report:
+              progress=sys.stderr, plot: bool = True,
+              backend_options: Optional[Dict[str, Any]] = None) -> Report:
     """Run every mode's cases in child processes (mode by mode) and return the report."""
-    report = Report(suite, device, modes, options, path=json_path)
     prog = Progress(suite, progress)
     before = harness.crash_report_names()
     prog.line("device %s: probing in a child process" % device)
-    probe_rec = harness.run_in_child(run_case, {"chapter": "probe", "device": device},
+    if device == "model":
+        from .model_backend import DEFAULTS
+        backend_options = dict(DEFAULTS, **(backend_options or {}))
+        options = dict(options, model=backend_options)
+    probe_rec = harness.run_in_child(run_case, {"chapter": "probe", "device": device,
+                                                "backend_options": backend_options},
                                      timeout=max(timeout, 120.0))
     if not probe_rec.passed:
         a = probe_rec.attempts[-1]
         raise RuntimeError("device %s does not work in a child process: %s\n%s"
                            % (device, a.describe(), (a.traceback or a.stderr_tail or "")[-2000:]))
+    report = Report(suite, device, modes, options, path=json_path)
     report.machine.update({k: v for k, v in probe_rec.value.items() if k not in ("device",)})
     if json_path:
         report.save()
@@ -312,6 +350,8 @@ def run_suite(suite: str, device: str, modes: List[str], cases_for_mode: Callabl
         for c in cases:
             c.setdefault("suite", suite)
             c.setdefault("device", device)
+            if backend_options:
+                c.setdefault("backend_options", backend_options)
             c["mode"] = mode
             c.setdefault("id", "%s/%s/%s/%s/%sx%s" % (mode, c.get("chapter"), c.get("workload", ""),
                                                       c.get("threads", ""), c.get("batch", 1),

@@ -29,12 +29,14 @@ GPU_DEVICES = ("cuda", "mps")
 _ITERATIONS = {
     "cpu": {"small_mlp": 400, "medium_mlp": 40, "large_transformer": 1, "matmul": 20},
     "gpu": {"small_mlp": 400, "medium_mlp": 200, "large_transformer": 20, "matmul": 200},
+    "model": {"small_mlp": 2000, "medium_mlp": 1000, "large_transformer": 200, "matmul": 500},
 }
 STRESS_FACTOR = 2
 
 
 def default_iterations(device: str, workload: str) -> int:
-    return _ITERATIONS["gpu" if device in GPU_DEVICES else "cpu"].get(workload, 10)
+    kind = "gpu" if device in GPU_DEVICES else ("model" if device == "model" else "cpu")
+    return _ITERATIONS[kind].get(workload, 10)
 
 
 def cases(mode: str, *, device: str, categories: List[str], workloads: List[str],
@@ -63,7 +65,7 @@ def run_chapter(backend, case: Dict[str, Any]) -> Dict[str, Any]:
     """Child side: run one case of the comprehensive suite."""
     category, mode, wl = case["chapter"], case["mode"], case["workload"]
     common.warm_up(backend, wl)
-    keep = category in ("correctness", "thread_safety", "stress")
+    keep = True  # every category checks that its outputs are there and sane
     r = common.run_threads(backend, wl, mode, case["threads"], iterations=case.get("iterations"),
                            duration=case.get("duration"), keep=keep)
     value = common.public(r)
@@ -71,22 +73,9 @@ def run_chapter(backend, case: Dict[str, Any]) -> Dict[str, Any]:
     if r["expected"] is not None and r["completed"] != r["expected"]:
         problems.append("%d of %d ops completed" % (r["completed"], r["expected"]))
     if keep:
-        finite = all(y is not None and backend.finite(y) for y in r["_outputs"])
-        value["finite"] = finite
-        if not finite:
-            problems.append("non-finite or missing outputs")
-    tol = backend.tolerance(wl)
-    if category == "correctness":
-        diffs = [backend.max_abs_diff(y, backend.reference(wl, x)) if y is not None else float("inf")
-                 for x, y in zip(r["_inputs"], r["_outputs"])]
-        value["max_abs_diff"], value["tolerance"] = max(diffs), tol
-        if not value["max_abs_diff"] <= tol:
-            problems.append("max abs diff %.3g exceeds %.3g" % (value["max_abs_diff"], tol))
-    elif category == "thread_safety" and value.get("finite"):
-        drift = max(backend.max_abs_diff(a, b) for a, b in zip(r["_firsts"], r["_outputs"]))
-        value["repeat_max_abs_diff"] = drift
-        if not drift <= tol:
-            problems.append("same input gave different outputs (max diff %.3g)" % drift)
+        common.check_outputs(backend, wl, r, value, problems,
+                             against_reference=(category == "correctness"),
+                             repeatable=(category == "thread_safety"))
     if problems:
         raise harness.CheckFailed("; ".join(problems[:4]), value)
     return value
@@ -96,7 +85,8 @@ def comprehensive(device: Optional[str] = None, mode: Any = "all", *,
                   category: Any = None, threads: Any = (1, 2, 4, 8),
                   iterations: Optional[int] = None, duration: Optional[float] = None,
                   retries: int = 2, json_path: Optional[str] = None, workloads: Any = None,
-                  timeout: float = 120.0, progress: Any = sys.stderr, plot: bool = True) -> Report:
+                  timeout: float = 120.0, progress: Any = sys.stderr, plot: bool = True,
+                  model_options: Optional[Dict[str, Any]] = None) -> Report:
     """Run the comprehensive suite; return its :class:`~agxguard.report.Report`.
 
     Options as for :func:`agxguard.suites.complete_story`; ``category`` picks among
@@ -121,4 +111,4 @@ def comprehensive(device: Optional[str] = None, mode: Any = "all", *,
         lambda m: cases(m, device=device, categories=categories, workloads=names,
                         threads=thread_counts, iterations=iterations, duration=duration),
         options, retries=retries, timeout=timeout, json_path=json_path, progress=progress,
-        plot=plot)
+        plot=plot, backend_options=model_options)

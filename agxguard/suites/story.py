@@ -23,17 +23,23 @@ BATCHING = ((1, 8), (8, 1), (4, 2))  # (threads, batch), as in the seeds
 GPU_DEVICES = ("cuda", "mps")
 
 
-def default_iterations(device: str) -> int:
-    """Requests per thread: the seeds' 20; more on a GPU, where a request is short."""
-    return 50 if device in GPU_DEVICES else 20
+def default_iterations(device: str, chapter: str) -> int:
+    """Requests per thread: the seeds' 20 for thread safety and correctness; for the
+    throughput chapters enough to time (a GPU request is short, a model request shorter)."""
+    if chapter in ("thread_safety", "correctness"):
+        return 20
+    return {"model": 2000}.get(device, 50 if device in GPU_DEVICES else 20)
 
 
-def cases(mode: str, *, chapters: List[str], threads: List[int], iterations: int,
-          duration: Optional[float], workload: str = WORKLOAD) -> List[Dict[str, Any]]:
-    """The runs of one mode, in chapter order."""
+def cases(mode: str, *, device: str, chapters: List[str], threads: List[int],
+          iterations: Optional[int], duration: Optional[float],
+          workload: str = WORKLOAD) -> List[Dict[str, Any]]:
+    """The runs of one mode, in chapter order (``iterations`` None: the defaults)."""
     out: List[Dict[str, Any]] = []
     top = max(threads)
+    given = iterations
     for chapter in chapters:
+        iterations = given or default_iterations(device, chapter)
         if chapter == "thread_safety":
             out.append({"chapter": chapter, "workload": workload, "threads": top, "batch": 1,
                         "iterations": iterations})
@@ -59,7 +65,7 @@ def run_chapter(backend, case: Dict[str, Any]) -> Dict[str, Any]:
     chapter, mode, wl = case["chapter"], case["mode"], case["workload"]
     batch = case.get("batch", 1)
     common.warm_up(backend, wl, batch)
-    keep = chapter in ("thread_safety", "correctness")
+    keep = True  # every chapter checks its outputs
     r = common.run_threads(backend, wl, mode, case["threads"], batch=batch,
                            iterations=case.get("iterations"), duration=case.get("duration"),
                            keep=keep)
@@ -67,18 +73,9 @@ def run_chapter(backend, case: Dict[str, Any]) -> Dict[str, Any]:
     problems = list(r["errors"])
     if r["expected"] is not None and r["completed"] != r["expected"]:
         problems.append("%d of %d ops completed" % (r["completed"], r["expected"]))
-    if chapter == "thread_safety":
-        finite = all(y is not None and backend.finite(y) for y in r["_outputs"])
-        value["finite"] = finite
-        if not finite:
-            problems.append("non-finite outputs")
-    if chapter == "correctness":
-        diffs = [backend.max_abs_diff(y, backend.reference(wl, x)) if y is not None else float("inf")
-                 for x, y in zip(r["_inputs"], r["_outputs"])]
-        value["max_abs_diff"] = max(diffs)
-        value["tolerance"] = backend.tolerance(wl)
-        if not value["max_abs_diff"] <= value["tolerance"]:
-            problems.append("max abs diff %.3g exceeds %.3g" % (value["max_abs_diff"], value["tolerance"]))
+    if keep:
+        common.check_outputs(backend, wl, r, value, problems,
+                             against_reference=(chapter == "correctness"))
     if problems:
         raise harness.CheckFailed("; ".join(problems[:4]), value)
     return value
@@ -88,7 +85,8 @@ def complete_story(device: Optional[str] = None, mode: Any = "all", *,
                    category: Any = None, threads: Any = (1, 2, 4, 8),
                    iterations: Optional[int] = None, duration: Optional[float] = None,
                    retries: int = 2, json_path: Optional[str] = None,
-                   timeout: float = 120.0, progress: Any = sys.stderr, plot: bool = True) -> Report:
+                   timeout: float = 120.0, progress: Any = sys.stderr, plot: bool = True,
+                   model_options: Optional[Dict[str, Any]] = None) -> Report:
     """Run the complete_story suite; return its :class:`~agxguard.report.Report`.
 
     ``device``: mps, cuda, cpu or model (default: the best present). ``mode``: one mode,
@@ -99,20 +97,23 @@ def complete_story(device: Optional[str] = None, mode: Any = "all", *,
     throughput run instead. ``retries``: fresh-process retries of a run that did not
     pass (every attempt stays in the report). ``json_path``: where the report is
     written, atomically after every run. ``progress``: a stream for progress lines, or None.
+    ``model_options`` (device model): bugs (default on), window_yields, window_spins,
+    internal_every; see agxguard.suites.model_backend.
     """
     device = common.resolve_device(device)
     modes = common.parse_modes(mode)
     chapters = common.parse_choice("category", category, CHAPTERS)
     thread_counts = common.parse_threads(threads)
-    iterations = common.parse_positive("iterations", iterations) or default_iterations(device)
+    iterations = common.parse_positive("iterations", iterations)
     duration = common.parse_positive("duration", duration, integer=False)
     retries = common.parse_positive("retries", retries, allow_zero=True)
-    options = {"category": chapters, "threads": thread_counts, "iterations": iterations,
+    options = {"category": chapters, "threads": thread_counts,
+               "iterations": iterations or {c: default_iterations(device, c) for c in chapters},
                "duration": duration, "retries": retries, "timeout": timeout,
                "workload": WORKLOAD}
     return common.run_suite(
         SUITE, device, modes,
-        lambda m: cases(m, chapters=chapters, threads=thread_counts, iterations=iterations,
-                        duration=duration),
+        lambda m: cases(m, device=device, chapters=chapters, threads=thread_counts,
+                        iterations=iterations, duration=duration),
         options, retries=retries, timeout=timeout, json_path=json_path, progress=progress,
-        plot=plot)
+        plot=plot, backend_options=model_options)
