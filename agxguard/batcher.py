@@ -100,7 +100,7 @@ def _split_tensor(t: Any, sizes: list, total: int) -> list:
     n = len(sizes)
     if n == 1:
         return [t]
-    if sizes[0] * n == total and min(sizes) == sizes[0]:
+    if sizes[0] > 0 and sizes[0] * n == total and min(sizes) == sizes[0]:
         return t.chunk(n, 0)  # equal sizes: the cheapest way to cut views
     return t.split(sizes, 0)
 
@@ -214,6 +214,8 @@ class Batcher:
 
         Blocks while the queue is full; with ``timeout`` (seconds) raises ``queue.Full``
         if no room opened in time. Raises RuntimeError once the Batcher is closed.
+        The Future's done-callbacks run on the dispatcher thread: keep them short, and
+        never wait on this Batcher from one.
         """
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._enqueue(x, future, timeout)

@@ -339,3 +339,14 @@ def test_guard_true_runs_each_batch_inside_agxguard_guard():
         with Batcher(lambda x: x + 1, guard=True) as b:
             assert torch.equal(b(torch.ones(2, 2), timeout=TIMEOUT), torch.full((2, 2), 2.0))
         assert agxguard.stats()["domains"]["global"]["acquisitions"] == 1
+
+
+def test_requests_with_zero_rows_get_empty_results():
+    gate = Gate(lambda x: x * 2)
+    with Batcher(gate, max_batch=8, max_delay_ms=50) as b:
+        first = b.submit(torch.zeros(1, 3))
+        assert gate.entered.wait(TIMEOUT)
+        empties = [b.submit(torch.zeros(0, 3)) for _ in range(3)]
+        gate.opened.set()
+        first.result(TIMEOUT)
+        assert [tuple(f.result(TIMEOUT).shape) for f in empties] == [(0, 3)] * 3
