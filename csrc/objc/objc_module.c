@@ -89,7 +89,9 @@ static PyObject *py_objc_method_imp(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "ss:objc_method_imp", &cls, &sel)) return NULL;
     Class c = objc_getClass(cls);
     if (!c) { PyErr_Format(PyExc_ValueError, "no Objective-C class named %s", cls); return NULL; }
-    return PyLong_FromVoidPtr((void *)class_getMethodImplementation(c, sel_registerName(sel)));
+    Method m = class_getInstanceMethod(c, sel_registerName(sel));
+    if (!m) { PyErr_Format(PyExc_ValueError, "-[%s %s]: no such instance method", cls, sel); return NULL; }
+    return PyLong_FromVoidPtr((void *)method_getImplementation(m));
 }
 
 static PyObject *py_set_stream(PyObject *self, PyObject *args) {
@@ -138,6 +140,13 @@ static PyObject *py_make_race_class(PyObject *self, PyObject *args) {
     snprintf(sub, sizeof sub, "%sSub", name);
     Class s = objc_allocateClassPair(c, sub, 0);
     if (s) objc_registerClassPair(s);
+    /* One message so the GNU runtime installs the class's dispatch table now
+     * (as any class in use has had); until then lookups see a prepared copy. */
+    {
+        id tmp = class_createInstance(c, sizeof(race_ivars));
+        SEL v = sel_registerName("value");
+        ((uint64_t(*)(id, SEL))agx_objc_lookup(tmp, v))(tmp, v);
+    }
     race_classes[n_race_classes].cls = c;
     race_classes[n_race_classes].step = step;
     n_race_classes++;
@@ -300,7 +309,7 @@ static PyMethodDef objc_methods[] = {
     {"swizzle_set_stream", py_set_stream, METH_VARARGS,
      "swizzle_set_stream(object_address, key): the stream key a receiver's hooked calls use."},
     {"objc_method_imp", py_objc_method_imp, METH_VARARGS,
-     "objc_method_imp(class_name, selector) -> int: the implementation address."},
+     "objc_method_imp(class_name, selector) -> int: the address of the implementation the class resolves."},
     {"objc_make_race_class", py_make_race_class, METH_VARARGS,
      "objc_make_race_class(name, step=1): a class whose -increment races (and <name>Sub)."},
     {"objc_race_run", py_race_run, METH_VARARGS,
