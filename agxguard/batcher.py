@@ -401,9 +401,11 @@ class Batcher:
         return self._closed
 
     def __enter__(self) -> "Batcher":
+        """``with Batcher(...) as b:`` closes (and drains) it on leaving the block."""
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
+        """Close and wait for every accepted request."""
         self.close(wait=True)
 
     def __repr__(self) -> str:
@@ -413,6 +415,7 @@ class Batcher:
 
     # ------------------------------------------------------------------ stats
     def _reset_counters(self) -> None:
+        """Zero the counters (lock held, or before the dispatcher starts)."""
         self._batches = 0
         self._requests = 0
         self._rows = 0
