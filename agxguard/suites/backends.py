@@ -125,6 +125,13 @@ class TorchBackend:
             self.torch.mps.synchronize()
         return y
 
+    def settle(self) -> None:
+        """Wait for all queued device work (workers run on their own CUDA streams)."""
+        if self.kind == "cuda":
+            self.torch.cuda.synchronize()
+        elif self.kind == "mps":
+            self.torch.mps.synchronize()
+
     def reference(self, name: str, x):
         """The output for ``x`` on CPU in float64, same weights (cached per input object)."""
         key = (name, id(x))

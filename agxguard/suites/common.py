@@ -131,6 +131,9 @@ def run_threads(backend, workload: str, mode: str, threads: int, *, batch: int =
     if iterations is None and duration is None:
         iterations = 1
     inputs = [backend.make_input(workload, batch=batch, seed=seed + i) for i in range(threads)]
+    settle = getattr(backend, "settle", None)
+    if settle is not None:
+        settle()  # inputs made on this thread's stream are ready before workers read them
     barrier = threading.Barrier(threads + 1)
     done = [0] * threads
     errors: List[str] = []
