@@ -53,6 +53,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                      retries=args.retries, json_path=args.json_path, progress=sys.stderr)
     except OptionError as exc:
         parser.error(str(exc))
+    except RuntimeError as exc:  # e.g. the device does not work in a child process
+        sys.stderr.write("python -m agxguard: %s\n" % exc)
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; the report file (if any) holds every run finished so far\n")
         return 130
