@@ -49,7 +49,6 @@ def _decorate(g: Guard, fn: F) -> F:
     return guarded  # type: ignore[return-value]
 
 
-_C._set_decorator(_decorate)
 
 
 def _current_stream_key() -> int:
@@ -122,18 +121,7 @@ def use_stream(stream: Any) -> Iterator[int]:
 
 # ---------------------------------------------------------------- guards
 
-_REGION = _C.Guard()
-
-
-def guard(stream: Any = None) -> Guard:
-    """A guarded region under the current mode, as a context manager or decorator.
-
-    ``global``: the one process-wide lock; ``stream``: the lock of `stream`, or
-    of the caller's current stream; ``op``/``off``: no region lock. Re-entrant.
-    With a throttle set, at most N outermost regions run at once."""
-    if stream is None:
-        return _REGION
-    return _C.Guard(stream_key(stream))
+guard = _C.guard  # guard(stream=None) -> Guard; in C, since it sits on every region's path
 
 
 def ops() -> Any:
@@ -143,6 +131,9 @@ def ops() -> Any:
     from ._torch import GuardedOps
 
     return GuardedOps()
+
+
+_C._set_helpers(_decorate, stream_key)
 
 
 # ---------------------------------------------------------------- throttle, waits
