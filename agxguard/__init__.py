@@ -26,13 +26,26 @@ from typing import Any, Callable, Dict, Hashable, Iterator, Optional, TypeVar
 from . import _C, _config
 from ._C import Guard, Lock, LockTimeout, LockWaitWarning
 from ._config import ConfigWarning
+from .batcher import Batcher
+from .swizzle import guard_methods, swizzle_available, unguard_methods
 
 __all__ = [
     "MODES", "set_mode", "get_mode", "mode", "guard", "ops", "use_stream",
     "set_throttle", "get_throttle", "throttle", "set_lock_timeout", "get_lock_timeout",
     "stats", "reset_stats", "global_lock", "op_lock", "stream_lock", "stream_key",
     "Guard", "Lock", "LockTimeout", "LockWaitWarning", "ConfigWarning", "config",
+    "Batcher", "guard_methods", "unguard_methods", "swizzle_available",
+    "complete_story", "comprehensive",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # the suites pull in the harness and report modules: load them on first use
+    if name in ("complete_story", "comprehensive"):
+        from . import suites
+
+        return getattr(suites, name)
+    raise AttributeError(f"module 'agxguard' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 

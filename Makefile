@@ -1,0 +1,29 @@
+# Developer targets. `make test` is the test command README.md gives (and .ci/run calls).
+PYTHON ?= python3
+CC ?= gcc
+
+.PHONY: build test tsan bench story clean
+build:
+	$(PYTHON) setup.py build_ext --inplace -q
+
+test: build
+	$(PYTHON) -m pytest -q tests
+
+# The lock domains under ThreadSanitizer: must report nothing.
+csrc/tests/stress_locks.bin: csrc/tests/stress_locks.c csrc/lock.c csrc/guard.c csrc/lock.h csrc/guard.h
+	$(CC) -std=gnu11 -O1 -g -fsanitize=thread -Icsrc csrc/tests/stress_locks.c csrc/lock.c csrc/guard.c -o $@ -pthread
+
+tsan: csrc/tests/stress_locks.bin
+	TSAN_OPTIONS="halt_on_error=1 exitcode=66" ./csrc/tests/stress_locks.bin 8 2000
+
+bench: build
+	$(PYTHON) benchmarks/overhead.py
+	$(PYTHON) benchmarks/efficiency.py --quick
+
+story: build
+	$(PYTHON) -m agxguard story --mode all
+
+clean:
+	rm -rf build agxguard/*.so csrc/tests/*.bin
+
+include csrc/tests/tsan_model.mk
