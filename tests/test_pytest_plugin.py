@@ -48,7 +48,7 @@ def run_pytest(tmp_path, *args, env_modes=None, ini=None):
     if ini is not None:
         (tmp_path / "pytest.ini").write_text("[pytest]\n" + ini + "\n")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               AGXGUARD_MODE="op")
+               AGXGUARD_MODE="op", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")  # loaded once, by -p below
     env.pop("AGXGUARD_TEST_MODES", None)
     if env_modes is not None:
         env["AGXGUARD_TEST_MODES"] = env_modes
