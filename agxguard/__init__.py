@@ -226,3 +226,14 @@ config = _config.from_env()
 _C.set_mode(config.mode)
 _C.set_wait(warn_ms=config.warn_ms, timeout_ms=config.timeout_ms, abort=config.timeout_action == "abort")
 _C.set_throttle(config.throttle)
+
+
+# ---------------------------------------------------------------- driver hooks at import (issue 4)
+# Installs the AGX hook set when a supported driver is present (Apple GPU, or
+# AGXGUARD_DRIVER=model) unless AGXGUARD_DISABLE=1; otherwise quiet and cheap,
+# and agxguard.status() says why. See agxguard/hooks.py.
+from . import hooks as _hooks_module  # noqa: E402
+from .hooks import hooks, install, installed, status, uninstall  # noqa: E402
+
+__all__ += ["install", "uninstall", "installed", "hooks", "status"]
+_hooks_module._install_at_import(config)

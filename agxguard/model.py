@@ -64,16 +64,19 @@ def classes() -> Dict[str, str]:
 
 
 def hook() -> int:
-    """Install the model's hook set (encoder, command-buffer and queue-pool
-    selectors, as the seed fix guarded them); returns how many were new."""
+    """Install the AGX hook set on the model's classes (``agxguard.install("model")``:
+    discovery, the one selector table, lifecycle tracking); returns how many
+    hooks were new."""
     _need()
-    return int(_C.model_hook())
+    from .hooks import install  # (agxguard.hooks is also the name of a function)
+    return int(install("model")["new"])
 
 
 def unhook() -> int:
-    """Remove the model's hook set; returns how many hooks were removed."""
+    """Remove the hook set; returns how many hooks were removed."""
     _need()
-    return int(_C.model_unhook())
+    from .hooks import uninstall
+    return int(uninstall()["removed"])
 
 
 def activate() -> Dict[str, Any]:
@@ -97,16 +100,21 @@ def run_threads(threads: int, iterations: int, shared_queue: bool = True, region
     r = dict(_C.model_run(threads, iterations, shared_queue=shared_queue, region=region,
                           internal_every=internal_every, length=length))
     r["ops_per_s"] = r["ops"] / r["seconds"] if r["seconds"] > 0 else float("inf")
+    r["lifecycle"] = dict(_C.hooks_lifecycle())
+    r["hooks_driver"] = _C.hooks_driver()
     r.update(threads=threads, iterations=iterations, shared_queue=shared_queue, mode=_C.get_mode())
     return r
 
 
-def run_op(queue: int = 0, a: float = 2.0, length: int = 256, internal: bool = False) -> bool:
+def run_op(queue: int = 0, a: float = 2.0, length: int = 256, internal: bool = False,
+           end_encoding: bool = True) -> bool:
     """One op (y = a*x + y on fresh buffers) on model queue `queue`, with the
     GIL released; True if the result is right. Safe to call from Python threads
-    (as safe as the mode makes it)."""
+    (as safe as the mode makes it). ``end_encoding=False`` commits with the
+    encoder still open (a caller bug: the driver aborts unless commit safety
+    ends it first)."""
     _need()
-    return bool(_C.model_run_op(queue=queue, a=a, length=length, internal=internal))
+    return bool(_C.model_run_op(queue=queue, a=a, length=length, internal=internal, end_encoding=end_encoding))
 
 
 _CHILD = textwrap.dedent("""
@@ -122,9 +130,10 @@ _CHILD = textwrap.dedent("""
 
 
 def run_in_child(mode: str, threads: int = 8, iterations: int = 100, bugs: Optional[Dict[str, Any]] = None,
-                 timeout: float = 60.0, **run_kw: Any) -> Dict[str, Any]:
+                 timeout: float = 60.0, env: Optional[Dict[str, str]] = None, **run_kw: Any) -> Dict[str, Any]:
     """run_threads in a fresh child process so a modelled fault is counted, not
-    fatal. Returns {"outcome": "ok" | "wrong_result" | "signal" | "abort" | "hang"
+    fatal; `env` adds environment variables (e.g. AGXGUARD_DRIVER=model with
+    hooks=False: the hooks then come from the import). Returns {"outcome": "ok" | "wrong_result" | "signal" | "abort" | "hang"
     | "error", "returncode", "message", "result", "seconds"}."""
     import json
     _need()
@@ -132,7 +141,7 @@ def run_in_child(mode: str, threads: int = 8, iterations: int = 100, bugs: Optio
     t0 = time.monotonic()
     try:
         p = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg)], capture_output=True, text=True,
-                           timeout=timeout, env=dict(os.environ))
+                           timeout=timeout, env=dict(os.environ, **(env or {})))
     except subprocess.TimeoutExpired:
         return {"outcome": "hang", "returncode": None, "message": f"no exit in {timeout}s", "result": None,
                 "seconds": time.monotonic() - t0}

@@ -4,13 +4,17 @@
  *                         context there and reads it back in prepareForEnqueue;
  *                         any endEncoding nulls it (context_race) -> the 0x98 fault.
  *   device encoder pool   free list of encoders; endEncoding frees the
- *                         encoder's binding table and pushes it; an unlocked
- *                         pop can hand one encoder to two threads
- *                         (encoder_recycle) -> a recycled encoder's next call
- *                         dereferences its freed table.
+ *                         encoder's binding table; the encoder goes back to
+ *                         the pool when its last reference goes (dealloc):
+ *                         its command buffer holds one until it completes,
+ *                         and retain/release add others. An unlocked pop can
+ *                         hand one encoder to two threads (encoder_recycle)
+ *                         -> a recycled encoder's next call dereferences its
+ *                         freed table ("used after endEncoding").
  *   queue buffer pool     free list of command buffers; an unlocked pop can
  *                         hand one buffer to two threads (buffer_recycle) ->
- *                         "already encoding" or "already committed" aborts.
+ *                         "already encoding", "already committed" or
+ *                         "uncommitted encoder" aborts.
  *   cached IMPs           taken at class creation; the internal dispatch path
  *                         calls them when bypass is on. */
 #include "driver_model.h"
@@ -33,6 +37,7 @@ const char *const agx_model_pipeline_class = "AGXModelG16XComputePipelineState";
 
 #define MAX_BINDINGS 8
 #define MAX_CMDS 32
+#define MAX_ENCODERS_PER_BUFFER 8
 
 enum { KERNEL_SAXPY = 1 };
 enum { CMD_DISPATCH = 1, CMD_FILL, CMD_COPY };
@@ -89,6 +94,8 @@ typedef struct cmdbuf_ivars {
     volatile int status;
     id volatile open_encoder;
     id volatile next_free;
+    int n_made;                          /* encoders it holds a reference to */
+    id made[MAX_ENCODERS_PER_BUFFER];
     model_cmd_list list;
 } cmdbuf_ivars;
 
@@ -99,6 +106,8 @@ typedef struct enc_ivars {
     model_compute_ctx ctx;
     id volatile next_free;
     int is_blit;
+    _Atomic int refs;                  /* references; 0 -> dealloc -> pool */
+    uint64_t resources;                /* useResource/useHeap/barrier/fence calls */
 } enc_ivars;
 
 typedef struct buffer_ivars {
@@ -116,7 +125,7 @@ static _Atomic int inited;
 static Class c_device, c_queue, c_cmdbuf, c_compute, c_blit, c_buffer, c_pipeline;
 static id the_device;
 
-static SEL s_setPipeline, s_setBuffer, s_setBytes, s_dispatchThreads, s_endEncoding;
+static SEL s_setPipeline, s_setBuffer, s_setBytes, s_dispatchThreads, s_endEncoding, s_release, s_dealloc;
 /* Implementations captured when the classes were made (the bypass). */
 static IMP cached_setPipeline, cached_setBuffer, cached_setBytes, cached_dispatchThreads;
 
@@ -214,9 +223,12 @@ static id queue_commandBuffer(id self, SEL cmd) {
     ci->status = CB_NOT_ENQUEUED;
     ci->open_encoder = NULL;
     ci->next_free = NULL;
+    ci->n_made = 0;
     ci->list.count = 0;
     return cb;
 }
+
+static id queue_commandBufferUnretained(id self, SEL cmd) { return queue_commandBuffer(self, cmd); }
 
 static id queue_device(id self, SEL cmd) { (void)cmd; return IV(queue_ivars, self)->device; }
 
@@ -239,13 +251,38 @@ static id make_encoder(id cb, int blit) {
     ei->is_blit = blit;
     ei->next_free = NULL;
     ei->ctx.enqueue = &ci->list;
+    ei->resources = 0;
     ei->bindings = calloc(1, sizeof(model_bindings));
+    atomic_store(&ei->refs, 1); /* the command buffer's reference */
+    int i = ci->n_made;
+    if (i >= MAX_ENCODERS_PER_BUFFER)
+        driver_assert("AGXModelG16XFamilyCommandBuffer", "too many encoders on one command buffer");
+    ci->made[i] = enc;
+    ci->n_made = i + 1;
     ci->open_encoder = enc;
     return enc;
 }
 
 static id cmdbuf_computeCommandEncoder(id self, SEL cmd) { (void)cmd; return make_encoder(self, 0); }
 static id cmdbuf_blitCommandEncoder(id self, SEL cmd) { (void)cmd; return make_encoder(self, 1); }
+/* The descriptor and the dispatch type change nothing in the model. */
+static id cmdbuf_computeCommandEncoderWithDescriptor(id self, SEL cmd, id descriptor) {
+    (void)cmd; (void)descriptor;
+    return make_encoder(self, 0);
+}
+static id cmdbuf_computeCommandEncoderWithDispatchType(id self, SEL cmd, uint64_t type) {
+    (void)cmd; (void)type;
+    return make_encoder(self, 0);
+}
+static id cmdbuf_commandQueue(id self, SEL cmd) { (void)cmd; return IV(cmdbuf_ivars, self)->queue; }
+
+/* Events order command buffers on the GPU; the model's GPU runs each buffer
+ * at commit, so they only have to come before it. */
+static void cmdbuf_encodeEvent(id self, SEL cmd, id event, uint64_t value) {
+    (void)event; (void)value;
+    if (IV(cmdbuf_ivars, self)->status >= CB_COMMITTED)
+        driver_assert(sel_getName(cmd), "encoding an event into a committed command buffer");
+}
 
 static void run_cmd(const model_cmd *c) {
     switch (c->type) {
@@ -265,12 +302,22 @@ static void cmdbuf_commit(id self, SEL cmd) {
     window();
     if (status >= CB_COMMITTED)
         driver_assert("AGXModelG16XFamilyCommandBuffer commit", "commit an already committed command buffer");
+    if (ci->open_encoder)
+        driver_assert("AGXModelG16XFamilyCommandBuffer commit", "commit command buffer with uncommitted encoder");
     ci->status = CB_COMMITTED;
     /* The "GPU": runs the recorded commands for real. */
     int n = ci->list.count;
     if (n > MAX_CMDS) n = MAX_CMDS;
     for (int i = 0; i < n; i++) run_cmd(&ci->list.cmds[i]);
     ci->status = CB_COMPLETED;
+    /* Completion drops the buffer's references to its encoders. */
+    int made = ci->n_made;
+    if (made > MAX_ENCODERS_PER_BUFFER) made = MAX_ENCODERS_PER_BUFFER;
+    ci->n_made = 0;
+    for (int i = 0; i < made; i++) {
+        id e = ci->made[i];
+        ((void (*)(id, SEL))agx_objc_lookup(e, s_release))(e, s_release);
+    }
 }
 
 static void cmdbuf_waitUntilCompleted(id self, SEL cmd) {
@@ -306,6 +353,10 @@ static void cmdbuf_release(id self, SEL cmd) {
  * of its count faults as the freed encoder does in the real driver. */
 static inline model_bindings *live_bindings(id self) {
     model_bindings *b = IV(enc_ivars, self)->bindings;
+    if (!b) {
+        fprintf(stderr, "AGXModel: -[%s]: encoder used after endEncoding\n", class_getName(object_getClass(self)));
+        fflush(stderr);
+    }
     (void)*(volatile int *)&b->count;
     return b;
 }
@@ -379,6 +430,44 @@ static void enc_dispatchThreadgroups(id self, SEL cmd, agx_mtl_size groups, agx_
     encode_dispatch(self, groups.width * groups.height * groups.depth * tg.width * tg.height * tg.depth);
 }
 
+/* The group counts come from the buffer (three uint32, as
+ * MTLDispatchThreadgroupsIndirectArguments); the model reads them at encode
+ * time, since its GPU runs at commit anyway. */
+static void enc_dispatchIndirect(id self, SEL cmd, id buffer, uint64_t offset, agx_mtl_size tg) {
+    (void)cmd;
+    buffer_ivars *bi = IV(buffer_ivars, buffer);
+    if (offset > bi->length || bi->length - offset < 3 * sizeof(uint32_t)) return;
+    uint32_t g[3];
+    memcpy(g, bi->contents + offset, sizeof g);
+    encode_dispatch(self, (uint64_t)g[0] * g[1] * g[2] * tg.width * tg.height * tg.depth);
+}
+
+/* Bindings the model's kernel does not read: they still touch the encoder. */
+static void enc_bind_object(id self, SEL cmd, id object, uint64_t index) {
+    (void)cmd; (void)object; (void)index;
+    live_bindings(self)->count++;
+}
+static void enc_setThreadgroupMemoryLength(id self, SEL cmd, uint64_t length, uint64_t index) {
+    (void)cmd; (void)length; (void)index;
+    live_bindings(self)->count++;
+}
+/* Residency, barriers, fences: counted on the live encoder. */
+static void enc_note1(id self, SEL cmd, uint64_t a) {
+    (void)cmd; (void)a;
+    live_bindings(self);
+    IV(enc_ivars, self)->resources++;
+}
+static void enc_note2(id self, SEL cmd, uint64_t a, uint64_t b) {
+    (void)cmd; (void)a; (void)b;
+    live_bindings(self);
+    IV(enc_ivars, self)->resources++;
+}
+static void enc_note3(id self, SEL cmd, uint64_t a, uint64_t b, uint64_t c) {
+    (void)cmd; (void)a; (void)b; (void)c;
+    live_bindings(self);
+    IV(enc_ivars, self)->resources++;
+}
+
 static void end_encoding(id self, int blit) {
     enc_ivars *ei = IV(enc_ivars, self);
     model_bindings *b = live_bindings(self);
@@ -388,10 +477,28 @@ static void end_encoding(id self, int blit) {
     if (cb && IV(cmdbuf_ivars, cb)->open_encoder == self) IV(cmdbuf_ivars, cb)->open_encoder = NULL;
     ei->bindings = NULL;
     free(b);
-    pool_push(blit ? &di->blit_pool : &di->encoder_pool, &di->pool_mu, cfg.encoder_recycle, enc_next, self);
 }
 
 static void enc_endEncoding(id self, SEL cmd) { (void)cmd; end_encoding(self, 0); }
+
+/* Reference counting, as the runtime's retain/release: the last release
+ * deallocs, and dealloc gives the encoder back to the device's pool. */
+static id enc_retain(id self, SEL cmd) {
+    (void)cmd;
+    atomic_fetch_add(&IV(enc_ivars, self)->refs, 1);
+    return self;
+}
+static void enc_release(id self, SEL cmd) {
+    (void)cmd;
+    if (atomic_fetch_sub(&IV(enc_ivars, self)->refs, 1) == 1)
+        ((void (*)(id, SEL))agx_objc_lookup(self, s_dealloc))(self, s_dealloc);
+}
+static void enc_dealloc(id self, SEL cmd) {
+    (void)cmd;
+    enc_ivars *ei = IV(enc_ivars, self);
+    dev_ivars *di = IV(dev_ivars, ei->device);
+    pool_push(ei->is_blit ? &di->blit_pool : &di->encoder_pool, &di->pool_mu, cfg.encoder_recycle, enc_next, self);
+}
 
 /* -------------------------------------------------------- blit encoder */
 
@@ -423,6 +530,14 @@ static void blit_copy(id self, SEL cmd, id src, uint64_t src_off, id dst, uint64
     c->src = s->contents + src_off;
     c->dst = d->contents + dst_off;
     c->len = size;
+}
+
+static void blit_copyTexture(id self, SEL cmd, id src, uint64_t slice, uint64_t level, agx_mtl_size origin,
+                             agx_mtl_size size, id dst, uint64_t dslice, uint64_t dlevel, agx_mtl_size dorigin) {
+    /* The model has no textures: the copy is validated against the live encoder only. */
+    (void)cmd; (void)src; (void)slice; (void)level; (void)origin; (void)size;
+    (void)dst; (void)dslice; (void)dlevel; (void)dorigin;
+    live_bindings(self);
 }
 
 static void blit_endEncoding(id self, SEL cmd) { (void)cmd; end_encoding(self, 1); }
@@ -458,12 +573,18 @@ int agx_model_init(void) {
 
     c_queue = make_class(root, agx_model_queue_class);
     add(c_queue, "commandBuffer", queue_commandBuffer, "@@:");
+    add(c_queue, "commandBufferWithUnretainedReferences", queue_commandBufferUnretained, "@@:");
     add(c_queue, "device", queue_device, "@@:");
     objc_registerClassPair(c_queue);
 
     c_cmdbuf = make_class(root, agx_model_cmdbuf_class);
     add(c_cmdbuf, "computeCommandEncoder", cmdbuf_computeCommandEncoder, "@@:");
     add(c_cmdbuf, "blitCommandEncoder", cmdbuf_blitCommandEncoder, "@@:");
+    add(c_cmdbuf, "computeCommandEncoderWithDescriptor:", cmdbuf_computeCommandEncoderWithDescriptor, "@@:@");
+    add(c_cmdbuf, "computeCommandEncoderWithDispatchType:", cmdbuf_computeCommandEncoderWithDispatchType, "@@:Q");
+    add(c_cmdbuf, "encodeSignalEvent:value:", cmdbuf_encodeEvent, "v@:@Q");
+    add(c_cmdbuf, "encodeWaitForEvent:value:", cmdbuf_encodeEvent, "v@:@Q");
+    add(c_cmdbuf, "commandQueue", cmdbuf_commandQueue, "@@:");
     add(c_cmdbuf, "commit", cmdbuf_commit, "v@:");
     add(c_cmdbuf, "waitUntilCompleted", cmdbuf_waitUntilCompleted, "v@:");
     add(c_cmdbuf, "status", cmdbuf_status, "Q@:");
@@ -478,13 +599,39 @@ int agx_model_init(void) {
         "v@:{MTLSize=QQQ}{MTLSize=QQQ}");
     add(c_compute, "dispatchThreadgroups:threadsPerThreadgroup:", enc_dispatchThreadgroups,
         "v@:{MTLSize=QQQ}{MTLSize=QQQ}");
+    add(c_compute, "dispatchThreadgroupsWithIndirectBuffer:indirectBufferOffset:threadsPerThreadgroup:",
+        enc_dispatchIndirect, "v@:@Q{MTLSize=QQQ}");
+    add(c_compute, "setTexture:atIndex:", enc_bind_object, "v@:@Q");
+    add(c_compute, "setSamplerState:atIndex:", enc_bind_object, "v@:@Q");
+    add(c_compute, "setThreadgroupMemoryLength:atIndex:", enc_setThreadgroupMemoryLength, "v@:QQ");
+    add(c_compute, "useResource:usage:", enc_note2, "v@:@Q");
+    add(c_compute, "useResources:count:usage:", enc_note3, "v@:r^@QQ");
+    add(c_compute, "useHeap:", enc_note1, "v@:@");
+    add(c_compute, "useHeaps:count:", enc_note2, "v@:r^@Q");
+    add(c_compute, "memoryBarrierWithScope:", enc_note1, "v@:Q");
+    add(c_compute, "memoryBarrierWithResources:count:", enc_note2, "v@:r^@Q");
+    add(c_compute, "updateFence:", enc_note1, "v@:@");
+    add(c_compute, "waitForFence:", enc_note1, "v@:@");
     add(c_compute, "endEncoding", enc_endEncoding, "v@:");
+    add(c_compute, "deferredEndEncoding", enc_endEncoding, "v@:");
+    add(c_compute, "retain", enc_retain, "@@:");
+    add(c_compute, "release", enc_release, "Vv@:");
+    add(c_compute, "dealloc", enc_dealloc, "v@:");
     objc_registerClassPair(c_compute);
 
     c_blit = make_class(root, agx_model_blit_class);
     add(c_blit, "fillBuffer:range:value:", blit_fill, "v@:@{_NSRange=QQ}C");
     add(c_blit, "copyFromBuffer:sourceOffset:toBuffer:destinationOffset:size:", blit_copy, "v@:@Q@QQ");
+    add(c_blit, "copyFromTexture:sourceSlice:sourceLevel:sourceOrigin:sourceSize:toTexture:destinationSlice:"
+               "destinationLevel:destinationOrigin:",
+        blit_copyTexture, "v@:@QQ{MTLOrigin=QQQ}{MTLSize=QQQ}@QQ{MTLOrigin=QQQ}");
+    add(c_blit, "synchronizeResource:", enc_note1, "v@:@");
+    add(c_blit, "updateFence:", enc_note1, "v@:@");
+    add(c_blit, "waitForFence:", enc_note1, "v@:@");
     add(c_blit, "endEncoding", blit_endEncoding, "v@:");
+    add(c_blit, "retain", enc_retain, "@@:");
+    add(c_blit, "release", enc_release, "Vv@:");
+    add(c_blit, "dealloc", enc_dealloc, "v@:");
     objc_registerClassPair(c_blit);
 
     c_buffer = make_class(root, agx_model_buffer_class);
@@ -501,6 +648,8 @@ int agx_model_init(void) {
     s_setBytes = sel_registerName("setBytes:length:atIndex:");
     s_dispatchThreads = sel_registerName("dispatchThreads:threadsPerThreadgroup:");
     s_endEncoding = sel_registerName("endEncoding");
+    s_release = sel_registerName("release");
+    s_dealloc = sel_registerName("dealloc");
     /* The internal path's cache, taken once, as MPS caches method pointers. */
     cached_setPipeline = class_getMethodImplementation(c_compute, s_setPipeline);
     cached_setBuffer = class_getMethodImplementation(c_compute, s_setBuffer);

@@ -10,48 +10,14 @@
 #include "acquire.h"
 #include "driver_model.h"
 #include "guard.h"
+#include "hook_table.h"
 #include "swizzle.h"
 
-static const struct { const char *const *cls; const char *sel; } model_hooks[] = {
-    {&agx_model_queue_class, "commandBuffer"},
-    {&agx_model_cmdbuf_class, "computeCommandEncoder"},
-    {&agx_model_cmdbuf_class, "blitCommandEncoder"},
-    {&agx_model_cmdbuf_class, "commit"},
-    {&agx_model_cmdbuf_class, "release"},
-    {&agx_model_compute_class, "setComputePipelineState:"},
-    {&agx_model_compute_class, "setBuffer:offset:atIndex:"},
-    {&agx_model_compute_class, "setBytes:length:atIndex:"},
-    {&agx_model_compute_class, "dispatchThreads:threadsPerThreadgroup:"},
-    {&agx_model_compute_class, "dispatchThreadgroups:threadsPerThreadgroup:"},
-    {&agx_model_compute_class, "endEncoding"},
-    {&agx_model_blit_class, "fillBuffer:range:value:"},
-    {&agx_model_blit_class, "copyFromBuffer:sourceOffset:toBuffer:destinationOffset:size:"},
-    {&agx_model_blit_class, "endEncoding"},
-};
-#define N_MODEL_HOOKS (sizeof model_hooks / sizeof model_hooks[0])
+/* The model is hooked by the one AGX hook set (hook_table.c), found by
+ * discovery as Metal is. */
+int agx_model_hook(char *err, size_t errlen) { return agx_hooks_install(AGX_DRIVER_MODEL, err, errlen); }
 
-int agx_model_hook(char *err, size_t errlen) {
-    if (agx_model_init() < 0) { snprintf(err, errlen, "the driver model could not be created"); return -1; }
-    int n = 0;
-    for (size_t i = 0; i < N_MODEL_HOOKS; i++) {
-        int r = agx_swizzle_install(*model_hooks[i].cls, model_hooks[i].sel, err, errlen);
-        if (r < 0) return -1;
-        n += r;
-    }
-    return n;
-}
-
-int agx_model_unhook(void) {
-    char err[200];
-    int n = 0;
-    const char *const *classes[] = {&agx_model_queue_class, &agx_model_cmdbuf_class, &agx_model_compute_class,
-                                    &agx_model_blit_class};
-    for (size_t i = 0; i < 4; i++) {
-        int r = agx_swizzle_uninstall(*classes[i], NULL, err, sizeof err);
-        if (r > 0) n += r;
-    }
-    return n;
-}
+int agx_model_unhook(void) { return agx_hooks_uninstall(); }
 
 uint64_t agx_model_stream_key(int queue) { return 0x4147584d00000000ull | (uint32_t)queue; }
 
@@ -85,12 +51,12 @@ static id new_buffer(id dev, uint64_t bytes) {
 }
 
 /* The op pattern of one MPS op: command buffer, encoder, state, buffers,
- * dispatch, end, commit, wait. */
-static void one_op(id queue, uint64_t key, id pipe, id x, id y, float a, uint64_t n, int internal) {
+ * dispatch, end, commit, wait. The buffer and the encoder get the queue's
+ * stream from the factory hooks (lifecycle.c), not from here. `end` 0 skips
+ * endEncoding (a caller bug that commit safety covers). */
+static void one_op(id queue, id pipe, id x, id y, float a, uint64_t n, int internal, int end) {
     id cb = SEND0(id, queue, s_commandBuffer);
-    agx_swizzle_set_stream(cb, key);
     id enc = SEND0(id, cb, s_computeEncoder);
-    agx_swizzle_set_stream(enc, key);
     if (internal) {
         agx_model_encode_saxpy(enc, pipe, x, y, a, n);
     } else {
@@ -102,7 +68,7 @@ static void one_op(id queue, uint64_t key, id pipe, id x, id y, float a, uint64_
             enc, s_setBytes, &a, sizeof a, 2);
         ((void (*)(id, SEL, agx_mtl_size, agx_mtl_size))agx_objc_lookup(enc, s_dispatch))(enc, s_dispatch, grid, tg);
     }
-    SEND0(void, enc, s_end);
+    if (end) SEND0(void, enc, s_end);
     SEND0(void, cb, s_commit);
     SEND0(void, cb, s_wait);
     SEND0(void, cb, s_release);
@@ -133,7 +99,7 @@ static void *worker_main(void *arg) {
             region = agx_lock_for(AGX_SITE_REGION, 1, w->key, NULL);
             if (region) agx_acquire_native(region);
         }
-        one_op(w->queue, w->key, w->pipe, w->x, w->y, 1.0f, o->length, internal);
+        one_op(w->queue, w->pipe, w->x, w->y, 1.0f, o->length, internal, 1);
         if (region) agx_lock_release(region);
         w->internal_ops += internal;
     }
@@ -207,7 +173,7 @@ static id op_queues[MAX_OP_QUEUES];
 static id op_pipe;
 static pthread_mutex_t op_mu = PTHREAD_MUTEX_INITIALIZER;
 
-int agx_model_run_op(int queue, float a, uint64_t length, int internal, char *err, size_t errlen) {
+int agx_model_run_op(int queue, float a, uint64_t length, int internal, int end, char *err, size_t errlen) {
     if (queue < 0 || queue >= MAX_OP_QUEUES || length < 1 || length > (1u << 24)) {
         snprintf(err, errlen, "queue must be 0..%d and length 1..16M", MAX_OP_QUEUES - 1);
         return -1;
@@ -227,7 +193,7 @@ int agx_model_run_op(int queue, float a, uint64_t length, int internal, char *er
     id x = new_buffer(dev, length * sizeof(float)), y = new_buffer(dev, length * sizeof(float));
     float *xs = SEND0(void *, x, s_contents), *ys = SEND0(void *, y, s_contents);
     for (uint64_t i = 0; i < length; i++) xs[i] = (float)(i % 7), ys[i] = 1.0f;
-    one_op(q, agx_model_stream_key(1000 + queue), op_pipe, x, y, a, length, internal);
+    one_op(q, op_pipe, x, y, a, length, internal, end);
     int ok = 1;
     for (uint64_t i = 0; i < length; i++) ok &= ys[i] == a * (float)(i % 7) + 1.0f;
     /* Buffers are leaked on purpose: the model has no free path for them

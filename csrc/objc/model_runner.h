@@ -23,8 +23,8 @@ typedef struct agx_run_result {
     uint64_t mismatches; /* elements that differ from the reference */
 } agx_run_result;
 
-/* The model's hook set (encoders, command buffers, queue pool): how many
- * were installed, or -1 with err. */
+/* The AGX hook set on the model's classes (hook_table.h, driver "model"):
+ * how many were newly installed, or -1 with err. */
 int agx_model_hook(char *err, size_t errlen);
 int agx_model_unhook(void);
 
@@ -33,9 +33,10 @@ int agx_model_unhook(void);
 int agx_model_run(const agx_run_options *o, agx_run_result *r, char *err, size_t errlen);
 
 /* One op on queue `queue` (made on first use): y = a*x + y over `length`
- * floats, through the internal path when `internal`. 1 if the result is
- * right, 0 if not, -1 with err. Call without the GIL. */
-int agx_model_run_op(int queue, float a, uint64_t length, int internal, char *err, size_t errlen);
+ * floats, through the internal path when `internal`; `end` 0 commits with
+ * the encoder still open. 1 if the result is right, 0 if not, -1 with err.
+ * Call without the GIL. */
+int agx_model_run_op(int queue, float a, uint64_t length, int internal, int end, char *err, size_t errlen);
 
 /* The stream key the runner gives queue i. */
 uint64_t agx_model_stream_key(int queue);

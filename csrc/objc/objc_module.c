@@ -8,6 +8,8 @@
 #include <string.h>
 
 #include "driver_model.h"
+#include "hook_table.h"
+#include "lifecycle.h"
 #include "model_runner.h"
 #include "swizzle.h"
 
@@ -264,16 +266,16 @@ static PyObject *py_model_run(PyObject *self, PyObject *args, PyObject *kw) {
 }
 
 static PyObject *py_model_run_op(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *names[] = {"queue", "a", "length", "internal", NULL};
-    int queue = 0, internal = 0;
+    static char *names[] = {"queue", "a", "length", "internal", "end_encoding", NULL};
+    int queue = 0, internal = 0, end = 1;
     float a = 2.0f;
     unsigned long long length = 256;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ifKp:model_run_op", names, &queue, &a, &length, &internal))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|ifKpp:model_run_op", names, &queue, &a, &length, &internal, &end))
         return NULL;
     if (model_ready() < 0) return NULL;
     char err[256];
     int rc;
-    Py_BEGIN_ALLOW_THREADS rc = agx_model_run_op(queue, a, length, internal, err, sizeof err);
+    Py_BEGIN_ALLOW_THREADS rc = agx_model_run_op(queue, a, length, internal, end, err, sizeof err);
     Py_END_ALLOW_THREADS
     if (rc < 0) { PyErr_SetString(PyExc_ValueError, err); return NULL; }
     return PyBool_FromLong(rc);
@@ -290,6 +292,127 @@ static PyObject *py_model_stream_key(PyObject *self, PyObject *args) {
     int q;
     if (!PyArg_ParseTuple(args, "i:model_stream_key", &q)) return NULL;
     return PyLong_FromUnsignedLongLong(agx_model_stream_key(q));
+}
+
+/* ------------------------------------------------------------ hook set */
+
+static const char *const kind_names[] = {"call", "make_buffer", "make_encoder", "end_encoder", "commit", "dealloc"};
+
+static int driver_from_name(const char *name) {
+    for (int d = 1; d < 3; d++)
+        if (!strcmp(name, agx_driver_names[d])) return d;
+    PyErr_Format(PyExc_ValueError, "unknown driver %s (allowed: metal, model)", name);
+    return -1;
+}
+
+static PyObject *py_hooks_install(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s:hooks_install", &name)) return NULL;
+    int driver = driver_from_name(name);
+    if (driver < 0) return NULL;
+    char err[512];
+    int n;
+    /* discovery and hooking run driver code that may take agxguard locks */
+    Py_BEGIN_ALLOW_THREADS n = agx_hooks_install(driver, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (n < 0) { PyErr_SetString(PyExc_RuntimeError, err); return NULL; }
+    return PyLong_FromLong(n);
+}
+
+static PyObject *py_hooks_uninstall(PyObject *self, PyObject *unused) {
+    int n;
+    Py_BEGIN_ALLOW_THREADS n = agx_hooks_uninstall();
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(n);
+}
+
+static PyObject *py_hooks_driver(PyObject *self, PyObject *unused) {
+    int d = agx_hooks_driver();
+    if (!d) Py_RETURN_NONE;
+    return PyUnicode_FromString(agx_driver_names[d]);
+}
+
+static PyObject *py_hooks_report(PyObject *self, PyObject *unused) {
+    PyObject *list = PyList_New(0);
+    if (!list) return NULL;
+    for (size_t i = 0; i < agx_hooks_report_count(); i++) {
+        const agx_hook_report *e = agx_hooks_report(i);
+        PyObject *d = Py_BuildValue("{s:s,s:s,s:s,s:s,s:O,s:z}", "class", e->class_name, "selector", e->selector,
+                                    "role", agx_role_names[e->role], "kind", kind_names[e->kind], "installed",
+                                    e->installed ? Py_True : Py_False, "skipped",
+                                    e->installed ? NULL : e->skipped);
+        if (!d || PyList_Append(list, d) < 0) { Py_XDECREF(d); Py_DECREF(list); return NULL; }
+        Py_DECREF(d);
+    }
+    return list;
+}
+
+static PyObject *py_hooks_discovery(PyObject *self, PyObject *unused) {
+    const agx_discovery *d = agx_hooks_discovery();
+    if (!d) Py_RETURN_NONE;
+    PyObject *classes = PyDict_New(), *notes = PyDict_New();
+    if (!classes || !notes) goto fail;
+    for (int r = 0; r < AGX_ROLE_COUNT; r++) {
+        PyObject *l = PyList_New(0);
+        if (!l) goto fail;
+        for (int k = 0; k < d->n[r]; k++) {
+            PyObject *n = PyUnicode_FromString(class_getName(d->classes[r][k]));
+            if (!n || PyList_Append(l, n) < 0) { Py_XDECREF(n); Py_DECREF(l); goto fail; }
+            Py_DECREF(n);
+        }
+        int bad = PyDict_SetItemString(classes, agx_role_names[r], l);
+        Py_DECREF(l);
+        if (bad) goto fail;
+        if (d->notes[r][0]) {
+            PyObject *n = PyUnicode_FromString(d->notes[r]);
+            bad = !n || PyDict_SetItemString(notes, agx_role_names[r], n) < 0;
+            Py_XDECREF(n);
+            if (bad) goto fail;
+        }
+    }
+    return Py_BuildValue("{s:s,s:s,s:N,s:N}", "driver", agx_driver_names[d->driver], "device_class",
+                         d->device_class, "classes", classes, "notes", notes);
+fail:
+    Py_XDECREF(classes);
+    Py_XDECREF(notes);
+    return NULL;
+}
+
+static PyObject *py_hooks_lifecycle(PyObject *self, PyObject *unused) {
+    agx_lifecycle_counts c;
+    agx_lifecycle_read(&c);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "encoders_created", (unsigned long long)c.created,
+                         "encoders_ended", (unsigned long long)c.ended, "forced_ends",
+                         (unsigned long long)c.forced_ends, "encoders_open", (unsigned long long)c.open,
+                         "retained", (unsigned long long)c.retained, "freed_open",
+                         (unsigned long long)c.freed_open, "untracked", (unsigned long long)c.untracked,
+                         "abandoned", (unsigned long long)c.abandoned);
+}
+
+static PyObject *py_hooks_reset_lifecycle(PyObject *self, PyObject *unused) {
+    agx_lifecycle_reset_counts();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_hooks_table(PyObject *self, PyObject *unused) {
+    PyObject *list = PyList_New(0);
+    if (!list) return NULL;
+    for (size_t i = 0; i < agx_hook_row_count; i++) {
+        const agx_hook_row *row = &agx_hook_rows[i];
+        PyObject *roles = PyList_New(0);
+        if (!roles) { Py_DECREF(list); return NULL; }
+        for (int r = 0; r < AGX_ROLE_COUNT; r++) {
+            if (!(row->roles & (1u << r))) continue;
+            PyObject *n = PyUnicode_FromString(agx_role_names[r]);
+            if (!n || PyList_Append(roles, n) < 0) { Py_XDECREF(n); Py_DECREF(roles); Py_DECREF(list); return NULL; }
+            Py_DECREF(n);
+        }
+        PyObject *d = Py_BuildValue("{s:s,s:N,s:s,s:O}", "selector", row->selector, "roles", roles, "kind",
+                                    kind_names[row->kind], "own_only", (row->flags & AGX_ROW_OWN) ? Py_True : Py_False);
+        if (!d || PyList_Append(list, d) < 0) { Py_XDECREF(d); Py_DECREF(list); return NULL; }
+        Py_DECREF(d);
+    }
+    return list;
 }
 
 #define KW (PyCFunction)(void (*)(void))
@@ -322,7 +445,18 @@ static PyMethodDef objc_methods[] = {
     {"model_run", KW py_model_run, METH_VARARGS | METH_KEYWORDS,
      "model_run(threads, iterations, shared_queue=True, region=True, internal_every=4, length=256) -> dict."},
     {"model_run_op", KW py_model_run_op, METH_VARARGS | METH_KEYWORDS,
-     "model_run_op(queue=0, a=2.0, length=256, internal=False) -> bool (result correct)."},
+     "model_run_op(queue=0, a=2.0, length=256, internal=False, end_encoding=True) -> bool (result correct)."},
+    {"hooks_install", py_hooks_install, METH_VARARGS,
+     "hooks_install(driver) -> int: discover 'metal' or 'model' and install the AGX hook set; RuntimeError says why not."},
+    {"hooks_uninstall", py_hooks_uninstall, METH_NOARGS, "hooks_uninstall() -> int: hooks removed."},
+    {"hooks_driver", py_hooks_driver, METH_NOARGS, "hooks_driver() -> 'metal' | 'model' | None (installed now)."},
+    {"hooks_report", py_hooks_report, METH_NOARGS,
+     "hooks_report() -> [{class, selector, role, kind, installed, skipped}] of the last install."},
+    {"hooks_discovery", py_hooks_discovery, METH_NOARGS,
+     "hooks_discovery() -> {driver, device_class, classes, notes} of the last discovery, or None."},
+    {"hooks_lifecycle", py_hooks_lifecycle, METH_NOARGS, "hooks_lifecycle() -> encoder lifecycle counters."},
+    {"hooks_reset_lifecycle", py_hooks_reset_lifecycle, METH_NOARGS, "Zero the lifecycle counters (not `open`)."},
+    {"hooks_table", py_hooks_table, METH_NOARGS, "hooks_table() -> the AGX hook set's rows."},
     {"model_classes", py_model_classes, METH_NOARGS, "model_classes() -> the model's class names."},
     {"model_stream_key", py_model_stream_key, METH_VARARGS, "model_stream_key(queue) -> the runner's key."},
     {NULL, NULL, 0, NULL},
@@ -331,5 +465,6 @@ static PyMethodDef objc_methods[] = {
 int agx_objc_add_to_module(PyObject *m) {
     if (PyModule_AddFunctions(m, objc_methods) < 0) return -1;
     if (PyModule_AddStringConstant(m, "OBJC_RUNTIME", AGX_OBJC_RUNTIME_NAME) < 0) return -1;
+    if (PyModule_AddObjectRef(m, "METAL_SUPPORTED", agx_metal_supported() ? Py_True : Py_False) < 0) return -1;
     return 0;
 }

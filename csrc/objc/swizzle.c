@@ -24,20 +24,26 @@ typedef struct agx_hook_slot {
     const char *sel_name;
     const char *shape;
     int added;                /* the class only inherited the method */
+    _Atomic int kind;         /* 0: plain; else reported to the observer */
     _Atomic uintptr_t orig;   /* the original IMP (own methods) */
     _Atomic int active;
     _Atomic uint64_t calls;
 } agx_hook_slot;
 
-/* Lock (or not) and count one call; *orig gets the implementation to call.
- * Not-active slots forward untouched: a thread that looked the wrapper up just
- * before uninstall still runs the original. */
-static inline agx_lock *agx_hook_enter(agx_hook_slot *s, id self, IMP *orig) {
+static _Atomic uintptr_t agx_observer;
+
+/* Lock (or not) and count one call; *orig gets the implementation to call,
+ * *kind the hook's kind (0 when inactive or plain). Not-active slots forward
+ * untouched: a thread that looked the wrapper up just before uninstall still
+ * runs the original. */
+static inline agx_lock *agx_hook_enter(agx_hook_slot *s, id self, IMP *orig, int *kind) {
+    *kind = 0;
     if (s->added)
         *orig = class_getMethodImplementation(s->super, s->sel);
     else
         *orig = (IMP)atomic_load_explicit(&s->orig, memory_order_acquire);
     if (!atomic_load_explicit(&s->active, memory_order_acquire)) return NULL;
+    *kind = atomic_load_explicit(&s->kind, memory_order_relaxed);
     atomic_fetch_add_explicit(&s->calls, 1, memory_order_relaxed);
     uint64_t key = 0;
     int has = agx_swizzle_stream_of(self, &key);
@@ -49,6 +55,26 @@ static inline agx_lock *agx_hook_enter(agx_hook_slot *s, id self, IMP *orig) {
 static inline void agx_hook_exit(agx_lock *l) {
     if (l) agx_lock_release(l);
 }
+
+static inline void agx_hook_event(int kind, int phase, id self, uint64_t ret) {
+    agx_swizzle_observer fn = (agx_swizzle_observer)atomic_load_explicit(&agx_observer, memory_order_acquire);
+    if (fn) fn(kind, phase, self, ret);
+}
+
+void agx_swizzle_set_observer(agx_swizzle_observer fn) {
+    atomic_store_explicit(&agx_observer, (uintptr_t)fn, memory_order_release);
+}
+
+/* The bits of a return value the observer sees (object returns of factories). */
+#define AGX_RBITS_u64(r) ((uint64_t)(r))
+#define AGX_RBITS_f32(r) 0
+#define AGX_RBITS_f64(r) 0
+#define AGX_RBITS_q2(r) 0
+#define AGX_RBITS_q3(r) 0
+#define AGX_RBITS_q4(r) 0
+#define AGX_RBITS_q6(r) 0
+#define AGX_RBITS_d2(r) 0
+#define AGX_RBITS_d4(r) 0
 
 #define AGX_RK_v V
 #define AGX_RK_u64 VAL
@@ -64,16 +90,22 @@ static inline void agx_hook_exit(agx_lock *l) {
 #define AGX_WRAP_V(name, RTOK, N, ARGS, k)                                                    \
     static void agx_w_##name##_##k(id self, SEL cmd AGX_CAT(AGX_P, N) ARGS) {                 \
         IMP o;                                                                                \
-        agx_lock *l = agx_hook_enter(&agx_slots_##name[k], self, &o);                         \
+        int kind;                                                                             \
+        agx_lock *l = agx_hook_enter(&agx_slots_##name[k], self, &o, &kind);                  \
+        if (kind) agx_hook_event(kind, AGX_SWZ_BEFORE, self, 0);                              \
         ((void (*)(id, SEL AGX_CAT(AGX_T, N) ARGS))o)(self, cmd AGX_CAT(AGX_A, N) ARGS);      \
+        if (kind) agx_hook_event(kind, AGX_SWZ_AFTER, self, 0);                               \
         agx_hook_exit(l);                                                                     \
     }
 #define AGX_WRAP_VAL(name, RTOK, N, ARGS, k)                                                  \
     static agx_t_##RTOK agx_w_##name##_##k(id self, SEL cmd AGX_CAT(AGX_P, N) ARGS) {         \
         IMP o;                                                                                \
-        agx_lock *l = agx_hook_enter(&agx_slots_##name[k], self, &o);                         \
+        int kind;                                                                             \
+        agx_lock *l = agx_hook_enter(&agx_slots_##name[k], self, &o, &kind);                  \
+        if (kind) agx_hook_event(kind, AGX_SWZ_BEFORE, self, 0);                              \
         agx_t_##RTOK r = ((agx_t_##RTOK(*)(id, SEL AGX_CAT(AGX_T, N) ARGS))o)(                \
             self, cmd AGX_CAT(AGX_A, N) ARGS);                                                \
+        if (kind) agx_hook_event(kind, AGX_SWZ_AFTER, self, AGX_RBITS_##RTOK(r));             \
         agx_hook_exit(l);                                                                     \
         return r;                                                                             \
     }
@@ -376,6 +408,10 @@ static int agx_class_defines(Class cls, SEL sel) {
 }
 
 int agx_swizzle_install(const char *class_name, const char *selector, char *err, size_t errlen) {
+    return agx_swizzle_install_kind(class_name, selector, 0, err, errlen);
+}
+
+int agx_swizzle_install_kind(const char *class_name, const char *selector, int kind, char *err, size_t errlen) {
     Class cls = objc_getClass(class_name);
     if (!cls) { snprintf(err, errlen, "no Objective-C class named %s", class_name); return AGX_SWZ_ERROR; }
     SEL sel = sel_registerName(selector);
@@ -388,6 +424,7 @@ int agx_swizzle_install(const char *class_name, const char *selector, char *err,
     pthread_mutex_lock(&agx_swz_mu);
     agx_hook_slot *s = agx_find_slot(cls, sel);
     if (s) {
+        atomic_store_explicit(&s->kind, kind, memory_order_relaxed);
         if (atomic_load(&s->active)) {
             rc = AGX_SWZ_ALREADY;
         } else {
@@ -431,6 +468,7 @@ int agx_swizzle_install(const char *class_name, const char *selector, char *err,
     s->added = !agx_class_defines(cls, sel);
     atomic_store_explicit(&s->orig, (uintptr_t)method_getImplementation(m), memory_order_release);
     atomic_store_explicit(&s->calls, 0, memory_order_relaxed);
+    atomic_store_explicit(&s->kind, kind, memory_order_relaxed);
     atomic_store_explicit(&s->active, 1, memory_order_release);
     s->used = 1;
     /* The slot is complete before any thread can reach the wrapper. */

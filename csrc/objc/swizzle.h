@@ -26,6 +26,16 @@ enum { AGX_SWZ_INSTALLED = 1, AGX_SWZ_ALREADY = 0, AGX_SWZ_ERROR = -1 };
  * threads call the method. */
 int agx_swizzle_install(const char *class_name, const char *selector, char *err, size_t errlen);
 
+/* As agx_swizzle_install, and tag the hook with `kind` (0: a plain locked
+ * call). For a nonzero kind the wrapper reports the call to the observer
+ * inside the lock: AGX_SWZ_BEFORE ahead of the original, AGX_SWZ_AFTER after
+ * it with the return value's bits (integer/pointer returns; else 0). A
+ * re-install sets the kind again. */
+int agx_swizzle_install_kind(const char *class_name, const char *selector, int kind, char *err, size_t errlen);
+enum { AGX_SWZ_BEFORE = 0, AGX_SWZ_AFTER = 1 };
+typedef void (*agx_swizzle_observer)(int kind, int phase, id self, uint64_t ret);
+void agx_swizzle_set_observer(agx_swizzle_observer fn);
+
 /* Unhook one selector, or every hooked selector of the class when selector is
  * NULL. Returns how many hooks were removed, or -1 with err set when the class
  * does not exist. */

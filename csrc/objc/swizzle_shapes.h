@@ -67,6 +67,7 @@ typedef struct { double v[4]; } agx_t_d4;
     X(u64_uuu, u64, 3, (u64,u64,u64))                   \
     X(v_uq2u, v, 3, (u64,q2,u64))                       \
     X(v_q3q3u, v, 3, (q3,q3,u64))                       \
+    X(v_uuq3, v, 3, (u64,u64,q3))                       \
     X(v_uuuu, v, 4, (u64,u64,u64,u64))                  \
     X(u64_uuuu, u64, 4, (u64,u64,u64,u64))              \
     X(v_q6uuu, v, 4, (q6,u64,u64,u64))                  \
@@ -74,6 +75,7 @@ typedef struct { double v[4]; } agx_t_d4;
     X(v_uuuuuu, v, 6, (u64,u64,u64,u64,u64,u64))        \
     X(u64_uuuuuuuu, u64, 8, (u64,u64,u64,u64,u64,u64,u64,u64)) \
     X(v_uuuuuuuu, v, 8, (u64,u64,u64,u64,u64,u64,u64,u64)) \
+    X(v_uuuq3q3uuuq3, v, 9, (u64,u64,u64,q3,q3,u64,u64,u64,q3)) \
     X(f64_dddddddddd, f64, 10, (f64,f64,f64,f64,f64,f64,f64,f64,f64,f64)) \
     X(f64_udfuq3dfu, f64, 8, (u64,f64,f32,u64,q3,f64,f32,u64))
 

@@ -1,7 +1,8 @@
 # ---- tsan-model (issue 3: driver model under ThreadSanitizer) -------------
 # Include from the top Makefile, or run: make -f csrc/tests/tsan_model.mk tsan-model
 TSAN_MODEL_SRC = csrc/tests/tsan_model.c csrc/lock.c csrc/guard.c csrc/objc/swizzle.c \
-                 csrc/objc/driver_model.c csrc/objc/model_runner.c
+                 csrc/objc/driver_model.c csrc/objc/model_runner.c csrc/objc/discovery.c \
+                 csrc/objc/hook_table.c csrc/objc/lifecycle.c
 TSAN_CC ?= gcc
 
 csrc/tests/tsan_model.bin: $(TSAN_MODEL_SRC) csrc/objc/*.h csrc/*.h

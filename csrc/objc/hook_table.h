@@ -1,0 +1,64 @@
+/* hook_table.h: the AGX hook set as data, and installing it on the classes
+ * that discovery found.
+ *
+ * One row per (class role, selector): the encoder, command-buffer and blit
+ * selectors the seed fix guarded, plus the lifecycle points (encoder
+ * factories, endEncoding, commit, dealloc). Installing applies every row to
+ * every class discovery found for its role; a class that does not implement a
+ * selector is skipped with the reason, never fatal. The same table serves
+ * Metal and the driver model. */
+#ifndef AGX_HOOK_TABLE_H
+#define AGX_HOOK_TABLE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "discovery.h"
+
+/* What a hooked call does besides taking the mode's lock (agx_swizzle
+ * install kinds; lifecycle.c acts on them). */
+enum {
+    AGX_KIND_CALL = 0,        /* locked call, nothing else */
+    AGX_KIND_MAKE_BUFFER,     /* queue -> command buffer: the buffer gets the queue's stream */
+    AGX_KIND_MAKE_ENCODER,    /* command buffer -> encoder: stream, retain, count created */
+    AGX_KIND_END_ENCODER,     /* endEncoding / deferredEndEncoding: count ended, release */
+    AGX_KIND_COMMIT,          /* ends encoders still open on the buffer first */
+    AGX_KIND_DEALLOC,         /* encoder destruction: forget it */
+};
+
+/* Row flags. */
+#define AGX_ROW_OWN 1 /* only where a driver class implements it, never the root class's (release, dealloc) */
+
+typedef struct agx_hook_row {
+    unsigned roles; /* 1 << agx_role, may name several */
+    const char *selector;
+    int kind;
+    int flags;
+} agx_hook_row;
+
+extern const agx_hook_row agx_hook_rows[];
+extern const size_t agx_hook_row_count;
+
+/* One applied row: the report behind agxguard.hooks(). */
+typedef struct agx_hook_report {
+    const char *class_name;
+    const char *selector;
+    int role;
+    int kind;
+    int installed;          /* hooked now */
+    char skipped[160];      /* why not, when not */
+} agx_hook_report;
+
+/* Discover the driver's classes (first call per driver) and install the
+ * table on them. Returns how many hooks were newly installed, or -1 with err
+ * saying why nothing was installed (no device, no runtime, ...). Another
+ * driver's hooks are removed first. */
+int agx_hooks_install(int driver, char *err, size_t errlen);
+/* Remove every hook of the table; returns how many were removed. */
+int agx_hooks_uninstall(void);
+int agx_hooks_driver(void);          /* the installed driver, AGX_DRIVER_NONE if none */
+size_t agx_hooks_report_count(void);
+const agx_hook_report *agx_hooks_report(size_t i);
+const agx_discovery *agx_hooks_discovery(void); /* the last driver discovered; NULL before any */
+
+#endif

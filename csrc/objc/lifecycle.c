@@ -1,0 +1,183 @@
+/* lifecycle.c: see lifecycle.h. The open table is small (one entry per
+ * encoder open right now) and guarded by its own mutex, never held across a
+ * message send, so it adds no lock order to the mode's locks. */
+#include "lifecycle.h"
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+
+#include "guard.h"
+#include "hook_table.h"
+#include "swizzle.h"
+
+#define AGX_MAX_OPEN 1024
+
+typedef struct open_encoder {
+    id encoder;
+    id buffer;
+    int retained;
+} open_encoder;
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static open_encoder open_set[AGX_MAX_OPEN];
+static int n_open;
+static _Atomic uint64_t c_created, c_ended, c_forced, c_retained, c_freed_open, c_untracked, c_abandoned;
+static SEL s_retain, s_release, s_end, s_queue;
+
+static void sels(void) {
+    if (s_queue) return;
+    s_retain = sel_registerName("retain");
+    s_release = sel_registerName("release");
+    s_end = sel_registerName("endEncoding");
+    s_queue = sel_registerName("commandQueue");
+}
+
+static int implements(id obj, SEL sel) { return class_getInstanceMethod(object_getClass(obj), sel) != NULL; }
+
+/* Removes `enc` from the open set; 1 and *retained if it was there. */
+static int take_open(id enc, int *retained) {
+    int found = 0;
+    pthread_mutex_lock(&mu);
+    for (int i = 0; i < n_open; i++)
+        if (open_set[i].encoder == enc) {
+            *retained = open_set[i].retained;
+            open_set[i] = open_set[--n_open];
+            found = 1;
+            break;
+        }
+    pthread_mutex_unlock(&mu);
+    return found;
+}
+
+/* The stream of a queue: its registered key, else its address (registered
+ * now, so that the queue's own hooked calls use the same lock). */
+static uint64_t queue_key(id queue) {
+    uint64_t key;
+    if (agx_swizzle_stream_of(queue, &key)) return key;
+    key = (uint64_t)(uintptr_t)queue;
+    agx_swizzle_set_stream(queue, key);
+    return key;
+}
+
+/* A command buffer made before the hooks: ask it for its queue. */
+static int resolve_stream(const void *object, uint64_t *key) {
+    id obj = (id)object;
+    sels();
+    if (!obj || !implements(obj, s_queue)) return 0;
+    id q = ((id(*)(id, SEL))agx_objc_lookup(obj, s_queue))(obj, s_queue);
+    if (!q) return 0;
+    *key = queue_key(q);
+    return 1;
+}
+
+static void encoder_stream(id buffer, id enc) {
+    uint64_t key;
+    if (agx_swizzle_stream_of(buffer, &key)) agx_swizzle_set_stream(enc, key);
+}
+
+static void encoder_made(id buffer, id enc) {
+    pthread_mutex_lock(&mu);
+    for (int i = 0; i < n_open; i++)
+        if (open_set[i].encoder == enc) { /* a wrapping factory (MPSCommandBuffer) saw it first */
+            pthread_mutex_unlock(&mu);
+            return;
+        }
+    if (n_open == AGX_MAX_OPEN) {
+        pthread_mutex_unlock(&mu);
+        atomic_fetch_add(&c_untracked, 1);
+        return;
+    }
+    int retain = implements(enc, s_retain) && implements(enc, s_release);
+    open_set[n_open++] = (open_encoder){enc, buffer, retain};
+    pthread_mutex_unlock(&mu);
+    if (retain) {
+        ((id(*)(id, SEL))agx_objc_lookup(enc, s_retain))(enc, s_retain);
+        atomic_fetch_add(&c_retained, 1);
+    }
+    atomic_fetch_add(&c_created, 1);
+}
+
+static void encoder_ended(id enc) {
+    int retained = 0;
+    if (!take_open(enc, &retained)) return;
+    atomic_fetch_add(&c_ended, 1);
+    if (retained) ((void (*)(id, SEL))agx_objc_lookup(enc, s_release))(enc, s_release);
+}
+
+/* Commit safety: end what is still open on `buffer` before it commits. */
+static void before_commit(id buffer) {
+    id ends[AGX_MAX_OPEN];
+    int n = 0;
+    pthread_mutex_lock(&mu);
+    for (int i = 0; i < n_open; i++)
+        if (open_set[i].buffer == buffer) ends[n++] = open_set[i].encoder;
+    pthread_mutex_unlock(&mu);
+    for (int i = 0; i < n; i++) {
+        atomic_fetch_add(&c_forced, 1);
+        /* A message, so it runs through the endEncoding hook (re-entrant lock). */
+        ((void (*)(id, SEL))agx_objc_lookup(ends[i], s_end))(ends[i], s_end);
+    }
+}
+
+static void observe(int kind, int phase, id self, uint64_t ret) {
+    int off = agx_mode_get() == AGX_MODE_OFF;
+    switch (kind) {
+    case AGX_KIND_MAKE_BUFFER:
+        /* stream keys in every mode: they protect nothing by themselves */
+        if (phase == AGX_SWZ_AFTER && ret) agx_swizzle_set_stream((const void *)(uintptr_t)ret, queue_key(self));
+        break;
+    case AGX_KIND_MAKE_ENCODER:
+        if (phase != AGX_SWZ_AFTER || !ret) break;
+        encoder_stream(self, (id)(uintptr_t)ret);
+        if (!off) encoder_made(self, (id)(uintptr_t)ret);
+        break;
+    case AGX_KIND_END_ENCODER:
+        if (phase == AGX_SWZ_AFTER) encoder_ended(self);
+        break;
+    case AGX_KIND_COMMIT:
+        if (phase == AGX_SWZ_BEFORE && !off) before_commit(self);
+        break;
+    case AGX_KIND_DEALLOC: {
+        int retained;
+        if (phase == AGX_SWZ_BEFORE && take_open(self, &retained)) atomic_fetch_add(&c_freed_open, 1);
+        break;
+    }
+    }
+}
+
+void agx_lifecycle_attach(void) {
+    sels();
+    agx_swizzle_set_observer(observe);
+    agx_swizzle_set_stream_resolver(resolve_stream);
+}
+
+void agx_lifecycle_read(agx_lifecycle_counts *o) {
+    o->created = atomic_load(&c_created);
+    o->ended = atomic_load(&c_ended);
+    o->forced_ends = atomic_load(&c_forced);
+    o->retained = atomic_load(&c_retained);
+    o->freed_open = atomic_load(&c_freed_open);
+    o->untracked = atomic_load(&c_untracked);
+    o->abandoned = atomic_load(&c_abandoned);
+    pthread_mutex_lock(&mu);
+    o->open = (uint64_t)n_open;
+    pthread_mutex_unlock(&mu);
+}
+
+void agx_lifecycle_reset_counts(void) {
+    atomic_store(&c_created, 0);
+    atomic_store(&c_ended, 0);
+    atomic_store(&c_forced, 0);
+    atomic_store(&c_retained, 0);
+    atomic_store(&c_freed_open, 0);
+    atomic_store(&c_untracked, 0);
+    atomic_store(&c_abandoned, 0);
+}
+
+void agx_lifecycle_forget_open(void) {
+    pthread_mutex_lock(&mu);
+    atomic_fetch_add(&c_abandoned, (uint64_t)n_open);
+    n_open = 0;
+    pthread_mutex_unlock(&mu);
+}
