@@ -27,6 +27,9 @@ _NO_RUNTIME = ("this build has no Objective-C runtime, so no driver hooks (macOS
 _NO_METAL = ("no supported driver: Metal exists only on macOS with an Apple GPU "
              "(set AGXGUARD_DRIVER=model to hook the driver model)")
 
+_DISABLED = "disabled by AGXGUARD_DISABLE=1"
+_NONE = "AGXGUARD_DRIVER=none"
+
 # Why nothing is installed (None while installed); set by every install/uninstall.
 _reason: Optional[str] = "not installed yet"
 
@@ -107,7 +110,8 @@ def status() -> Dict[str, Any]:
                            "metal_supported": bool(getattr(_C, "METAL_SUPPORTED", False)),
                            "discovery": None, "hooks_installed": 0, "hooks_skipped": 0}
     if not _have_objc():
-        out["reason"] = _reason if _reason and _reason != "not installed yet" else _NO_RUNTIME
+        # the missing runtime is the reason, unless the user turned hooks off anyway
+        out["reason"] = _reason if _reason in (_DISABLED, _NONE) else _NO_RUNTIME
         return out
     rows = hooks()
     driver = _C.hooks_driver()
@@ -130,11 +134,11 @@ def _install_at_import(config: Any) -> None:
     and could not be hooked (then one warning)."""
     global _reason
     if config.disable:
-        _reason = "disabled by AGXGUARD_DISABLE=1"
+        _reason = _DISABLED
         return
     driver = config.driver or "auto"
     if driver == "none":
-        _reason = "AGXGUARD_DRIVER=none"
+        _reason = _NONE
         return
     if not _have_objc():
         _reason = _NO_RUNTIME

@@ -96,6 +96,7 @@ static const char *skip_reason(Class cls, const agx_hook_row *row, char *buf, si
 static int uninstall_locked(void) {
     int removed = 0;
     char err[256];
+    agx_lifecycle_set_tracking(0); /* first: nothing new is tracked while rows go */
     for (size_t i = 0; i < n_report; i++) {
         if (!report[i].installed) continue;
         int r = agx_swizzle_uninstall(report[i].class_name, report[i].selector, err, sizeof err);
@@ -103,7 +104,6 @@ static int uninstall_locked(void) {
         report[i].installed = 0;
         snprintf(report[i].skipped, sizeof report[i].skipped, "uninstalled");
     }
-    if (installed_driver) agx_lifecycle_forget_open();
     installed_driver = AGX_DRIVER_NONE;
     return removed;
 }
@@ -159,6 +159,7 @@ int agx_hooks_install(int driver, char *err, size_t errlen) {
         }
     }
     installed_driver = driver;
+    agx_lifecycle_set_tracking(1); /* last: every end and commit row is active now */
     rc = added;
 out:
     pthread_mutex_unlock(&mu);

@@ -22,6 +22,7 @@ typedef struct open_encoder {
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static open_encoder open_set[AGX_MAX_OPEN];
 static int n_open;
+static int tracking; /* under mu: the whole hook set is installed */
 static _Atomic uint64_t c_created, c_ended, c_forced, c_retained, c_freed_open, c_untracked, c_abandoned;
 static SEL s_retain, s_release, s_end, s_queue;
 
@@ -78,6 +79,10 @@ static void encoder_stream(id buffer, id enc) {
 
 static void encoder_made(id buffer, id enc) {
     pthread_mutex_lock(&mu);
+    if (!tracking) { /* installing or uninstalling: its end might not be hooked */
+        pthread_mutex_unlock(&mu);
+        return;
+    }
     for (int i = 0; i < n_open; i++)
         if (open_set[i].encoder == enc) { /* a wrapping factory (MPSCommandBuffer) saw it first */
             pthread_mutex_unlock(&mu);
@@ -175,9 +180,12 @@ void agx_lifecycle_reset_counts(void) {
     atomic_store(&c_abandoned, 0);
 }
 
-void agx_lifecycle_forget_open(void) {
+void agx_lifecycle_set_tracking(int on) {
     pthread_mutex_lock(&mu);
-    atomic_fetch_add(&c_abandoned, (uint64_t)n_open);
-    n_open = 0;
+    tracking = on;
+    if (!on) {
+        atomic_fetch_add(&c_abandoned, (uint64_t)n_open);
+        n_open = 0;
+    }
     pthread_mutex_unlock(&mu);
 }

@@ -35,8 +35,11 @@ typedef struct agx_lifecycle_counts {
 void agx_lifecycle_attach(void);
 void agx_lifecycle_read(agx_lifecycle_counts *out);
 void agx_lifecycle_reset_counts(void); /* all but `open` */
-/* At uninstall: forget open encoders without releasing them (their owners
- * may still call them: a bounded leak, never a use after free). */
-void agx_lifecycle_forget_open(void);
+/* Track new encoders only while the whole hook set is on: an encoder whose
+ * factory was hooked but whose end may not be (install or uninstall under
+ * way) is never tracked, so commit safety never ends one twice. Turning it
+ * off forgets open encoders without releasing them (their owners may still
+ * call them: a bounded leak, never a use after free). */
+void agx_lifecycle_set_tracking(int on);
 
 #endif
