@@ -13,8 +13,13 @@ test: build
 csrc/tests/stress_locks.bin: csrc/tests/stress_locks.c csrc/lock.c csrc/guard.c csrc/lock.h csrc/guard.h
 	$(CC) -std=gnu11 -O1 -g -fsanitize=thread -Icsrc csrc/tests/stress_locks.c csrc/lock.c csrc/guard.c -o $@ -pthread
 
-tsan: csrc/tests/stress_locks.bin
+# The same with the mutex/condvar sleep that macOS uses (Linux uses a futex).
+csrc/tests/stress_locks_portable.bin: csrc/tests/stress_locks.c csrc/lock.c csrc/guard.c csrc/lock.h csrc/guard.h
+	$(CC) -std=gnu11 -O1 -g -fsanitize=thread -DAGX_LOCK_PORTABLE -Icsrc csrc/tests/stress_locks.c csrc/lock.c csrc/guard.c -o $@ -pthread
+
+tsan: csrc/tests/stress_locks.bin csrc/tests/stress_locks_portable.bin
 	TSAN_OPTIONS="halt_on_error=1 exitcode=66" ./csrc/tests/stress_locks.bin 8 2000
+	TSAN_OPTIONS="halt_on_error=1 exitcode=66" ./csrc/tests/stress_locks_portable.bin 8 2000
 
 bench: build
 	$(PYTHON) benchmarks/overhead.py

@@ -70,7 +70,13 @@ def _current_stream_key() -> int:
     (MPS and CPU have one stream per device)."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
-        return torch.cuda.current_stream().cuda_stream
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        device = getattr(torch._C, "_cuda_getDevice", None)
+        if raw is None or device is None:  # an older torch: the slower public way
+            return torch.cuda.current_stream().cuda_stream
+        # from now on two C calls, no Stream object (this runs on every stream-mode region)
+        _C.set_stream_resolver(lambda: raw(device()))
+        return raw(device())
     return 0
 
 

@@ -3,6 +3,12 @@
 
 #include <errno.h>
 #include <time.h>
+#if defined(__linux__) && !defined(AGX_LOCK_PORTABLE)
+#define AGX_USE_FUTEX 1
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #if defined(__x86_64__) || defined(__i386__)
 #include <x86intrin.h>
 #endif
@@ -90,6 +96,7 @@ static int timed_sleep(pthread_cond_t *cv, pthread_mutex_t *mu, int64_t deadline
 
 void agx_lock_init(agx_lock *l, const char *name) {
     l->name = name;
+    atomic_store(&l->seq, 0);
     atomic_store(&l->owner, 0);
     l->depth = 0;
     atomic_store(&l->waiters, 0);
@@ -97,8 +104,57 @@ void agx_lock_init(agx_lock *l, const char *name) {
     agx_lock_reset_counters(l);
 }
 
+/* Spins before sleeping: a handoff within a few microseconds (a short
+ * guarded call) then costs no system call. */
+#define SPIN_TRIES 100
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+static int spin_try(agx_lock *l) {
+    for (int i = 0; i < SPIN_TRIES; i++) {
+        if (atomic_load_explicit(&l->owner, memory_order_relaxed) == 0 && agx_lock_try(l)) return 1;
+        cpu_relax();
+    }
+    return 0;
+}
+
+#ifdef AGX_USE_FUTEX
 int agx_lock_wait_until(agx_lock *l, int64_t deadline_ns) {
-    if (agx_lock_try(l)) return 1;
+    if (agx_lock_try(l) || spin_try(l)) return 1;
+    int got = 0;
+    atomic_fetch_add(&l->waiters, 1);
+    for (;;) {
+        /* Read seq before trying: a release after the try bumps seq, so the
+         * futex wait below returns at once instead of missing the wakeup. */
+        uint32_t seen = atomic_load(&l->seq);
+        if (agx_lock_try(l)) { got = 1; break; }
+        struct timespec rel, *relp = NULL;
+        if (deadline_ns >= 0) {
+            int64_t left = deadline_ns - agx_now_ns();
+            if (left <= 0) break;
+            rel.tv_sec = left / 1000000000LL;
+            rel.tv_nsec = left % 1000000000LL;
+            relp = &rel;
+        }
+        syscall(SYS_futex, &l->seq, FUTEX_WAIT_PRIVATE, seen, relp, NULL, 0);
+    }
+    atomic_fetch_sub(&l->waiters, 1);
+    return got;
+}
+
+static void wake_one(agx_lock *l) {
+    atomic_fetch_add(&l->seq, 1);
+    syscall(SYS_futex, &l->seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+#else
+int agx_lock_wait_until(agx_lock *l, int64_t deadline_ns) {
+    if (agx_lock_try(l) || spin_try(l)) return 1;
     int got = 0;
     atomic_fetch_add(&l->waiters, 1);
     pthread_mutex_lock(&l->mu);
@@ -117,6 +173,13 @@ int agx_lock_wait_until(agx_lock *l, int64_t deadline_ns) {
     return got;
 }
 
+static void wake_one(agx_lock *l) {
+    pthread_mutex_lock(&l->mu);
+    pthread_cond_signal(&l->cv);
+    pthread_mutex_unlock(&l->mu);
+}
+#endif
+
 void agx_lock_note_wait(agx_lock *l, int64_t waited_ns) {
     if (waited_ns < 0) waited_ns = 0;
     BUMP(l->n_cont, 1);
@@ -132,11 +195,7 @@ int agx_lock_release(agx_lock *l) {
     if (--l->depth > 0) return 0;
     BUMP(l->hold_ticks, agx_ticks() - l->acquired_tick);
     atomic_store_explicit(&l->owner, 0, memory_order_seq_cst);
-    if (atomic_load_explicit(&l->waiters, memory_order_seq_cst) > 0) {
-        pthread_mutex_lock(&l->mu);
-        pthread_cond_signal(&l->cv);
-        pthread_mutex_unlock(&l->mu);
-    }
+    if (atomic_load_explicit(&l->waiters, memory_order_seq_cst) > 0) wake_one(l);
     return 0;
 }
 

@@ -2,8 +2,10 @@
  * atomics), no Python, so the ThreadSanitizer stress test builds it alone.
  *
  * agx_lock is re-entrant for its owner. The uncontended path is one
- * compare-and-swap on `owner`; sleeping waiters use a mutex and a condition
- * variable that the releaser touches only when someone waits.
+ * compare-and-swap on `owner`. A waiter spins briefly, then sleeps: on Linux on
+ * a futex (one system call each side of a handoff), elsewhere (macOS, or when
+ * built with AGX_LOCK_PORTABLE) on a mutex and condition variable. The releaser
+ * makes a system call only when someone waits.
  * agx_sem is a counting semaphore with an adjustable limit (the throttle).
  *
  * Counters are written only by the thread that holds the lock (relaxed atomic
@@ -39,8 +41,9 @@ typedef struct agx_lock {
     const char *name;        /* the domain, for messages */
     _Atomic uintptr_t owner; /* 0 when free */
     unsigned depth;          /* re-entry depth; only the owner touches it */
-    _Atomic int waiters;     /* threads sleeping or about to sleep on cv */
-    pthread_mutex_t mu;
+    _Atomic int waiters;     /* threads sleeping or about to sleep */
+    _Atomic uint32_t seq;    /* Linux: the futex word, bumped by each waking release */
+    pthread_mutex_t mu;      /* elsewhere (and with AGX_LOCK_PORTABLE): mutex + condvar */
     pthread_cond_t cv;
     uint64_t acquired_tick;  /* owner only */
     /* counters: owner-written except timeouts (atomic add) */

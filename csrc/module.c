@@ -111,31 +111,47 @@ static PyObject *Guard_exit(GuardObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_FALSE;
 }
 
-/* call(func, args, kwargs): func(*args, **kwargs) inside the guard, in one C call
- * (the hot path of the torch function mode). */
+/* func(*fargs, **fkw) inside guard g; the region is left whatever happens. */
+static PyObject *call_in_region(GuardObject *g, PyObject *func, PyObject *fargs, PyObject *fkw) {
+    if (fargs != NULL && !PyTuple_Check(fargs)) {
+        PyErr_SetString(PyExc_TypeError, "call(): args must be a tuple");
+        return NULL;
+    }
+    if (fkw != NULL && fkw != Py_None && !PyDict_Check(fkw)) {
+        PyErr_SetString(PyExc_TypeError, "call(): kwargs must be a dict or None");
+        return NULL;
+    }
+    if (fkw == Py_None || (fkw != NULL && PyDict_GET_SIZE(fkw) == 0)) fkw = NULL;
+    if (region_enter(g) < 0) return NULL;
+    PyObject *r = fargs ? PyObject_Call(func, fargs, fkw) : PyObject_CallNoArgs(func);
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    int rc = region_exit();
+    if (et) PyErr_Restore(et, ev, tb);
+    if (rc < 0 && r) Py_CLEAR(r);
+    return r;
+}
+
+/* call(func, args=(), kwargs=None): func(*args, **kwargs) inside the guard. */
 static PyObject *Guard_call_guarded(GuardObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 1 || nargs > 3) {
         PyErr_SetString(PyExc_TypeError, "call(func, args=(), kwargs=None)");
         return NULL;
     }
-    PyObject *fargs = nargs > 1 ? args[1] : NULL;
-    PyObject *fkw = nargs > 2 && args[2] != Py_None ? args[2] : NULL;
-    if (fargs != NULL && !PyTuple_Check(fargs)) {
-        PyErr_SetString(PyExc_TypeError, "call(): args must be a tuple");
+    return call_in_region(self, args[0], nargs > 1 ? args[1] : NULL, nargs > 2 ? args[2] : NULL);
+}
+
+static GuardObject *op_site; /* the call-site guard of torch ops */
+
+/* torch_function(mode, func, types, args=(), kwargs=None): the body of
+ * agxguard.ops()'s __torch_function__, bound to the mode instance with
+ * types.MethodType (torch wants a method whose __self__ is the mode). */
+static PyObject *mod_torch_function(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 3 || nargs > 5) {
+        PyErr_SetString(PyExc_TypeError, "torch_function(mode, func, types, args=(), kwargs=None)");
         return NULL;
     }
-    if (fkw != NULL && !PyDict_Check(fkw)) {
-        PyErr_SetString(PyExc_TypeError, "call(): kwargs must be a dict or None");
-        return NULL;
-    }
-    if (region_enter(self) < 0) return NULL;
-    PyObject *r = fargs ? PyObject_Call(args[0], fargs, fkw) : PyObject_CallNoArgs(args[0]);
-    PyObject *et, *ev, *tb;
-    PyErr_Fetch(&et, &ev, &tb); /* the lock is released whatever happened */
-    int rc = region_exit();
-    if (et) PyErr_Restore(et, ev, tb);
-    if (rc < 0 && r) Py_CLEAR(r);
-    return r;
+    return call_in_region(op_site, args[1], nargs > 3 ? args[3] : NULL, nargs > 4 ? args[4] : NULL);
 }
 
 /* guard(fn) decorates fn through agxguard._decorate. */
@@ -561,6 +577,8 @@ static PyMethodDef module_methods[] = {
     {"op_lock", mod_op_lock, METH_NOARGS, "The process-wide op (driver call) lock."},
     {"stream_lock", mod_stream_lock, METH_O, "The lock of a stream key."},
     {"object_lock", mod_object_lock, METH_O, "The lock stripe of an object address."},
+    {"torch_function", (PyCFunction)(void (*)(void))mod_torch_function, METH_FASTCALL,
+     "torch_function(mode, func, types, args=(), kwargs=None): func(*args, **kwargs) under the op-site lock."},
     {"c_lock_ns", mod_c_lock_ns, METH_O, "c_lock_ns(n): ns per uncontended C try+release."},
     {NULL, NULL, 0, NULL},
 };
@@ -586,6 +604,9 @@ PyMODINIT_FUNC PyInit__C(void) {
         goto fail;
     default_region = PyObject_CallNoArgs((PyObject *)&GuardType);
     if (default_region == NULL) goto fail;
+    op_site = (GuardObject *)PyObject_CallNoArgs((PyObject *)&GuardType);
+    if (op_site == NULL) goto fail;
+    op_site->site = AGX_SITE_CALL;
     PyObject *modes = Py_BuildValue("(ssss)", agx_mode_names[0], agx_mode_names[1], agx_mode_names[2],
                                     agx_mode_names[3]);
     if (modes == NULL || PyModule_AddObjectRef(m, "MODES", modes) < 0) {

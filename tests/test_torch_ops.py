@@ -1,0 +1,67 @@
+"""agxguard.ops(): the torch function mode that locks each torch op."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="agxguard.ops() needs torch; install torch to run these")
+
+import agxguard  # noqa: E402
+from conftest import run_threads  # noqa: E402
+
+THREADS, ITERS = 8, 20
+
+
+def _ops_calling_back(detector):
+    """Each thread runs torch ops whose own work calls back into Python
+    (Tensor.apply_ runs the function per element, inside the op)."""
+
+    def worker(i):
+        with agxguard.ops():
+            for _ in range(ITERS):
+                torch.zeros(2).apply_(lambda v: detector.inside() or v)
+
+    run_threads(THREADS, worker)
+
+
+def test_op_mode_never_overlaps_two_torch_ops(detector):
+    agxguard.set_mode("op")
+    _ops_calling_back(detector)
+    assert detector.entries == THREADS * ITERS * 2
+    assert detector.max_total == 1
+
+
+def test_off_mode_lets_torch_ops_overlap(detector):
+    agxguard.set_mode("off")
+    _ops_calling_back(detector)
+    assert detector.max_total > 1
+
+
+def test_each_torch_op_takes_the_op_lock_once():
+    agxguard.set_mode("op")
+    a, b = torch.ones(3), torch.ones(3)
+    with agxguard.ops():
+        agxguard.reset_stats()
+        for _ in range(10):
+            torch.add(a, b)
+    assert agxguard.stats()["domains"]["op"]["acquisitions"] == 10
+
+
+def test_ops_results_equal_unguarded_results_and_errors_propagate():
+    agxguard.set_mode("op")
+    x = torch.randn(4, 8)
+    layer = torch.nn.Linear(8, 3)
+    expected = layer(x)
+    with agxguard.ops():
+        assert torch.equal(layer(x), expected)
+        with pytest.raises(RuntimeError):
+            torch.mm(torch.ones(2, 3), torch.ones(2, 3))
+    assert not agxguard.op_lock().locked()
+    assert agxguard._C.region_depth() == 0
+
+
+def test_ops_in_global_mode_is_reentrant_with_a_region():
+    agxguard.set_mode("global")
+    with agxguard.guard(), agxguard.ops():
+        torch.add(torch.ones(1), 1)
+    g = agxguard.stats()["domains"]["global"]
+    assert g["acquisitions"] == 1 and g["reentries"] >= 1
