@@ -2,7 +2,7 @@
 PYTHON ?= python3
 CC ?= gcc
 
-.PHONY: build test tsan bench story clean
+.PHONY: build test tsan bench story clean clock-cost
 build:
 	$(PYTHON) setup.py build_ext --inplace -q
 
@@ -32,3 +32,8 @@ clean:
 	rm -rf build agxguard/*.so csrc/tests/*.bin
 
 include csrc/tests/tsan_model.mk
+
+# What the uncontended lock path costs, piece by piece, on this machine.
+clock-cost: benchmarks/clock_cost.c csrc/lock.c csrc/lock.h
+	$(CC) -std=gnu11 -O2 -Icsrc benchmarks/clock_cost.c csrc/lock.c -o csrc/tests/clock_cost.bin -pthread
+	./csrc/tests/clock_cost.bin

@@ -142,6 +142,32 @@ static PyObject *Guard_call_guarded(GuardObject *self, PyObject *const *args, Py
 }
 
 static GuardObject *op_site; /* the call-site guard of torch ops */
+static PyObject *passthrough_funcs; /* frozenset of torch functions that reach no device */
+static PyObject *passthrough_type;  /* a type whose callables all reach no device (attribute getters) */
+
+/* _set_op_passthrough(type_or_None, frozenset_or_None) */
+static PyObject *mod_set_op_passthrough(PyObject *m, PyObject *args) {
+    PyObject *type, *funcs;
+    if (!PyArg_ParseTuple(args, "OO:_set_op_passthrough", &type, &funcs)) return NULL;
+    if ((type != Py_None && !PyType_Check(type)) || (funcs != Py_None && !PyFrozenSet_Check(funcs))) {
+        PyErr_SetString(PyExc_TypeError, "_set_op_passthrough(type or None, frozenset or None)");
+        return NULL;
+    }
+    Py_XSETREF(passthrough_type, type == Py_None ? NULL : Py_NewRef(type));
+    Py_XSETREF(passthrough_funcs, funcs == Py_None ? NULL : Py_NewRef(funcs));
+    Py_RETURN_NONE;
+}
+
+static int is_passthrough(PyObject *func) {
+    if (passthrough_type && (PyObject *)Py_TYPE(func) == passthrough_type) return 1;
+    if (passthrough_funcs == NULL) return 0;
+    int r = PySet_Contains(passthrough_funcs, func);
+    if (r < 0) { /* an unhashable callable is simply not in the set */
+        PyErr_Clear();
+        return 0;
+    }
+    return r;
+}
 
 /* torch_function(mode, func, types, args=(), kwargs=None): the body of
  * agxguard.ops()'s __torch_function__, bound to the mode instance with
@@ -150,6 +176,10 @@ static PyObject *mod_torch_function(PyObject *m, PyObject *const *args, Py_ssize
     if (nargs < 3 || nargs > 5) {
         PyErr_SetString(PyExc_TypeError, "torch_function(mode, func, types, args=(), kwargs=None)");
         return NULL;
+    }
+    if (is_passthrough(args[1])) {
+        PyObject *fargs = nargs > 3 ? args[3] : NULL, *fkw = nargs > 4 && args[4] != Py_None ? args[4] : NULL;
+        return fargs ? PyObject_Call(args[1], fargs, fkw) : PyObject_CallNoArgs(args[1]);
     }
     return call_in_region(op_site, args[1], nargs > 3 ? args[3] : NULL, nargs > 4 ? args[4] : NULL);
 }
@@ -579,6 +609,7 @@ static PyMethodDef module_methods[] = {
     {"object_lock", mod_object_lock, METH_O, "The lock stripe of an object address."},
     {"torch_function", (PyCFunction)(void (*)(void))mod_torch_function, METH_FASTCALL,
      "torch_function(mode, func, types, args=(), kwargs=None): func(*args, **kwargs) under the op-site lock."},
+    {"_set_op_passthrough", mod_set_op_passthrough, METH_VARARGS, NULL},
     {"c_lock_ns", mod_c_lock_ns, METH_O, "c_lock_ns(n): ns per uncontended C try+release."},
     {NULL, NULL, 0, NULL},
 };

@@ -65,3 +65,16 @@ def test_ops_in_global_mode_is_reentrant_with_a_region():
         torch.add(torch.ones(1), 1)
     g = agxguard.stats()["domains"]["global"]
     assert g["acquisitions"] == 1 and g["reentries"] >= 1
+
+
+def test_metadata_reads_pass_through_without_the_lock():
+    agxguard.set_mode("op")
+    x = torch.ones(2, 3)
+    with agxguard.ops():
+        agxguard.reset_stats()
+        _ = (x.shape, x.dtype, x.dim(), x.size(0), x.T, x.numel())
+        with torch.no_grad():
+            pass
+        assert agxguard.stats()["domains"]["op"]["acquisitions"] == 0
+        x + 1
+        assert agxguard.stats()["domains"]["op"]["acquisitions"] == 1
