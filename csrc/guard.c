@@ -50,6 +50,7 @@ static void fork_child(void) {
 }
 
 static void init_all(void) {
+    agx_ticks_per_ns(); /* calibrate now (2 ms), not in the first spin */
     agx_lock_init(&G.global, "global");
     agx_lock_init(&G.op, "op");
     for (int i = 0; i < OBJECT_STRIPES; i++) agx_lock_init(&G.objects[i], "object");
@@ -162,6 +163,7 @@ static void add_counters(agx_lock_counters *sum, const agx_lock_counters *c) {
     sum->timeouts += c->timeouts;
     sum->wait_ns += c->wait_ns;
     sum->hold_ns += c->hold_ns;
+    sum->hold_samples += c->hold_samples;
     if (c->max_wait_ns > sum->max_wait_ns) sum->max_wait_ns = c->max_wait_ns;
 }
 

@@ -104,9 +104,10 @@ void agx_lock_init(agx_lock *l, const char *name) {
     agx_lock_reset_counters(l);
 }
 
-/* Spins before sleeping: a handoff within a few microseconds (a short
- * guarded call) then costs no system call. */
-#define SPIN_TRIES 100
+/* A waiter spins this long (GIL released) before it sleeps: a guarded call
+ * that ends within it hands over without a system call or a context switch
+ * on either side. */
+#define SPIN_NS 20000
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -117,11 +118,12 @@ static inline void cpu_relax(void) {
 }
 
 static int spin_try(agx_lock *l) {
-    for (int i = 0; i < SPIN_TRIES; i++) {
+    uint64_t budget = (uint64_t)(SPIN_NS * agx_ticks_per_ns()), start = agx_ticks();
+    for (unsigned i = 1;; i++) {
         if (atomic_load_explicit(&l->owner, memory_order_relaxed) == 0 && agx_lock_try(l)) return 1;
         cpu_relax();
+        if ((i & 63) == 0 && agx_ticks() - start > budget) return 0;
     }
-    return 0;
 }
 
 #ifdef AGX_USE_FUTEX
@@ -193,7 +195,10 @@ void agx_lock_note_timeout(agx_lock *l) { atomic_fetch_add(&l->n_timeout, 1); }
 int agx_lock_release(agx_lock *l) {
     if (!agx_lock_owned(l)) return -1;
     if (--l->depth > 0) return 0;
-    BUMP(l->hold_ticks, agx_ticks() - l->acquired_tick);
+    if (l->acquired_tick) {
+        BUMP(l->hold_ticks, agx_ticks() - l->acquired_tick);
+        BUMP(l->hold_samples, 1);
+    }
     atomic_store_explicit(&l->owner, 0, memory_order_seq_cst);
     if (atomic_load_explicit(&l->waiters, memory_order_seq_cst) > 0) wake_one(l);
     return 0;
@@ -208,7 +213,10 @@ void agx_lock_read(agx_lock *l, agx_lock_counters *out) {
     out->timeouts = atomic_load_explicit(&l->n_timeout, memory_order_relaxed);
     out->wait_ns = atomic_load_explicit(&l->wait_ns, memory_order_relaxed);
     out->max_wait_ns = atomic_load_explicit(&l->max_wait_ns, memory_order_relaxed);
-    out->hold_ns = ticks_to_ns(atomic_load_explicit(&l->hold_ticks, memory_order_relaxed));
+    uint64_t samples = atomic_load_explicit(&l->hold_samples, memory_order_relaxed);
+    double sampled_ns = (double)ticks_to_ns(atomic_load_explicit(&l->hold_ticks, memory_order_relaxed));
+    out->hold_samples = samples;
+    out->hold_ns = samples ? (uint64_t)(sampled_ns * (double)out->acquisitions / (double)samples) : 0;
 }
 
 void agx_lock_reset_counters(agx_lock *l) {
@@ -219,6 +227,7 @@ void agx_lock_reset_counters(agx_lock *l) {
     atomic_store(&l->wait_ns, 0);
     atomic_store(&l->max_wait_ns, 0);
     atomic_store(&l->hold_ticks, 0);
+    atomic_store(&l->hold_samples, 0);
 }
 
 void agx_lock_after_fork(agx_lock *l) {
@@ -311,6 +320,7 @@ void agx_sem_read(agx_sem *s, agx_lock_counters *out) {
     out->wait_ns = atomic_load(&s->wait_ns);
     out->max_wait_ns = atomic_load(&s->max_wait_ns);
     out->hold_ns = 0;
+    out->hold_samples = 0;
 }
 
 void agx_sem_reset_counters(agx_sem *s) {

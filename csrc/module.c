@@ -418,7 +418,8 @@ static PyObject *mod_get_wait(PyObject *m, PyObject *unused) {
 }
 
 static PyObject *counters_dict(const agx_lock_counters *c) {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "acquisitions", (unsigned long long)c->acquisitions,
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "hold_samples",
+                         (unsigned long long)c->hold_samples, "acquisitions", (unsigned long long)c->acquisitions,
                          "reentries", (unsigned long long)c->reentries, "contentions",
                          (unsigned long long)c->contentions, "timeouts", (unsigned long long)c->timeouts,
                          "wait_ns", (unsigned long long)c->wait_ns, "max_wait_ns",
