@@ -43,50 +43,87 @@ def _percentile(sorted_values: list, q: float) -> Optional[float]:
 
 
 class _Request:
-    """One caller's request: its tensor, its batching key, and where its answer goes.
+    """One queued request: its tensor, its batching key, and where its answer goes.
 
-    A ``submit()`` request answers through a concurrent.futures.Future; a blocking call
-    answers through a plain lock that the caller waits on (cheaper than a Future).
+    A blocking call answers through ``lock``, a ``_thread`` lock held while the request
+    is in flight; the dispatcher sets ``value`` or ``error`` and releases it. Each thread
+    keeps one such request in thread-local storage and reuses it call after call (no new
+    object and no new lock per call). A ``submit()`` request answers through ``future``
+    and has no lock.
     """
 
-    __slots__ = ("x", "rows", "key", "future", "waiter", "value", "error",
-                 "t_submit", "t_start")
+    __slots__ = ("x", "rows", "key", "t", "future", "lock", "value", "error", "busy")
 
-    def __init__(self, x: Any, rows: int, key: tuple, future: Optional[concurrent.futures.Future]):
-        self.x = x
-        self.rows = rows
-        self.key = key
+    def __init__(self, future: Optional[concurrent.futures.Future] = None):
+        self.x = None
+        self.rows = 0
+        self.key = None
+        self.t = 0.0  # time.perf_counter() at submit
         self.future = future
-        self.waiter = None
+        self.lock = None
         if future is None:
-            self.waiter = _thread.allocate_lock()
-            self.waiter.acquire()
+            self.lock = _thread.allocate_lock()
+            self.lock.acquire()  # held while idle or in flight; released to answer
         self.value = None
         self.error = None
-        self.t_submit = 0.0
-        self.t_start = 0.0
+        self.busy = False  # a blocking call is using (or abandoned) this request
 
-    def start(self, now: float) -> bool:
-        """Mark the request running at ``now``; False if its future was cancelled meanwhile."""
-        self.t_start = now
-        return self.future is None or self.future.set_running_or_notify_cancel()
 
-    def finish(self, value: Any) -> None:
-        """Hand the caller its result."""
-        if self.future is not None:
-            self.future.set_result(value)
-        else:
-            self.value = value
-            self.waiter.release()
+_tls = threading.local()  # .req: the calling thread's reusable blocking request
 
-    def fail(self, error: BaseException) -> None:
-        """Hand the caller an exception."""
-        if self.future is not None:
-            if not self.future.done():
-                self.future.set_exception(error)
-        else:
-            self.error = error
-            self.waiter.release()
+
+_perf_counter = time.perf_counter
+_torch_cat = None
+
+
+def _cat(xs: list) -> Any:
+    """torch.cat(xs, 0); torch is imported on the first batch of more than one request."""
+    global _torch_cat
+    if _torch_cat is None:
+        import torch
+
+        _torch_cat = torch.cat
+    return _torch_cat(xs, 0)
+
+
+def _describe(r: _Request, x: Any) -> None:
+    """Set ``r.key`` and ``r.rows`` from request tensor ``x``, or raise a clear error."""
+    try:
+        shape = x.shape
+        r.key = (shape[1:], x.dtype, x.device)
+        r.rows = shape[0]
+    except AttributeError:
+        raise TypeError(f"Batcher requests must be tensors with a batch dimension, "
+                        f"got {type(x).__name__}") from None
+    except IndexError:
+        raise ValueError("Batcher requests need a batch dimension (dim 0); "
+                         "got a 0-d tensor") from None
+
+
+def _answer(r: _Request) -> Any:
+    """In the caller, once ``r.lock`` was released: free ``r`` for reuse, return or raise."""
+    r.x = None
+    r.busy = False
+    error = r.error
+    if error is not None:
+        r.error = None
+        raise error
+    value = r.value
+    r.value = None
+    return value
+
+
+def _fail(r: _Request, error: BaseException) -> None:
+    """Hand ``r``'s caller ``error``."""
+    f = r.future
+    if f is None:
+        r.error = error
+        r.lock.release()
+    elif not f.done():
+        try:
+            f.set_exception(error)
+        except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+            pass
 
 
 def _split_tensor(t: Any, sizes: list, total: int) -> list:
@@ -178,12 +215,19 @@ class Batcher:
         self._guard = self._guard_factory(guard)
         self._delay_s = self.max_delay_ms / 1000.0
 
-        self._lock = threading.Lock()
-        self._not_empty = threading.Condition(self._lock)  # dispatcher waits here
-        self._not_full = threading.Condition(self._lock)   # blocked submitters wait here
+        self._mutex = _thread.allocate_lock()  # guards the queue and the wake-up state
         self._queue: collections.deque = collections.deque()
-        self._wake_at = 1  # queue length at which a submit wakes the dispatcher
+        # The dispatcher sleeps on _wake (a _thread lock it holds); a submitter releases it
+        # when _sleeping is set and the queue reached _wake_at requests, so the dispatcher
+        # wakes once for a full batch instead of once per arrival.
+        self._wake = _thread.allocate_lock()
+        self._wake.acquire()
+        self._sleeping = False
+        self._wake_at = 1
+        self._not_full = threading.Condition(self._mutex)  # blocked submitters wait here
+        self._full_waiters = 0
         self._closed = False
+        self._stats_lock = _thread.allocate_lock()
         self._reset_counters()
 
         self._thread = threading.Thread(target=self._dispatch_loop, daemon=True,
@@ -218,7 +262,20 @@ class Batcher:
         never wait on this Batcher from one.
         """
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._enqueue(x, future, timeout)
+        r = _Request(future)
+        _describe(r, x)
+        if timeout is not None and timeout < 0:
+            raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
+        r.x = x
+        r.t = _perf_counter()
+        with self._mutex:
+            q = self._queue
+            if self._closed or len(q) >= self.max_queue:
+                self._wait_for_room(timeout)
+            q.append(r)
+            if self._sleeping and len(q) >= self._wake_at:
+                self._sleeping = False
+                self._wake.release()
         return future
 
     def __call__(self, x: Any, timeout: Optional[float] = None) -> Any:
@@ -227,133 +284,211 @@ class Batcher:
         ``timeout`` (seconds) bounds the whole call: ``queue.Full`` while queueing,
         TimeoutError while waiting for the result.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        req = self._enqueue(x, None, timeout)
-        if deadline is None:
-            req.waiter.acquire()
-        elif not req.waiter.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise TimeoutError(f"Batcher {self.name!r}: no result within {timeout} s")
-        if req.error is not None:
-            raise req.error
-        return req.value
-
-    def _enqueue(self, x: Any, future: Optional[concurrent.futures.Future],
-                 timeout: Optional[float]) -> _Request:
-        """Check ``x``, wait for room, and append its request to the queue."""
+        # The calling thread's reusable request (its lock is held: released to answer).
+        # One still busy belongs to an abandoned call (timeout, KeyboardInterrupt) or to
+        # a call this one interrupts (a signal handler): it is left to the dispatcher.
         try:
-            shape = x.shape
-            key = (tuple(shape[1:]), x.dtype, x.device)
+            r = _tls.req
+            if r.busy:
+                raise AttributeError
         except AttributeError:
-            raise TypeError(f"Batcher requests must be tensors with a batch dimension, "
-                            f"got {type(x).__name__}") from None
-        if len(shape) == 0:
-            raise ValueError("Batcher requests need a batch dimension (dim 0); got a 0-d tensor")
-        if timeout is not None and timeout < 0:
+            r = _tls.req = _Request()
+        _describe(r, x)
+        if timeout is not None:
+            return self._call_with_timeout(r, x, timeout)
+        r.x = x
+        r.t = _perf_counter()
+        r.busy = True
+        try:
+            with self._mutex:
+                q = self._queue
+                if self._closed or len(q) >= self.max_queue:
+                    self._wait_for_room(None)
+                q.append(r)
+                if self._sleeping and len(q) >= self._wake_at:
+                    self._sleeping = False
+                    self._wake.release()
+        except BaseException:
+            r.busy = False
+            r.x = None
+            raise
+        r.lock.acquire()
+        return _answer(r)
+
+    def _call_with_timeout(self, r: _Request, x: Any, timeout: float) -> Any:
+        """``__call__`` with a timeout (the blocking path without one stays lean)."""
+        if timeout < 0:
             raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
-        req = _Request(x, shape[0], key, future)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"Batcher {self.name!r} is closed; it accepts no requests")
-            q = self._queue
-            if len(q) >= self.max_queue:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while len(q) >= self.max_queue and not self._closed:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise queue.Full(f"Batcher {self.name!r}: queue full "
-                                         f"({self.max_queue} requests) for {timeout} s")
-                    self._not_full.wait(left)
-                if self._closed:
-                    raise RuntimeError(f"Batcher {self.name!r} closed while this request "
-                                       f"waited for room; it was not accepted")
-            req.t_submit = time.perf_counter()
-            q.append(req)
-            if len(q) >= self._wake_at:
-                self._not_empty.notify()
-        return req
+        deadline = time.monotonic() + timeout
+        r.x = x
+        r.t = _perf_counter()
+        r.busy = True
+        try:
+            with self._mutex:
+                q = self._queue
+                if self._closed or len(q) >= self.max_queue:
+                    self._wait_for_room(timeout)
+                q.append(r)
+                if self._sleeping and len(q) >= self._wake_at:
+                    self._sleeping = False
+                    self._wake.release()
+        except BaseException:
+            r.busy = False
+            r.x = None
+            raise
+        if not r.lock.acquire(True, max(0.0, deadline - time.monotonic())):
+            # r stays busy and queued: the dispatcher answers it to nobody, and this
+            # thread's next call takes a fresh request.
+            raise TimeoutError(f"Batcher {self.name!r}: no result within {timeout} s")
+        return _answer(r)
+
+    def _wait_for_room(self, timeout: Optional[float]) -> None:
+        """With the mutex held: wait until the queue has room; raise if closed or timed out."""
+        if self._closed:
+            raise RuntimeError(f"Batcher {self.name!r} is closed; it accepts no requests")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        q = self._queue
+        self._full_waiters += 1
+        try:
+            while len(q) >= self.max_queue and not self._closed:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise queue.Full(f"Batcher {self.name!r}: queue full "
+                                     f"({self.max_queue} requests) for {timeout} s")
+                self._not_full.wait(left)
+        finally:
+            self._full_waiters -= 1
+        if self._closed:
+            raise RuntimeError(f"Batcher {self.name!r} closed while this request "
+                               f"waited for room; it was not accepted")
 
     # ------------------------------------------------------------------ dispatching
-    def _take_compatible(self, key: tuple, batch: list) -> None:
-        """Move queued requests with ``key`` into ``batch`` (oldest first, up to max_batch).
+    def _sleep(self, wake_at: int, timeout: Optional[float]) -> None:
+        """With the mutex held: release it and sleep until a submitter sees ``wake_at``
+        queued requests (or close() is called, or ``timeout`` s pass); then re-take it."""
+        self._wake_at = wake_at
+        self._sleeping = True
+        self._mutex.release()
+        try:
+            got = self._wake.acquire(True, -1 if timeout is None else timeout)
+        finally:
+            self._mutex.acquire()
+        if self._sleeping:  # nobody woke us: timed out, _wake is still held
+            self._sleeping = False
+        elif not got:  # woken right after timing out: take _wake back
+            self._wake.acquire(False)
 
-        Called with the lock held; skipped requests keep their place in the queue.
-        """
+    def _take(self, key: tuple, batch: list) -> None:
+        """With the mutex held: move queued requests with ``key`` into ``batch`` (oldest
+        first, up to max_batch); the others keep their places in the queue."""
         q = self._queue
-        skipped = []
-        while q and len(batch) < self.max_batch:
+        room = self.max_batch - len(batch)
+        skipped = None
+        while q and room:
             r = q.popleft()
-            if r.key == key:
+            k = r.key
+            if k is key or k == key:
                 batch.append(r)
+                room -= 1
             else:
+                if skipped is None:
+                    skipped = []
                 skipped.append(r)
         if skipped:
             q.extendleft(reversed(skipped))
 
     def _next_batch(self) -> Optional[list]:
-        """Wait for requests and return the next batch, or None when closed and drained."""
-        with self._lock:
-            while not self._queue:
+        """Wait for requests and return the next batch, or None when closed and drained.
+
+        Under load the dispatcher wakes once per batch: with an empty queue it sleeps
+        until a full batch could be there or max_delay passed (one timed wake when idle),
+        then, still empty, until the first arrival. A partial batch waits until its oldest
+        request has waited max_delay, waking only when enough could have arrived to fill it.
+        """
+        q = self._queue
+        max_batch = self.max_batch
+        delay = self._delay_s
+        self._mutex.acquire()
+        try:
+            if not q and not self._closed and delay > 0 and max_batch > 1:
+                self._sleep(max_batch, delay)
+            while not q:
                 if self._closed:
                     return None
-                self._wake_at = 1
-                self._not_empty.wait()
-            head = self._queue[0]
+                self._sleep(1, None)
+            head = q[0]
+            key = head.key
             batch: list = []
-            self._take_compatible(head.key, batch)
-            deadline = head.t_submit + self._delay_s
-            while len(batch) < self.max_batch and not self._closed:
-                left = deadline - time.perf_counter()
-                if left <= 0:
-                    break
-                # Wake when enough requests could have arrived to fill the batch.
-                self._wake_at = len(self._queue) + self.max_batch - len(batch)
-                self._not_empty.wait(left)
-                self._take_compatible(head.key, batch)
-            self._wake_at = 1
-            self._not_full.notify(len(batch))
+            self._take(key, batch)
+            if len(batch) < max_batch and delay > 0 and not self._closed:
+                deadline = head.t + delay
+                while True:
+                    left = deadline - _perf_counter()
+                    if left <= 0:
+                        break
+                    self._sleep(len(q) + max_batch - len(batch), left)
+                    self._take(key, batch)
+                    if len(batch) >= max_batch or self._closed:
+                        break
+            if self._full_waiters:
+                self._not_full.notify(len(batch))
             return batch
+        finally:
+            self._mutex.release()
 
     def _run_batch(self, batch: list) -> None:
         """Call ``fn`` once on the concatenated batch and answer each request."""
-        now = time.perf_counter()
-        live = [r for r in batch if r.start(now)]
-        if not live:
-            return
+        t_start = _perf_counter()
+        for r in batch:
+            if r.future is not None:  # drop requests whose futures were cancelled
+                batch = [r for r in batch
+                         if r.future is None or r.future.set_running_or_notify_cancel()]
+                if not batch:
+                    return
+                break
+        n = len(batch)
+        sizes = [r.rows for r in batch]
+        times = [r.t for r in batch]  # read now: an answered request is reused at once
         error: Optional[BaseException] = None
         results = None
-        sizes = [r.rows for r in live]
         try:
-            if len(live) == 1:
-                x = live[0].x
+            if n == 1:
+                x = batch[0].x
             else:
-                import torch
-
-                x = torch.cat([r.x for r in live], 0)
+                x = _cat([r.x for r in batch])
             if self._guard is None:
                 out = self.fn(x)
             else:
                 with self._guard():
                     out = self.fn(x)
+            x = None
             results = _split_output(out, sizes, sum(sizes))
         except BaseException as exc:  # every caller of this batch gets it, and only them
             error = exc
-        t_done = time.perf_counter()
+        t_done = _perf_counter()
         if error is None:
-            for r, value in zip(live, results):
-                r.finish(value)
+            for r, value in zip(batch, results):
+                f = r.future
+                if f is None:
+                    r.value = value
+                    r.lock.release()  # r belongs to its caller again from here on
+                else:
+                    f.set_result(value)
         else:
-            for r in live:
-                r.fail(error)
-        n = len(live)
-        with self._lock:
+            for r in batch:
+                _fail(r, error)
+        with self._stats_lock:
             self._batches += 1
             self._requests += n
-            self._rows += sum(sizes) if error is None else sum(r.rows for r in live)
-            self._failed += n if error is not None else 0
+            self._rows += sum(sizes)
+            if error is not None:
+                self._failed += n
             if n > self._largest:
                 self._largest = n
-            self._queue_wait.extend([now - r.t_submit for r in live])
-            self._latency.extend([t_done - r.t_submit for r in live])
+            self._samples.append((t_start, t_done, times))
+            self._sampled += n
+            while self._sampled - len(self._samples[0][2]) >= _LATENCY_SAMPLES:
+                self._sampled -= len(self._samples.popleft()[2])
 
     def _dispatch_loop(self) -> None:
         """The dispatcher thread: form and run batches until closed and drained."""
@@ -365,13 +500,14 @@ class Batcher:
                 self._run_batch(batch)
         finally:
             # Only reached early if the loop itself broke: fail whatever is left.
-            with self._lock:
+            with self._mutex:
                 self._closed = True
                 left = list(self._queue)
                 self._queue.clear()
-                self._not_full.notify_all()
+                if self._full_waiters:
+                    self._not_full.notify_all()
             for r in left:
-                r.fail(RuntimeError(f"Batcher {self.name!r}: dispatcher stopped"))
+                _fail(r, RuntimeError(f"Batcher {self.name!r}: dispatcher stopped"))
 
     # ------------------------------------------------------------------ lifecycle
     def close(self, wait: bool = True, cancel_pending: bool = False) -> None:
@@ -380,17 +516,20 @@ class Batcher:
         With ``wait`` the call returns once every accepted request has its answer.
         Submitters blocked on a full queue get RuntimeError. Closing twice is harmless.
         """
-        with self._lock:
+        with self._mutex:
             self._closed = True
             if cancel_pending:
                 dropped = list(self._queue)
                 self._queue.clear()
             else:
                 dropped = []
-            self._not_empty.notify_all()
-            self._not_full.notify_all()
+            if self._sleeping:
+                self._sleeping = False
+                self._wake.release()
+            if self._full_waiters:
+                self._not_full.notify_all()
         for r in dropped:
-            r.fail(RuntimeError(f"Batcher {self.name!r} closed before this request ran"))
+            _fail(r, RuntimeError(f"Batcher {self.name!r} closed before this request ran"))
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
         _live_batchers.discard(self)
@@ -415,18 +554,20 @@ class Batcher:
 
     # ------------------------------------------------------------------ stats
     def _reset_counters(self) -> None:
-        """Zero the counters (lock held, or before the dispatcher starts)."""
+        """Zero the counters (stats lock held, or before the dispatcher starts)."""
         self._batches = 0
         self._requests = 0
         self._rows = 0
         self._failed = 0
         self._largest = 0
-        self._queue_wait: collections.deque = collections.deque(maxlen=_LATENCY_SAMPLES)
-        self._latency: collections.deque = collections.deque(maxlen=_LATENCY_SAMPLES)
+        # Per batch (t_start, t_done, submit times): expanded into per-request samples
+        # only when stats() asks, covering at least the newest _LATENCY_SAMPLES requests.
+        self._samples: collections.deque = collections.deque()
+        self._sampled = 0
 
     def reset_stats(self) -> None:
         """Zero the counters and drop latency samples (e.g. after a warm-up)."""
-        with self._lock:
+        with self._stats_lock:
             self._reset_counters()
 
     def stats(self) -> dict:
@@ -437,9 +578,8 @@ class Batcher:
         latency_p50_ms, latency_p99_ms (latency: submit to answer, per request; the
         percentiles cover the newest 65,536 requests).
         """
-        with self._lock:
-            waits = sorted(self._queue_wait)
-            lats = sorted(self._latency)
+        with self._stats_lock:
+            samples = list(self._samples)
             out = {
                 "batches": self._batches,
                 "requests": self._requests,
@@ -447,8 +587,18 @@ class Batcher:
                 "failed": self._failed,
                 "mean_batch_size": (self._requests / self._batches) if self._batches else None,
                 "largest_batch": self._largest,
-                "queued": len(self._queue),
             }
+        with self._mutex:
+            out["queued"] = len(self._queue)
+        waits: list = []
+        lats: list = []
+        for t_start, t_done, times in reversed(samples):
+            waits.extend([t_start - t for t in times])
+            lats.extend([t_done - t for t in times])
+            if len(lats) >= _LATENCY_SAMPLES:
+                break
+        waits = sorted(waits[:_LATENCY_SAMPLES])
+        lats = sorted(lats[:_LATENCY_SAMPLES])
 
         def ms(v: Optional[float]) -> Optional[float]:
             return None if v is None else v * 1000.0
