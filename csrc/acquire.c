@@ -14,13 +14,17 @@
 typedef struct waitable {
     const char *what; /* for messages */
     int (*try_once)(void *);
+    /* sleep with the GIL released until the object is seen free (or taken) */
     int (*wait_until)(void *, int64_t);
+    /* after a free sighting that did not end in taking it; may be NULL */
+    void (*pass_wakeup)(void *);
     void (*note_wait)(void *, int64_t);
     void (*note_timeout)(void *);
 } waitable;
 
 static int lock_try(void *o) { return agx_lock_try(o); }
-static int lock_wait(void *o, int64_t d) { return agx_lock_wait_until(o, d); }
+static int lock_wait_free(void *o, int64_t d) { return agx_lock_wait_free_until(o, d); }
+static void lock_pass(void *o) { agx_lock_pass_wakeup(o); }
 static void lock_note(void *o, int64_t w) { agx_lock_note_wait(o, w); }
 static void lock_timeout(void *o) { agx_lock_note_timeout(o); }
 static int sem_try(void *o) { return agx_sem_try(o); }
@@ -28,8 +32,11 @@ static int sem_wait(void *o, int64_t d) { return agx_sem_wait_until(o, d); }
 static void sem_note(void *o, int64_t w) { agx_sem_note_wait(o, w); }
 static void sem_timeout(void *o) { agx_sem_note_timeout(o); }
 
-static const waitable LOCK_OPS = {"lock", lock_try, lock_wait, lock_note, lock_timeout};
-static const waitable SEM_OPS = {"throttle", sem_try, sem_wait, sem_note, sem_timeout};
+/* A Python waiter only watches the lock with the GIL released and takes it
+ * after getting the GIL back, so it never holds the lock while it waits for the
+ * GIL: the holder's critical section does not grow by a GIL handoff. */
+static const waitable LOCK_OPS = {"lock", lock_try, lock_wait_free, lock_pass, lock_note, lock_timeout};
+static const waitable SEM_OPS = {"throttle", sem_try, sem_wait, NULL, sem_note, sem_timeout};
 
 static void abort_on_timeout(const char *name, int64_t waited_ns) {
     fprintf(stderr,
@@ -51,15 +58,16 @@ static int block_py(void *obj, const char *name, const waitable *w) {
         int64_t deadline = now + SLICE_NS;
         if (timeout > 0 && start + timeout < deadline) deadline = start + timeout;
         if (warn > 0 && !warned && start + warn < deadline) deadline = start + warn;
-        int got;
+        int seen;
         Py_BEGIN_ALLOW_THREADS
-        got = w->wait_until(obj, deadline);
+        seen = w->wait_until(obj, deadline);
         Py_END_ALLOW_THREADS
         int64_t waited = agx_now_ns() - start;
-        if (got) {
+        if (seen && (w->pass_wakeup == NULL || w->try_once(obj))) {
             w->note_wait(obj, waited);
             return 0;
         }
+        if (seen) w->pass_wakeup(obj); /* lost the race: another waiter may take it */
         if (PyErr_CheckSignals() < 0) return -1;
         if (warn > 0 && !warned && waited >= warn) {
             warned = 1;

@@ -117,25 +117,31 @@ static inline void cpu_relax(void) {
 #endif
 }
 
-static int spin_try(agx_lock *l) {
+/* take: acquire the lock; else: only see it free (the caller takes it later). */
+static inline int attempt(agx_lock *l, int take) {
+    if (atomic_load_explicit(&l->owner, memory_order_relaxed) != 0) return 0;
+    return take ? agx_lock_try(l) : 1;
+}
+
+static int spin(agx_lock *l, int take) {
     uint64_t budget = (uint64_t)(SPIN_NS * agx_ticks_per_ns()), start = agx_ticks();
     for (unsigned i = 1;; i++) {
-        if (atomic_load_explicit(&l->owner, memory_order_relaxed) == 0 && agx_lock_try(l)) return 1;
+        if (attempt(l, take)) return 1;
         cpu_relax();
         if ((i & 63) == 0 && agx_ticks() - start > budget) return 0;
     }
 }
 
 #ifdef AGX_USE_FUTEX
-int agx_lock_wait_until(agx_lock *l, int64_t deadline_ns) {
-    if (agx_lock_try(l) || spin_try(l)) return 1;
+static int wait_for(agx_lock *l, int64_t deadline_ns, int take) {
+    if (attempt(l, take) || spin(l, take)) return 1;
     int got = 0;
     atomic_fetch_add(&l->waiters, 1);
     for (;;) {
-        /* Read seq before trying: a release after the try bumps seq, so the
+        /* Read seq before looking: a release after the look bumps seq, so the
          * futex wait below returns at once instead of missing the wakeup. */
         uint32_t seen = atomic_load(&l->seq);
-        if (agx_lock_try(l)) { got = 1; break; }
+        if (attempt(l, take)) { got = 1; break; }
         struct timespec rel, *relp = NULL;
         if (deadline_ns >= 0) {
             int64_t left = deadline_ns - agx_now_ns();
@@ -155,18 +161,18 @@ static void wake_one(agx_lock *l) {
     syscall(SYS_futex, &l->seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 #else
-int agx_lock_wait_until(agx_lock *l, int64_t deadline_ns) {
-    if (agx_lock_try(l) || spin_try(l)) return 1;
+static int wait_for(agx_lock *l, int64_t deadline_ns, int take) {
+    if (attempt(l, take) || spin(l, take)) return 1;
     int got = 0;
     atomic_fetch_add(&l->waiters, 1);
     pthread_mutex_lock(&l->mu);
     for (;;) {
         /* Checked under mu: a releaser that freed the lock before we looked
          * must take mu to signal, so it cannot signal into the gap. */
-        if (agx_lock_try(l)) { got = 1; break; }
+        if (attempt(l, take)) { got = 1; break; }
         if (deadline_ns >= 0 && agx_now_ns() >= deadline_ns) break;
         if (!timed_sleep(&l->cv, &l->mu, deadline_ns)) {
-            got = agx_lock_try(l);
+            got = attempt(l, take);
             break;
         }
     }
@@ -181,6 +187,14 @@ static void wake_one(agx_lock *l) {
     pthread_mutex_unlock(&l->mu);
 }
 #endif
+
+int agx_lock_wait_until(agx_lock *l, int64_t deadline_ns) { return wait_for(l, deadline_ns, 1); }
+
+int agx_lock_wait_free_until(agx_lock *l, int64_t deadline_ns) { return wait_for(l, deadline_ns, 0); }
+
+void agx_lock_pass_wakeup(agx_lock *l) {
+    if (atomic_load(&l->owner) == 0 && atomic_load(&l->waiters) > 0) wake_one(l);
+}
 
 void agx_lock_note_wait(agx_lock *l, int64_t waited_ns) {
     if (waited_ns < 0) waited_ns = 0;

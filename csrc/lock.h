@@ -88,6 +88,12 @@ static inline int agx_lock_try(agx_lock *l) {
  * a contention: the caller, who knows the whole wait, calls agx_lock_note_wait. */
 int agx_lock_wait_until(agx_lock *l, int64_t deadline_ns);
 
+/* Block until the lock is seen free (not taken) or the deadline passes.
+ * Returns 1 when seen free. A caller that then does not take the lock (it lost
+ * the race, or gave up) calls agx_lock_pass_wakeup so no sleeper is stranded. */
+int agx_lock_wait_free_until(agx_lock *l, int64_t deadline_ns);
+void agx_lock_pass_wakeup(agx_lock *l);
+
 /* Record a finished wait of `waited_ns` (caller holds the lock). */
 void agx_lock_note_wait(agx_lock *l, int64_t waited_ns);
 /* Record a wait given up past its timeout (caller does not hold the lock). */

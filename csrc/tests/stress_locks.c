@@ -44,6 +44,18 @@ static void take(agx_lock *l) {
     }
 }
 
+/* The way Python waiters take a lock: watch it free, then try; pass the
+ * wakeup on when the try loses. */
+static void take_watching(agx_lock *l) {
+    while (!agx_lock_try(l)) {
+        if (agx_lock_wait_free_until(l, -1) && agx_lock_try(l)) return;
+        agx_lock_pass_wakeup(l);
+    }
+}
+
+static long op_counter; /* guarded by the op lock */
+static int op_inside;
+
 static void *worker(void *arg) {
     long id = (long)arg;
     for (int i = 0; i < iterations; i++) {
@@ -91,7 +103,14 @@ static void *worker(void *arg) {
         /* the mode rule: call sites in op mode take the op lock */
         agx_lock *op = agx_lock_for(AGX_SITE_CALL, 0, 0, NULL);
         CHECK(op == agx_op_lock(), "op mode did not give the op lock to a call site");
-        take(op);
+        if (id % 2)
+            take(op);
+        else
+            take_watching(op);
+        op_inside++;
+        CHECK(op_inside == 1, "op section overlap");
+        op_counter++;
+        op_inside--;
         agx_lock_release(op);
     }
     return NULL;
@@ -139,6 +158,7 @@ int main(int argc, char **argv) {
     agx_domain_read(AGX_DOMAIN_OP, &op);
     CHECK(g.c.acquisitions == (uint64_t)total, "global acquisitions %llu", (unsigned long long)g.c.acquisitions);
     CHECK(g.c.reentries == (uint64_t)total, "global reentries %llu", (unsigned long long)g.c.reentries);
+    CHECK(op_counter == total, "op counter %ld, expected %ld", op_counter, total);
     CHECK(op.c.acquisitions == (uint64_t)total, "op acquisitions %llu", (unsigned long long)op.c.acquisitions);
     CHECK(threads < 2 || atomic_load(&throttle_max) >= 1, "throttle never admitted");
     printf("stress_locks: %d threads x %d iterations, global contentions %llu, throttle max %d, failures %d\n",
