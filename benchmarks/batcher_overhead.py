@@ -19,6 +19,9 @@ The functions emulate a GPU batch without a GPU:
                 Linux timer slack makes it ~100 us here)
     zero        returns its input: the pure cost of batching
 
+It also measures the floor of this closed loop on Python threads: the same N clients and
+one dispatcher exchanging bare ``_thread`` locks, with no torch and no Batcher code.
+
 ``--baseline REV`` also measures ``agxguard/batcher.py`` as it was at git revision REV
 (loaded from ``git show``) in the same run, so before/after figures come from one run
 on one machine. torch runs with one intra-op thread so that it does not compete with
@@ -128,6 +131,54 @@ def timed_threads(n: int, step_for: Callable[[int], Callable[[], Any]], duration
     return sum(counts), max(ends) - t0
 
 
+def measure_floor(n: int, duration: float) -> Dict[str, Any]:
+    """The same closed loop with nothing but _thread locks: n clients each announce a
+    request under a mutex (the last one wakes the dispatcher) and block on their own lock;
+    the dispatcher releases all n. What any design on Python threads pays per request in
+    wake-ups and GIL handoffs, with no torch and no Batcher code."""
+    import _thread
+
+    locks = [_thread.allocate_lock() for _ in range(n)]
+    for lk in locks:
+        lk.acquire()
+    wake = _thread.allocate_lock()
+    wake.acquire()
+    mutex = _thread.allocate_lock()
+    state = {"arrived": 0, "stop": False, "cycles": 0}
+
+    def client(i: int) -> None:
+        mine = locks[i]
+        while not state["stop"]:
+            with mutex:
+                state["arrived"] += 1
+                if state["arrived"] == n:
+                    state["arrived"] = 0
+                    wake.release()
+            mine.acquire()
+
+    def dispatcher() -> None:
+        while True:
+            wake.acquire()
+            state["cycles"] += 1
+            for lk in locks:
+                lk.release()
+            if state["stop"]:
+                return
+
+    threads = [threading.Thread(target=dispatcher, daemon=True)]
+    threads += [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    time.sleep(0.1)
+    c0, t0 = state["cycles"], time.perf_counter()
+    time.sleep(duration)
+    c1, t1 = state["cycles"], time.perf_counter()
+    state["stop"] = True
+    for t in threads:
+        t.join(1.0)  # daemon threads: a straggler cannot hang the run
+    return {"req_s": (c1 - c0) * n / (t1 - t0)}
+
+
 def measure_offline(fn: Callable[[Any], Any], xb: Any, n: int, duration: float) -> Dict[str, Any]:
     calls, secs = timed_threads(1, lambda i: (lambda: fn(xb)), duration, warmup=20)
     return {"req_s": calls * n / secs, "batch_us": 1e6 * secs / calls}
@@ -187,6 +238,7 @@ def main(argv: Any = None) -> int:
           f"{a.repeats} repeats, medians", flush=True)
     runs: Dict[tuple, List[Dict[str, Any]]] = {}
     for _ in range(a.repeats):
+        runs.setdefault(("floor", ""), []).append(measure_floor(n, a.duration))
         for fname in names:
             fn = fns[fname]
             runs.setdefault((fname, "offline"), []).append(measure_offline(fn, xb, n, a.duration))
@@ -219,6 +271,11 @@ def main(argv: Any = None) -> int:
             print(f"{'':<11} {'batcher ' + label:<22} {rate:>10,.0f} {rate / off:>10.2f} {over:>12.1f} "
                   f"{over * n:>14.1f} {row['mean_batch'] or 0:>11.2f} {row['p50_ms'] or 0:>8.3f} "
                   f"{row['p99_ms'] or 0:>8.3f}")
+    fl = med(runs[("floor", "")], "req_s")
+    print(f"\nthreads floor (bare _thread locks, {n} clients + 1 dispatcher, no torch): {fl:,.0f} req/s "
+          f"= {1e6 / fl:.1f} us per request of wake-ups and GIL handoffs")
+    rows.append({"fn": None, "config": "threads floor", "req_s": fl, "us_per_request": 1e6 / fl,
+                 "runs": [r["req_s"] for r in runs[("floor", "")]]})
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
