@@ -466,17 +466,7 @@ class Batcher:
         except BaseException as exc:  # every caller of this batch gets it, and only them
             error = exc
         t_done = _perf_counter()
-        if error is None:
-            for r, value in zip(batch, results):
-                f = r.future
-                if f is None:
-                    r.value = value
-                    r.lock.release()  # r belongs to its caller again from here on
-                else:
-                    f.set_result(value)
-        else:
-            for r in batch:
-                _fail(r, error)
+        # Count first, answer last: woken callers then find the GIL about to be free.
         with self._stats_lock:
             self._batches += 1
             self._requests += n
@@ -489,6 +479,17 @@ class Batcher:
             self._sampled += n
             while self._sampled - len(self._samples[0][2]) >= _LATENCY_SAMPLES:
                 self._sampled -= len(self._samples.popleft()[2])
+        if error is None:
+            for r, value in zip(batch, results):
+                f = r.future
+                if f is None:
+                    r.value = value
+                    r.lock.release()  # r belongs to its caller again from here on
+                else:
+                    f.set_result(value)
+        else:
+            for r in batch:
+                _fail(r, error)
 
     def _dispatch_loop(self) -> None:
         """The dispatcher thread: form and run batches until closed and drained."""

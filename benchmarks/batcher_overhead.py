@@ -29,7 +29,7 @@ the client threads for the cores.
 
 Usage:
     python3 benchmarks/batcher_overhead.py [--clients 8] [--duration 1.0] [--repeats 3]
-        [--fns sleep300us,sleep50us,zero] [--baseline HEAD~1] [--json PATH]
+        [--fns sleep300us,sleep50us,zero] [--baseline REV ...] [--json PATH]
 """
 from __future__ import annotations
 
@@ -211,8 +211,10 @@ def main(argv: Any = None) -> int:
     p.add_argument("--delay-ms", type=float, default=2.0, help="Batcher max_delay_ms (default 2.0)")
     p.add_argument("--rows", type=int, default=1, help="rows per request (default 1)")
     p.add_argument("--features", type=int, default=256, help="features per row (default 256)")
-    p.add_argument("--baseline", default=None, metavar="REV",
-                   help="also measure agxguard/batcher.py as of this git revision")
+    p.add_argument("--baseline", action="append", default=[], metavar="REV",
+                   help="also measure agxguard/batcher.py as of this git revision (repeatable)")
+    p.add_argument("--baseline-file", action="append", default=[], metavar="PATH",
+                   help="also measure this copy of batcher.py (repeatable)")
     p.add_argument("--json", default=None, help="write the figures here as JSON")
     a = p.parse_args(argv)
 
@@ -227,7 +229,10 @@ def main(argv: Any = None) -> int:
     impls = {"current": load_batcher_module(os.path.join(ROOT, "agxguard", "batcher.py"),
                                             "batcher_current")}
     if a.baseline:
-        impls = {f"baseline {a.baseline}": baseline_module(a.baseline), **impls}
+        impls = {**{f"at {rev}": baseline_module(rev) for rev in a.baseline}, **impls}
+    if a.baseline_file:
+        impls = {**{os.path.basename(path): load_batcher_module(path, f"batcher_file_{k}")
+                    for k, path in enumerate(a.baseline_file)}, **impls}
     n = a.clients
     xs = [torch.randn(a.rows, a.features) for _ in range(n)]
     xb = torch.cat(xs, 0)

@@ -350,3 +350,44 @@ def test_requests_with_zero_rows_get_empty_results():
         gate.opened.set()
         first.result(TIMEOUT)
         assert [tuple(f.result(TIMEOUT).shape) for f in empties] == [(0, 3)] * 3
+
+
+def test_a_timed_out_call_leaves_its_thread_free_for_the_next_call():
+    gate = Gate(lambda x: x * 10)
+    with Batcher(gate, max_batch=1, max_delay_ms=0) as b:
+        with pytest.raises(TimeoutError):
+            b(torch.ones(1, 1), timeout=0.05)  # stuck in the gate: abandoned
+        gate.opened.set()
+        # The same thread's next calls get their own answers, not the abandoned one's.
+        for v in (2.0, 3.0):
+            assert torch.equal(b(torch.full((1, 1), v), timeout=TIMEOUT), torch.full((1, 1), 10 * v))
+
+
+def test_a_partial_batch_waits_max_delay_and_a_lone_request_after_idle_still_runs():
+    import time
+
+    with Batcher(lambda x: x + 1, max_batch=8, max_delay_ms=30) as b:
+        t0 = time.perf_counter()
+        assert torch.equal(b(torch.zeros(1, 2), timeout=TIMEOUT), torch.ones(1, 2))
+        assert time.perf_counter() - t0 >= 0.029, "a partial batch ran before max_delay"
+        time.sleep(0.1)  # longer than max_delay: the dispatcher goes to sleep until an arrival
+        assert torch.equal(b(torch.ones(1, 2), timeout=TIMEOUT), torch.full((1, 2), 2.0))
+        # A full batch does not wait for the delay.
+        results = [None] * 8
+        t0 = time.perf_counter()
+
+        def client(i):
+            results[i] = b(torch.full((1, 2), float(i)), timeout=TIMEOUT)
+
+        run_threads(8, client)
+        assert all(torch.equal(results[i], torch.full((1, 2), i + 1.0)) for i in range(8))
+    assert b.stats()["requests"] == 10
+
+
+def test_stats_already_count_a_batch_when_its_callers_get_their_answers():
+    with Batcher(lambda x: x, max_batch=1, max_delay_ms=0) as b:
+        for k in range(1, 6):
+            b(torch.ones(1, 1), timeout=TIMEOUT)
+            st = b.stats()
+            assert st["requests"] == k and st["batches"] == k
+            assert st["latency_p50_ms"] is not None and st["queue_wait_p50_ms"] is not None
