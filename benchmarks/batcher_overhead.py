@@ -22,6 +22,9 @@ The functions emulate a GPU batch without a GPU:
 It also measures the floor of this closed loop on Python threads: the same N clients and
 one dispatcher exchanging bare ``_thread`` locks, with no torch and no Batcher code.
 
+``--pin-cpus 0`` also measures the current Batcher with ``pin_cpus={0}`` (its dispatcher
+and client threads on one CPU). Each Batcher's client threads are fresh threads.
+
 ``--baseline REV`` also measures ``agxguard/batcher.py`` as it was at git revision REV
 (loaded from ``git show``) in the same run, so before/after figures come from one run
 on one machine. torch runs with one intra-op thread so that it does not compete with
@@ -29,7 +32,8 @@ the client threads for the cores.
 
 Usage:
     python3 benchmarks/batcher_overhead.py [--clients 8] [--duration 1.0] [--repeats 3]
-        [--fns sleep300us,sleep50us,zero] [--baseline REV ...] [--json PATH]
+        [--fns sleep300us,sleep50us,zero] [--baseline REV ...] [--baseline-file PATH ...]
+        [--pin-cpus 0] [--json PATH]
 """
 from __future__ import annotations
 
@@ -185,8 +189,8 @@ def measure_offline(fn: Callable[[Any], Any], xb: Any, n: int, duration: float) 
 
 
 def measure_batcher(module: Any, fn: Callable[[Any], Any], xs: List[Any], n: int,
-                    duration: float, delay_ms: float) -> Dict[str, Any]:
-    b = module.Batcher(fn, max_batch=n, max_delay_ms=delay_ms, name="overhead")
+                    duration: float, delay_ms: float, **kwargs: Any) -> Dict[str, Any]:
+    b = module.Batcher(fn, max_batch=n, max_delay_ms=delay_ms, name="overhead", **kwargs)
     try:
         def step_for(i: int) -> Callable[[], Any]:
             x = xs[i]
@@ -215,6 +219,8 @@ def main(argv: Any = None) -> int:
                    help="also measure agxguard/batcher.py as of this git revision (repeatable)")
     p.add_argument("--baseline-file", action="append", default=[], metavar="PATH",
                    help="also measure this copy of batcher.py (repeatable)")
+    p.add_argument("--pin-cpus", default=None, metavar="CPUS",
+                   help="also measure the current Batcher with pin_cpus set to these CPUs, e.g. 0")
     p.add_argument("--json", default=None, help="write the figures here as JSON")
     a = p.parse_args(argv)
 
@@ -233,6 +239,10 @@ def main(argv: Any = None) -> int:
     if a.baseline_file:
         impls = {**{os.path.basename(path): load_batcher_module(path, f"batcher_file_{k}")
                     for k, path in enumerate(a.baseline_file)}, **impls}
+    pinned = None
+    if a.pin_cpus:
+        pinned = {int(c) for c in a.pin_cpus.split(",")}
+        impls[f"current pin_cpus={a.pin_cpus}"] = impls["current"]
     n = a.clients
     xs = [torch.randn(a.rows, a.features) for _ in range(n)]
     xb = torch.cat(xs, 0)
@@ -248,8 +258,9 @@ def main(argv: Any = None) -> int:
             fn = fns[fname]
             runs.setdefault((fname, "offline"), []).append(measure_offline(fn, xb, n, a.duration))
             for label, mod in impls.items():
+                kw = {"pin_cpus": pinned} if label.startswith("current pin_cpus") else {}
                 runs.setdefault((fname, label), []).append(
-                    measure_batcher(mod, fn, xs, n, a.duration, a.delay_ms))
+                    measure_batcher(mod, fn, xs, n, a.duration, a.delay_ms, **kw))
 
     def med(rs: List[Dict[str, Any]], k: str) -> Any:
         vals = [r[k] for r in rs if r.get(k) is not None]

@@ -391,3 +391,27 @@ def test_stats_already_count_a_batch_when_its_callers_get_their_answers():
             st = b.stats()
             assert st["requests"] == k and st["batches"] == k
             assert st["latency_p50_ms"] is not None and st["queue_wait_p50_ms"] is not None
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="Linux only")
+def test_pin_cpus_pins_the_dispatcher_and_each_calling_thread():
+    import os
+
+    cpu = min(os.sched_getaffinity(0))
+    seen = []
+
+    def fn(x):
+        seen.append(os.sched_getaffinity(0))
+        return x
+
+    def client(i):
+        assert torch.equal(b(torch.ones(1, 1), timeout=TIMEOUT), torch.ones(1, 1))
+        seen.append(os.sched_getaffinity(0))
+
+    with Batcher(fn, max_batch=4, max_delay_ms=1, pin_cpus={cpu}) as b:
+        run_threads(3, client)  # fresh threads: the test's own thread keeps its affinity
+    assert seen and all(s == {cpu} for s in seen)
+    with pytest.raises(TypeError, match="pin_cpus must be None or a non-empty"):
+        Batcher(lambda x: x, pin_cpus=[])
+    with pytest.raises(ValueError, match="may not use"):
+        Batcher(lambda x: x, pin_cpus={10 ** 6})
