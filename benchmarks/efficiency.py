@@ -119,6 +119,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1,
                    help="measure every point this many times, round robin; report the median")
     p.add_argument("--batcher-delay-ms", type=float, default=2.0, help="Batcher max_delay_ms")
+    p.add_argument("--batcher-pin-cpus", default=None, metavar="CPUS",
+                   help="pin the Batcher's dispatcher and client threads to these CPUs, e.g. 0 "
+                        "(Batcher(pin_cpus=...); Linux)")
     p.add_argument("--batcher-guard", default=None, metavar="MODE",
                    help="run the Batcher's batches inside agxguard.guard() in this mode")
     p.add_argument("--streams", choices=("auto", "per-thread", "shared"), default="auto",
@@ -128,6 +131,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="short run: threads 1,8, 0.25 s per point")
     p.add_argument("--strict", action="store_true", help="exit 1 if a target fails")
     a = p.parse_args(argv)
+    if a.batcher_pin_cpus is not None:
+        try:
+            a.batcher_pin_cpus = sorted({int(c) for c in a.batcher_pin_cpus.split(",") if c.strip()})
+        except ValueError:
+            p.error(f"--batcher-pin-cpus takes CPU numbers like 0 or 0,1, not {a.batcher_pin_cpus!r}")
+        if not a.batcher_pin_cpus or min(a.batcher_pin_cpus) < 0:
+            p.error("--batcher-pin-cpus takes CPU numbers >= 0, like 0 or 0,1")
 
     if a.threads is None:
         a.threads = [1, 8] if a.quick else [1, 2, 4, 8]
@@ -359,8 +369,9 @@ class Bench:
             if self.opts.batcher_guard is not None:
                 agxguard.set_mode(self.opts.batcher_guard)
                 guard = True
+            pin = set(self.opts.batcher_pin_cpus) if self.opts.batcher_pin_cpus else None
             b = Batcher(fn, max_batch=n, max_delay_ms=self.opts.batcher_delay_ms,
-                        max_queue=max(1024, 4 * n), guard=guard, name=f"bench-{self.name}")
+                        max_queue=max(1024, 4 * n), guard=guard, name=f"bench-{self.name}", pin_cpus=pin)
             try:
                 def client_step(i: int) -> Callable[[], None]:
                     x = self.inputs[i]
@@ -370,7 +381,8 @@ class Bench:
                                 barrier_action=b.reset_stats)
                 extra["batcher"] = b.stats()
                 extra["batcher"].update(max_batch=n, max_delay_ms=self.opts.batcher_delay_ms,
-                                        guard_mode=self.opts.batcher_guard)
+                                        guard_mode=self.opts.batcher_guard,
+                                        pin_cpus=sorted(pin) if pin else None)
             finally:
                 b.close()
             threads, batch = n, 1
