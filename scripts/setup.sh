@@ -7,25 +7,31 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || return 1
+    local SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get install -y -q "$@" >/dev/null ||
+        { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q "$@" >/dev/null; }
+}
+
 have_objc() {
     printf '#include <objc/runtime.h>\nint main(void){return 0;}\n' |
         ${CC:-cc} -x c - -o /dev/null -lobjc >/dev/null 2>&1
 }
 
 if [ "$(uname -s)" = Linux ] && ! have_objc; then
-    if command -v apt-get >/dev/null 2>&1; then
-        SUDO=""
-        [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-        echo "setup: installing GCC's Objective-C runtime (gobjc, libobjc-12-dev) with apt"
-        $SUDO apt-get install -y -q gobjc libobjc-12-dev >/dev/null ||
-            { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q gobjc libobjc-12-dev >/dev/null; } ||
-            echo "setup: could not install the Objective-C runtime; building without swizzling and the driver model"
-    else
-        echo "setup: no apt-get and no Objective-C runtime; building without swizzling and the driver model"
-    fi
+    echo "setup: installing GCC's Objective-C runtime (gobjc, libobjc-12-dev) with apt"
+    apt_install gobjc libobjc-12-dev ||
+        echo "setup: could not install the Objective-C runtime; building without swizzling and the driver model"
 fi
-
-$PYTHON -m pip --version >/dev/null 2>&1 || $PYTHON -m ensurepip --upgrade
+# a distribution's Python may lack pip or its C headers
+$PYTHON -m pip --version >/dev/null 2>&1 || $PYTHON -m ensurepip --upgrade >/dev/null 2>&1 ||
+    apt_install python3-pip || { echo "setup: pip is missing and could not be installed"; exit 1; }
+$PYTHON -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" ||
+    apt_install python3-dev || { echo "setup: Python's C headers are missing (Debian: python3-dev)"; exit 1; }
+# Debian's own Python refuses pip installs outside a venv (PEP 668); this script installs on purpose
+export PIP_BREAK_SYSTEM_PACKAGES=1
 pip_install() { $PYTHON -m pip install -q --disable-pip-version-check "$@"; }
 # torch: keep one that is already there (e.g. a CUDA build); else the pinned CPU build
 $PYTHON -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
