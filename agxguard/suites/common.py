@@ -240,6 +240,24 @@ def check_outputs(backend, workload: str, r: Dict[str, Any], value: Dict[str, An
             problems.append("same input gave different outputs (max diff %.3g)" % value["repeat_max_abs_diff"])
 
 
+def finish_case(backend, workload: str, r: Dict[str, Any], keep: bool, *,
+                against_reference: bool = False, repeatable: bool = False) -> Dict[str, Any]:
+    """The end of a case: the public result of :func:`run_threads` ``r``, after the
+    checks (errors, ops completed against expected, and with ``keep`` the
+    :func:`check_outputs` ones); raises ``harness.CheckFailed`` with the value if any
+    failed."""
+    value = public(r)
+    problems = list(r["errors"])
+    if r["expected"] is not None and r["completed"] != r["expected"]:
+        problems.append("%d of %d ops completed" % (r["completed"], r["expected"]))
+    if keep:
+        check_outputs(backend, workload, r, value, problems,
+                      against_reference=against_reference, repeatable=repeatable)
+    if problems:
+        raise harness.CheckFailed("; ".join(problems[:4]), value)
+    return value
+
+
 def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
     """Harness target: set the case's mode, run its chapter, record the honesty figures."""
     import agxguard

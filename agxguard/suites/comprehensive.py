@@ -15,7 +15,6 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, List, Optional
 
-from .. import harness
 from ..report import Report
 from . import common
 
@@ -68,17 +67,9 @@ def run_chapter(backend, case: Dict[str, Any]) -> Dict[str, Any]:
     keep = True  # every category checks that its outputs are there and sane
     r = common.run_threads(backend, wl, mode, case["threads"], iterations=case.get("iterations"),
                            duration=case.get("duration"), keep=keep)
-    value = common.public(r)
-    problems = list(r["errors"])
-    if r["expected"] is not None and r["completed"] != r["expected"]:
-        problems.append("%d of %d ops completed" % (r["completed"], r["expected"]))
-    if keep:
-        common.check_outputs(backend, wl, r, value, problems,
-                             against_reference=(category == "correctness"),
-                             repeatable=(category == "thread_safety"))
-    if problems:
-        raise harness.CheckFailed("; ".join(problems[:4]), value)
-    return value
+    return common.finish_case(backend, wl, r, keep,
+                              against_reference=(category == "correctness"),
+                              repeatable=(category == "thread_safety"))
 
 
 def comprehensive(device: Optional[str] = None, mode: Any = "all", *,

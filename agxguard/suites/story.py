@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from typing import Any, Dict, List, Optional
 
-from .. import harness
 from ..report import Report
 from . import common
 
@@ -69,16 +68,7 @@ def run_chapter(backend, case: Dict[str, Any]) -> Dict[str, Any]:
     r = common.run_threads(backend, wl, mode, case["threads"], batch=batch,
                            iterations=case.get("iterations"), duration=case.get("duration"),
                            keep=keep)
-    value = common.public(r)
-    problems = list(r["errors"])
-    if r["expected"] is not None and r["completed"] != r["expected"]:
-        problems.append("%d of %d ops completed" % (r["completed"], r["expected"]))
-    if keep:
-        common.check_outputs(backend, wl, r, value, problems,
-                             against_reference=(chapter == "correctness"))
-    if problems:
-        raise harness.CheckFailed("; ".join(problems[:4]), value)
-    return value
+    return common.finish_case(backend, wl, r, keep, against_reference=(chapter == "correctness"))
 
 
 def complete_story(device: Optional[str] = None, mode: Any = "all", *,
