@@ -337,22 +337,7 @@ class Batcher:
         _describe(r, x)
         if timeout is not None:
             return self._call_with_timeout(r, x, timeout)
-        r.x = x
-        r.t = _perf_counter()
-        r.busy = True
-        try:
-            with self._mutex:
-                q = self._queue
-                if self._closed or len(q) >= self.max_queue:
-                    self._wait_for_room(None)
-                q.append(r)
-                if self._sleeping and len(q) >= self._wake_at:
-                    self._sleeping = False
-                    self._wake.release()
-        except BaseException:
-            r.busy = False
-            r.x = None
-            raise
+        self._enqueue_call(r, x, None)
         r.lock.acquire()
         return _answer(r)
 
@@ -361,6 +346,17 @@ class Batcher:
         if timeout < 0:
             raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
         deadline = time.monotonic() + timeout
+        self._enqueue_call(r, x, timeout)
+        if not r.lock.acquire(True, max(0.0, deadline - time.monotonic())):
+            # r stays busy and queued: the dispatcher answers it to nobody, and this
+            # thread's next call takes a fresh request.
+            raise TimeoutError(f"Batcher {self.name!r}: no result within {timeout} s")
+        return _answer(r)
+
+    def _enqueue_call(self, r: _Request, x: Any, timeout: Optional[float]) -> None:
+        """Queue the blocking call's request ``r`` for ``x`` (marked busy) and wake the
+        dispatcher if it waits for this many; on any exception ``r`` is left unqueued
+        and free again."""
         r.x = x
         r.t = _perf_counter()
         r.busy = True
@@ -377,11 +373,6 @@ class Batcher:
             r.busy = False
             r.x = None
             raise
-        if not r.lock.acquire(True, max(0.0, deadline - time.monotonic())):
-            # r stays busy and queued: the dispatcher answers it to nobody, and this
-            # thread's next call takes a fresh request.
-            raise TimeoutError(f"Batcher {self.name!r}: no result within {timeout} s")
-        return _answer(r)
 
     def _wait_for_room(self, timeout: Optional[float]) -> None:
         """With the mutex held: wait until the queue has room; raise if closed or timed out."""
