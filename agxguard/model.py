@@ -13,12 +13,13 @@ swizzle sees them). ``window_spins`` / ``window_yields`` widen the races.
 """
 from __future__ import annotations
 
+import collections
 import os
 import subprocess
 import sys
 import textwrap
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from . import _C
 
@@ -162,3 +163,23 @@ def run_in_child(mode: str, threads: int = 8, iterations: int = 100, bugs: Optio
     else:
         out["outcome"] = "error"
     return out
+
+
+def tally_in_child(mode: str, runs: int, message_chars: int = 100,
+                   **run_kw: Any) -> Tuple["collections.Counter[str]", "collections.Counter[str]",
+                                           List[Dict[str, Any]]]:
+    """run_in_child(mode, **run_kw) ``runs`` times and count what happened. Returns
+    (outcomes, messages, results): a Counter of outcomes, a Counter of the first
+    ``message_chars`` characters of each message of a run that was not ok, and the
+    result of each ok run, in order."""
+    outcomes: "collections.Counter[str]" = collections.Counter()
+    messages: "collections.Counter[str]" = collections.Counter()
+    results: List[Dict[str, Any]] = []
+    for _ in range(runs):
+        r = run_in_child(mode, **run_kw)
+        outcomes[r["outcome"]] += 1
+        if r["outcome"] != "ok":
+            messages[r["message"][:message_chars]] += 1
+        else:
+            results.append(r["result"])
+    return outcomes, messages, results

@@ -7,7 +7,6 @@ these are its numbers on the machine that runs this.
     python benchmarks/hooks_crash_table.py [--runs 100] [--iterations 100] [--json out.json]
 """
 import argparse
-import collections
 import json
 import platform
 import sys
@@ -35,16 +34,13 @@ ENV = {"AGXGUARD_DRIVER": "model"}
 
 def run_row(bugs, mode, kw, runs, threads, iterations, window_yields):
     b = dict(NONE, **bugs, window_yields=window_yields)
-    outcomes, messages = collections.Counter(), collections.Counter()
+    outcomes, messages, results = model.tally_in_child(
+        mode, runs, threads=threads, iterations=iterations, bugs=b, timeout=60, env=ENV,
+        hooks=False, region=(mode == "global"), internal_every=4, **kw)
     lifecycle_ok = 0
-    for _ in range(runs):
-        r = model.run_in_child(mode, threads=threads, iterations=iterations, bugs=b, timeout=60, env=ENV,
-                               hooks=False, region=(mode == "global"), internal_every=4, **kw)
-        outcomes[r["outcome"]] += 1
-        if r["outcome"] != "ok":
-            messages[r["message"][:100]] += 1
-        elif r["result"]["hooks_driver"] == "model":
-            lc = r["result"]["lifecycle"]
+    for result in results:
+        if result["hooks_driver"] == "model":
+            lc = result["lifecycle"]
             lifecycle_ok += lc["encoders_created"] == lc["encoders_ended"] and lc["encoders_open"] == 0
     return outcomes, messages, lifecycle_ok
 

@@ -5,7 +5,6 @@ numbers are the model's on the machine that runs this.
     python benchmarks/model_crash_table.py [--runs 200] [--iterations 100] [--window-yields 1]
 """
 import argparse
-import collections
 import json
 import platform
 import sys
@@ -42,13 +41,8 @@ def main() -> int:
     print(f"{'mode':7} {'queues':9} {'bugs':16} {'crashed':>9} {'share':>7}  outcomes")
     for mode, extra_bugs, kw in CONFIGS:
         b = dict(bugs, **extra_bugs)
-        outcomes = collections.Counter()
-        messages = collections.Counter()
-        for _ in range(a.runs):
-            r = model.run_in_child(mode, threads=a.threads, iterations=a.iterations, bugs=b, timeout=60, **kw)
-            outcomes[r["outcome"]] += 1
-            if r["outcome"] not in ("ok",):
-                messages[r["message"][:90]] += 1
+        outcomes, messages, _ = model.tally_in_child(mode, a.runs, message_chars=90, threads=a.threads,
+                                                     iterations=a.iterations, bugs=b, timeout=60, **kw)
         crashed = a.runs - outcomes["ok"]
         queues = "per-thread" if kw.get("shared_queue") is False else "shared"
         bug_note = "all" if not extra_bugs else "all but " + ",".join(k for k, v in extra_bugs.items() if not v)
