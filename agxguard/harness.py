@@ -373,6 +373,14 @@ def _run_one_child(name, items, records, workdir, env, cwd, timeout, startup_tim
         if on_attempt is not None:
             on_attempt(records[index], attempt)
 
+    def finish_done(ev):
+        """Record the child's "done" event ``ev`` as an attempt of its case."""
+        finish(ev["index"], Attempt(
+            status=ev.get("status", "failed"), value=ev.get("value"),
+            error=ev.get("error"), traceback=ev.get("traceback"),
+            duration_s=round(time.monotonic() - current_since, 4),
+            pid=child.proc.pid))
+
     try:
         while True:
             for ev in child.events():
@@ -380,22 +388,14 @@ def _run_one_child(name, items, records, workdir, env, cwd, timeout, startup_tim
                 if kind == "start":
                     current, current_since = ev["index"], time.monotonic()
                 elif kind == "done":
-                    finish(ev["index"], Attempt(
-                        status=ev.get("status", "failed"), value=ev.get("value"),
-                        error=ev.get("error"), traceback=ev.get("traceback"),
-                        duration_s=round(time.monotonic() - current_since, 4),
-                        pid=child.proc.pid))
+                    finish_done(ev)
                     current = None
                     current_since = time.monotonic()
             if child.proc.poll() is not None:
                 # Read the last lines written before the exit.
                 for ev in child.events():
                     if ev.get("event") == "done" and ev["index"] not in attempted:
-                        finish(ev["index"], Attempt(
-                            status=ev.get("status", "failed"), value=ev.get("value"),
-                            error=ev.get("error"), traceback=ev.get("traceback"),
-                            duration_s=round(time.monotonic() - current_since, 4),
-                            pid=child.proc.pid))
+                        finish_done(ev)
                         current = None
                     elif ev.get("event") == "start":
                         current, current_since = ev["index"], time.monotonic()
