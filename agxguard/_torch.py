@@ -1,6 +1,7 @@
 """The torch side of ``op`` granularity: a function mode that locks each op."""
 from __future__ import annotations
 
+import os
 import types
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -8,6 +9,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import _C
+from ._affinity import check_pin_cpus
 
 # Torch functions that read metadata or flip thread-local state and reach no
 # device, so they run without the op lock: tensor attribute getters (shape,
@@ -42,11 +44,39 @@ class GuardedOps(TorchFunctionMode):
 
     Any torch function mode, this one included, makes torch skip its fused
     transformer fast path (nn.TransformerEncoderLayer falls back to separate
-    ops), so ``op`` mode runs more kernels for transformer models."""
+    ops), so ``op`` mode runs more kernels for transformer models.
 
-    def __init__(self) -> None:
+    ``pin_cpus`` (Linux): pin the entering thread to these CPUs while the mode is
+    active, restoring its affinity on exit. Workers under the op lock hand it over
+    through the GIL; on one core that is a context switch instead of waking an idle
+    virtual CPU (on the H200 VM: 0.46x -> 0.86x of free threads for small_mlp)."""
+
+    def __init__(self, pin_cpus: Any = None) -> None:
         super().__init__()
+        self._pin = check_pin_cpus(pin_cpus)
+        self._saved_affinity: Optional[frozenset] = None
         self.__torch_function__ = types.MethodType(_C.torch_function, self)  # type: ignore[method-assign]
+
+    def __enter__(self) -> "GuardedOps":
+        if self._pin is not None:
+            self._saved_affinity = frozenset(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, self._pin)
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._restore_affinity()
+            raise
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return super().__exit__(*exc)
+        finally:
+            self._restore_affinity()
+
+    def _restore_affinity(self) -> None:
+        if self._saved_affinity is not None:
+            os.sched_setaffinity(0, self._saved_affinity)
+            self._saved_affinity = None
 
     def __torch_function__(self, func: Callable[..., Any], types: Sequence[type],
                            args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None) -> Any:

@@ -30,6 +30,8 @@ import time
 import weakref
 from typing import Any, Callable, Optional, Union
 
+from ._affinity import check_pin_cpus
+
 __all__ = ["Batcher"]
 
 _LATENCY_SAMPLES = 65536  # per-request samples kept for the percentiles (the newest ones)
@@ -221,7 +223,7 @@ class Batcher:
         self.fn = fn
         self.name = name if name is not None else getattr(fn, "__name__", type(fn).__name__)
         self._guard = self._guard_factory(guard)
-        self._pin = self._check_pin_cpus(pin_cpus)
+        self._pin = check_pin_cpus(pin_cpus)
         self._delay_s = self.max_delay_ms / 1000.0
 
         self._mutex = _thread.allocate_lock()  # guards the queue and the wake-up state
@@ -243,26 +245,6 @@ class Batcher:
                                         name=f"agxguard-batcher-{self.name}")
         self._thread.start()
         _live_batchers.add(self)
-
-    @staticmethod
-    def _check_pin_cpus(pin_cpus: Any) -> Optional[frozenset]:
-        """Resolve ``pin_cpus`` to a frozenset of usable CPU numbers, or None."""
-        if pin_cpus is None:
-            return None
-        if not hasattr(os, "sched_setaffinity"):
-            raise ValueError("pin_cpus needs os.sched_setaffinity (Linux); this platform has none")
-        try:
-            cpus = frozenset(pin_cpus)
-        except TypeError:
-            cpus = None
-        if not cpus or not all(isinstance(c, int) and not isinstance(c, bool) for c in cpus):
-            raise TypeError(f"pin_cpus must be None or a non-empty collection of CPU numbers "
-                            f"(ints), got {pin_cpus!r}")
-        usable = os.sched_getaffinity(0)
-        if not cpus <= usable:
-            raise ValueError(f"pin_cpus {sorted(cpus)} includes CPUs this process may not use "
-                             f"(allowed: {sorted(usable)})")
-        return cpus
 
     def _pin_caller(self) -> None:
         """Pin the calling thread to pin_cpus (once per thread, while it calls this Batcher)."""

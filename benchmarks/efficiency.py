@@ -122,6 +122,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--batcher-pin-cpus", default=None, metavar="CPUS",
                    help="pin the Batcher's dispatcher and client threads to these CPUs, e.g. 0 "
                         "(Batcher(pin_cpus=...); Linux)")
+    p.add_argument("--op-pin-cpus", default=None, metavar="CPUS",
+                   help="op config: agxguard.ops(pin_cpus=...) in each worker, e.g. 0 (Linux)")
     p.add_argument("--batcher-guard", default=None, metavar="MODE",
                    help="run the Batcher's batches inside agxguard.guard() in this mode")
     p.add_argument("--streams", choices=("auto", "per-thread", "shared"), default="auto",
@@ -131,13 +133,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="short run: threads 1,8, 0.25 s per point")
     p.add_argument("--strict", action="store_true", help="exit 1 if a target fails")
     a = p.parse_args(argv)
-    if a.batcher_pin_cpus is not None:
+    for flag in ("batcher_pin_cpus", "op_pin_cpus"):
+        text = getattr(a, flag)
+        if text is None:
+            continue
+        name = "--" + flag.replace("_", "-")
         try:
-            a.batcher_pin_cpus = sorted({int(c) for c in a.batcher_pin_cpus.split(",") if c.strip()})
+            cpus = sorted({int(c) for c in text.split(",") if c.strip()})
         except ValueError:
-            p.error(f"--batcher-pin-cpus takes CPU numbers like 0 or 0,1, not {a.batcher_pin_cpus!r}")
-        if not a.batcher_pin_cpus or min(a.batcher_pin_cpus) < 0:
-            p.error("--batcher-pin-cpus takes CPU numbers >= 0, like 0 or 0,1")
+            p.error(f"{name} takes CPU numbers like 0 or 0,1, not {text!r}")
+        if not cpus or min(cpus) < 0:
+            p.error(f"{name} takes CPU numbers >= 0, like 0 or 0,1")
+        setattr(a, flag, cpus)
 
     if a.threads is None:
         a.threads = [1, 8] if a.quick else [1, 2, 4, 8]
@@ -294,7 +301,8 @@ class Bench:
             elif agxguard is not None:
                 stack.enter_context(agxguard.use_stream(i + 1))
         if config == "op":
-            stack.enter_context(agxguard.ops())
+            stack.enter_context(agxguard.ops(pin_cpus=set(self.opts.op_pin_cpus)
+                                             if self.opts.op_pin_cpus else None))
         return stack
 
     def make_step(self, i: int, config: str) -> Callable[[], None]:

@@ -107,7 +107,9 @@ void agx_lock_init(agx_lock *l, const char *name) {
 /* A waiter spins this long (GIL released) before it sleeps: a guarded call
  * that ends within it hands over without a system call or a context switch
  * on either side. */
+#ifndef SPIN_NS
 #define SPIN_NS 20000
+#endif
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)

@@ -78,3 +78,24 @@ def test_metadata_reads_pass_through_without_the_lock():
         assert agxguard.stats()["domains"]["op"]["acquisitions"] == 0
         x + 1
         assert agxguard.stats()["domains"]["op"]["acquisitions"] == 1
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"),
+                    reason="pin_cpus needs os.sched_setaffinity (Linux)")
+def test_ops_pin_cpus_pins_the_thread_inside_and_restores_it():
+    import os
+    before = os.sched_getaffinity(0)
+    cpu = min(before)
+    with agxguard.ops(pin_cpus={cpu}):
+        assert os.sched_getaffinity(0) == {cpu}
+        torch.add(torch.ones(1), 1)
+    assert os.sched_getaffinity(0) == before
+
+
+def test_ops_pin_cpus_rejects_bad_values():
+    with pytest.raises(TypeError, match="pin_cpus"):
+        agxguard.ops(pin_cpus="0")
+    with pytest.raises(TypeError, match="pin_cpus"):
+        agxguard.ops(pin_cpus=set())
+    with pytest.raises(ValueError, match="may not use"):
+        agxguard.ops(pin_cpus={10_000})
