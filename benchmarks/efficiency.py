@@ -696,8 +696,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "targets": targets,
     }
     os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
-    with open(opts.json, "w") as f:
+    tmp = opts.json + ".tmp"  # written whole, then renamed: a failed dump leaves no half file
+    with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
+    os.replace(tmp, opts.json)
     log(f"\nwrote {opts.json} ({wall:.0f} s of measuring)")
     if not opts.no_plot:
         png = plot(rows, opts, info, os.path.splitext(opts.json)[0] + ".png")
