@@ -117,7 +117,11 @@ agx_lock *agx_stream_lock(uint64_t key) {
 }
 
 agx_lock *agx_lock_for(agx_site site, int has_stream, uint64_t stream_key, const void *object) {
-    switch (agx_mode_get()) {
+    return agx_lock_for_mode(agx_mode_get(), site, has_stream, stream_key, object);
+}
+
+agx_lock *agx_lock_for_mode(int mode, agx_site site, int has_stream, uint64_t stream_key, const void *object) {
+    switch (mode) {
     case AGX_MODE_OP:
         return site == AGX_SITE_CALL ? &G.op : NULL;
     case AGX_MODE_STREAM:

@@ -47,6 +47,9 @@ agx_lock *agx_object_lock(const void *object);
 /* The lock the current mode assigns to a site; NULL for none. `has_stream`
  * says whether `stream_key` is meaningful; `object` may be NULL. */
 agx_lock *agx_lock_for(agx_site site, int has_stream, uint64_t stream_key, const void *object);
+/* The same rule for a mode the caller already read (so a stream key it
+ * resolved for that mode is used under that mode, even if the mode changes). */
+agx_lock *agx_lock_for_mode(int mode, agx_site site, int has_stream, uint64_t stream_key, const void *object);
 
 /* Throttle: at most `limit` outermost regions at once (0 = no limit). */
 agx_sem *agx_throttle(void);

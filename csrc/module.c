@@ -62,14 +62,10 @@ typedef struct {
 
 static int region_enter(GuardObject *g) {
     int mode = agx_mode_get();
-    agx_lock *lock = NULL;
-    if (mode == AGX_MODE_GLOBAL || (mode == AGX_MODE_OP && g->site == AGX_SITE_CALL)) {
-        lock = agx_lock_for(g->site, 0, 0, NULL);
-    } else if (mode == AGX_MODE_STREAM) {
-        uint64_t key = g->key;
-        if (!g->has_key && current_stream(&key) < 0) return -1;
-        lock = agx_stream_lock(key);
-    }
+    uint64_t key = g->key;
+    /* the stream is resolved only where the mode uses it (it may call Python) */
+    if (mode == AGX_MODE_STREAM && !g->has_key && current_stream(&key) < 0) return -1;
+    agx_lock *lock = agx_lock_for_mode(mode, g->site, 1, key, NULL);
     int throttled = 0;
     if (g->site == AGX_SITE_REGION && agx_region_depth() == 0 &&
         atomic_load_explicit(&agx_throttle()->limit, memory_order_relaxed) > 0) {
