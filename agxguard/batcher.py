@@ -287,16 +287,7 @@ class Batcher:
         _describe(r, x)
         if timeout is not None and timeout < 0:
             raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
-        r.x = x
-        r.t = _perf_counter()
-        with self._mutex:
-            q = self._queue
-            if self._closed or len(q) >= self.max_queue:
-                self._wait_for_room(timeout)
-            q.append(r)
-            if self._sleeping and len(q) >= self._wake_at:
-                self._sleeping = False
-                self._wake.release()
+        self._push(r, x, timeout)
         return future
 
     def __call__(self, x: Any, timeout: Optional[float] = None) -> Any:
@@ -339,22 +330,27 @@ class Batcher:
         """Queue the blocking call's request ``r`` for ``x`` (marked busy) and wake the
         dispatcher if it waits for this many; on any exception ``r`` is left unqueued
         and free again."""
-        r.x = x
-        r.t = _perf_counter()
         r.busy = True
         try:
-            with self._mutex:
-                q = self._queue
-                if self._closed or len(q) >= self.max_queue:
-                    self._wait_for_room(timeout)
-                q.append(r)
-                if self._sleeping and len(q) >= self._wake_at:
-                    self._sleeping = False
-                    self._wake.release()
+            self._push(r, x, timeout)
         except BaseException:
             r.busy = False
             r.x = None
             raise
+
+    def _push(self, r: _Request, x: Any, timeout: Optional[float]) -> None:
+        """Queue ``r`` for ``x`` (waiting for room up to ``timeout``) and wake the
+        dispatcher if it waits for this many requests."""
+        r.x = x
+        r.t = _perf_counter()
+        with self._mutex:
+            q = self._queue
+            if self._closed or len(q) >= self.max_queue:
+                self._wait_for_room(timeout)
+            q.append(r)
+            if self._sleeping and len(q) >= self._wake_at:
+                self._sleeping = False
+                self._wake.release()
 
     def _wait_for_room(self, timeout: Optional[float]) -> None:
         """With the mutex held: wait until the queue has room; raise if closed or timed out."""
