@@ -55,9 +55,13 @@ ROOT = os.path.dirname(HERE)
 
 
 def load_batcher_module(path: str, name: str) -> Any:
-    """Import a batcher.py by path (it needs nothing else from the package)."""
-    spec = importlib.util.spec_from_file_location(name, path)
+    """Import a batcher.py by path, as a module of the agxguard package (so its
+    relative imports, e.g. ``._affinity``, resolve against the installed tree)."""
+    sys.path.insert(0, ROOT)
+    import agxguard  # noqa: F401  (the parent package of the module made below)
+    spec = importlib.util.spec_from_file_location(f"agxguard.{name}", path)
     module = importlib.util.module_from_spec(spec)
+    module.__package__ = "agxguard"
     spec.loader.exec_module(module)
     return module
 
