@@ -32,7 +32,35 @@ from typing import Any, Callable, Optional, Union
 
 from ._affinity import check_pin_cpus
 
+try:
+    from ._C import Wakeup as _Wakeup
+except ImportError:  # loaded without the C core (benchmarks/efficiency.py's fallback)
+    class _Wakeup:  # type: ignore[no-redef]
+        """The same auto-reset event on a _thread lock (held while clear), without spinning."""
+
+        __slots__ = ("_lock",)
+
+        def __init__(self, spin_us: float = 0.0):
+            self._lock = _thread.allocate_lock()
+            self._lock.acquire()
+
+        def set(self) -> None:
+            try:
+                self._lock.release()
+            except RuntimeError:  # set already
+                pass
+
+        def clear(self) -> bool:
+            return self._lock.acquire(False)
+
+        def wait(self, timeout: Optional[float] = None, spin_us: Optional[float] = None) -> bool:
+            return self._lock.acquire(True, -1 if timeout is None else timeout)
+
 __all__ = ["Batcher"]
+
+#: Default Batcher(spin_us=...): how long a waiting caller or the dispatcher spins
+#: (GIL released) before it sleeps.
+DEFAULT_SPIN_US = 2000.0
 
 _LATENCY_SAMPLES = 65536  # per-request samples kept for the percentiles (the newest ones)
 
@@ -48,14 +76,14 @@ def _percentile(sorted_values: list, q: float) -> Optional[float]:
 class _Request:
     """One queued request: its tensor, its batching key, and where its answer goes.
 
-    A blocking call answers through ``lock``, a ``_thread`` lock held while the request
-    is in flight; the dispatcher sets ``value`` or ``error`` and releases it. Each thread
-    keeps one such request in thread-local storage and reuses it call after call (no new
-    object and no new lock per call). A ``submit()`` request answers through ``future``
-    and has no lock.
+    A blocking call answers through ``done``, a Wakeup (agxguard._C.Wakeup: an event
+    the caller waits on with the GIL released, spinning first); the dispatcher sets
+    ``value`` or ``error`` and sets ``done``. Each thread keeps one such request in
+    thread-local storage and reuses it call after call (no new object per call). A
+    ``submit()`` request answers through ``future`` and has no ``done``.
     """
 
-    __slots__ = ("x", "rows", "key", "t", "future", "lock", "value", "error", "busy")
+    __slots__ = ("x", "rows", "key", "t", "future", "done", "value", "error", "busy")
 
     def __init__(self, future: Optional[concurrent.futures.Future] = None):
         self.x = None
@@ -63,10 +91,7 @@ class _Request:
         self.key = None
         self.t = 0.0  # time.perf_counter() at submit
         self.future = future
-        self.lock = None
-        if future is None:
-            self.lock = _thread.allocate_lock()
-            self.lock.acquire()  # held while idle or in flight; released to answer
+        self.done = None if future is not None else _Wakeup()
         self.value = None
         self.error = None
         self.busy = False  # a blocking call is using (or abandoned) this request
@@ -104,7 +129,7 @@ def _describe(r: _Request, x: Any) -> None:
 
 
 def _answer(r: _Request) -> Any:
-    """In the caller, once ``r.lock`` was released: free ``r`` for reuse, return or raise."""
+    """In the caller, once ``r.done`` was set: free ``r`` for reuse, return or raise."""
     r.x = None
     r.busy = False
     error = r.error
@@ -121,7 +146,7 @@ def _fail(r: _Request, error: BaseException) -> None:
     f = r.future
     if f is None:
         r.error = error
-        r.lock.release()
+        r.done.set()
     elif not f.done():
         try:
             f.set_exception(error)
@@ -204,11 +229,19 @@ class Batcher:
             they hand over by plain context switches instead of waking idle (virtual)
             CPUs, which costs several times more per request on many-core VMs. Meant for
             ``fn`` on a GPU: a CPU-bound ``fn`` or client would lose the other cores.
+        spin_us: how long (microseconds, 0 to 1,000,000) a waiting caller, and the
+            dispatcher waiting for requests, spin with the GIL released before they
+            sleep (default 2000). An answer that comes within it reaches its caller
+            without a wake-up from sleep, and callers take the GIL back one at a time;
+            on many-core VMs that is most of a small batch's cost. Spinning uses a CPU
+            per waiter, and only while the thread's usable CPUs less two are not all
+            spinning already; 0 never spins (least CPU, most latency).
     """
 
     def __init__(self, fn: Callable[[Any], Any], max_batch: int = 8, max_delay_ms: float = 2.0,
                  max_queue: int = 1024, guard: Union[bool, Callable[[], Any]] = False,
-                 name: Optional[str] = None, pin_cpus: Optional[Any] = None):
+                 name: Optional[str] = None, pin_cpus: Optional[Any] = None,
+                 spin_us: float = DEFAULT_SPIN_US):
         if not callable(fn):
             raise TypeError(f"fn must be callable (a model or function of one batched tensor), "
                             f"got {fn!r} (type {type(fn).__name__})")
@@ -220,6 +253,12 @@ class Batcher:
         if not (max_delay_ms >= 0) or math.isinf(max_delay_ms):
             raise ValueError(f"max_delay_ms must be a finite number >= 0, got {max_delay_ms!r}")
         self.max_delay_ms = float(max_delay_ms)
+        if isinstance(spin_us, bool) or not isinstance(spin_us, (int, float)):
+            raise TypeError(f"spin_us must be a number from 0 to 1000000, got {spin_us!r} "
+                            f"(type {type(spin_us).__name__})")
+        if not (0 <= spin_us <= 1e6):
+            raise ValueError(f"spin_us must be a number from 0 to 1000000 (1 s), got {spin_us!r}")
+        self.spin_us = float(spin_us)
         self.fn = fn
         self.name = name if name is not None else getattr(fn, "__name__", type(fn).__name__)
         self._guard = self._guard_factory(guard)
@@ -228,11 +267,10 @@ class Batcher:
 
         self._mutex = _thread.allocate_lock()  # guards the queue and the wake-up state
         self._queue: collections.deque = collections.deque()
-        # The dispatcher sleeps on _wake (a _thread lock it holds); a submitter releases it
+        # The dispatcher sleeps on _wake (a Wakeup); a submitter sets it
         # when _sleeping is set and the queue reached _wake_at requests, so the dispatcher
         # wakes once for a full batch instead of once per arrival.
-        self._wake = _thread.allocate_lock()
-        self._wake.acquire()
+        self._wake = _Wakeup()
         self._sleeping = False
         self._wake_at = 1
         self._not_full = threading.Condition(self._mutex)  # blocked submitters wait here
@@ -311,7 +349,7 @@ class Batcher:
         if timeout is not None:
             return self._call_with_timeout(r, x, timeout)
         self._enqueue_call(r, x, None)
-        r.lock.acquire()
+        r.done.wait(None, self.spin_us)
         return _answer(r)
 
     def _call_with_timeout(self, r: _Request, x: Any, timeout: float) -> Any:
@@ -320,7 +358,7 @@ class Batcher:
             raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout!r}")
         deadline = time.monotonic() + timeout
         self._enqueue_call(r, x, timeout)
-        if not r.lock.acquire(True, max(0.0, deadline - time.monotonic())):
+        if not r.done.wait(max(0.0, deadline - time.monotonic()), self.spin_us):
             # r stays busy and queued: the dispatcher answers it to nobody, and this
             # thread's next call takes a fresh request.
             raise TimeoutError(f"Batcher {self.name!r}: no result within {timeout} s")
@@ -350,7 +388,7 @@ class Batcher:
             q.append(r)
             if self._sleeping and len(q) >= self._wake_at:
                 self._sleeping = False
-                self._wake.release()
+                self._wake.set()
 
     def _wait_for_room(self, timeout: Optional[float]) -> None:
         """With the mutex held: wait until the queue has room; raise if closed or timed out."""
@@ -380,13 +418,13 @@ class Batcher:
         self._sleeping = True
         self._mutex.release()
         try:
-            got = self._wake.acquire(True, -1 if timeout is None else timeout)
+            got = self._wake.wait(timeout, self.spin_us)
         finally:
             self._mutex.acquire()
-        if self._sleeping:  # nobody woke us: timed out, _wake is still held
+        if self._sleeping:  # nobody woke us: timed out, _wake is still clear
             self._sleeping = False
-        elif not got:  # woken right after timing out: take _wake back
-            self._wake.acquire(False)
+        elif not got:  # woken right after timing out: clear _wake again
+            self._wake.clear()
 
     def _take(self, key: tuple, batch: list) -> None:
         """With the mutex held: move queued requests with ``key`` into ``batch`` (oldest
@@ -494,7 +532,7 @@ class Batcher:
                 f = r.future
                 if f is None:
                     r.value = value
-                    r.lock.release()  # r belongs to its caller again from here on
+                    r.done.set()  # r belongs to its caller again from here on
                 else:
                     f.set_result(value)
         else:
@@ -541,7 +579,7 @@ class Batcher:
                 dropped = []
             if self._sleeping:
                 self._sleeping = False
-                self._wake.release()
+                self._wake.set()
             if self._full_waiters:
                 self._not_full.notify_all()
         for r in dropped:

@@ -10,6 +10,7 @@ One run measures, on the same models (agxguard.workloads) and the same device:
     stream      N threads, mode "stream", ``with agxguard.guard():`` around each request
     global      N threads, mode "global", ``with agxguard.guard():`` around each request
     batcher     N client threads calling one agxguard Batcher (max_batch=N)
+    batcher_nospin  the same with Batcher(spin_us=0): waits sleep at once, as on _thread locks
     offline     1 thread running a batch of N requests per call
 
 A request is one forward pass of the workload's per-request input followed by a sync
@@ -73,7 +74,8 @@ except ImportError as exc:  # not built: measure what does not need the C core
 DEFAULT_WORKLOADS = ("small_mlp", "story_transformer", "large_transformer", "medium_mlp", "matmul")
 THREAD_CONFIGS = ("free", "lock", "semaphore2", "op", "stream", "global")
 MODE_CONFIGS = ("op", "stream", "global")
-CONFIGS = THREAD_CONFIGS + ("batcher", "offline")
+BATCHER_CONFIGS = ("batcher", "batcher_nospin")
+CONFIGS = THREAD_CONFIGS + BATCHER_CONFIGS + ("offline",)
 TARGET_N = 8  # the issue states its targets at 8 threads
 
 
@@ -119,6 +121,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=1,
                    help="measure every point this many times, round robin; report the median")
     p.add_argument("--batcher-delay-ms", type=float, default=2.0, help="Batcher max_delay_ms")
+    p.add_argument("--batcher-spin-us", type=float, default=None,
+                   help="Batcher spin_us for the batcher config (default: the Batcher's default)")
     p.add_argument("--batcher-pin-cpus", default=None, metavar="CPUS",
                    help="pin the Batcher's dispatcher and client threads to these CPUs, e.g. 0 "
                         "(Batcher(pin_cpus=...); Linux)")
@@ -364,7 +368,7 @@ class Bench:
             m = run_threads(1, lambda i: offline_step, lambda i: contextlib.nullcontext(),
                             self.opts, requests_per_step=n)
             threads, batch = 1, n
-        else:  # batcher
+        else:  # batcher, batcher_nospin
             model = self.models[0].model
             device = self.device
 
@@ -378,8 +382,14 @@ class Bench:
                 agxguard.set_mode(self.opts.batcher_guard)
                 guard = True
             pin = set(self.opts.batcher_pin_cpus) if self.opts.batcher_pin_cpus else None
+            spin: Dict[str, float] = {}
+            if config == "batcher_nospin":
+                spin["spin_us"] = 0.0
+            elif self.opts.batcher_spin_us is not None:
+                spin["spin_us"] = self.opts.batcher_spin_us
             b = Batcher(fn, max_batch=n, max_delay_ms=self.opts.batcher_delay_ms,
-                        max_queue=max(1024, 4 * n), guard=guard, name=f"bench-{self.name}", pin_cpus=pin)
+                        max_queue=max(1024, 4 * n), guard=guard, name=f"bench-{self.name}", pin_cpus=pin,
+                        **spin)
             try:
                 def client_step(i: int) -> Callable[[], None]:
                     x = self.inputs[i]
@@ -389,7 +399,7 @@ class Bench:
                                 barrier_action=b.reset_stats)
                 extra["batcher"] = b.stats()
                 extra["batcher"].update(max_batch=n, max_delay_ms=self.opts.batcher_delay_ms,
-                                        guard_mode=self.opts.batcher_guard,
+                                        guard_mode=self.opts.batcher_guard, spin_us=b.spin_us,
                                         pin_cpus=sorted(pin) if pin else None)
             finally:
                 b.close()
@@ -568,7 +578,8 @@ def evaluate_targets(rows: List[Dict[str, Any]], opts: argparse.Namespace) -> Li
 def label(config: str) -> str:
     return {"free": "free threads", "lock": "threading.Lock", "semaphore2": "Semaphore(2)",
             "op": "agxguard op", "stream": "agxguard stream", "global": "agxguard global",
-            "batcher": "Batcher", "offline": "offline batch"}[config]
+            "batcher": "Batcher", "batcher_nospin": "Batcher, no spin",
+            "offline": "offline batch"}[config]
 
 
 def print_table(rows: List[Dict[str, Any]], opts: argparse.Namespace, info: Dict[str, Any]) -> None:
@@ -599,7 +610,7 @@ def print_table(rows: List[Dict[str, Any]], opts: argparse.Namespace, info: Dict
                     tail = f" {sp:5.2f}x {eff:5.0%}" if sp is not None else ""
                     cells.append(f"{r['throughput']:>13,.0f}{tail}")
             log(f"  {label(c):<20}" + "".join(cells))
-            if c == "batcher":
+            if c in BATCHER_CONFIGS:
                 lat = []
                 for n in ns:
                     r = next((r for r in rows if r["workload"] == w and r["config"] == c and r["n"] == n), None)
@@ -644,7 +655,7 @@ def plot(rows: List[Dict[str, Any]], opts: argparse.Namespace, info: Dict[str, A
             pts = sorted((r["n"], r["throughput"]) for r in rows
                          if r["workload"] == w and r["config"] == c and r.get("throughput"))
             if pts:
-                style = "--" if c in ("batcher", "offline") else "-"
+                style = "--" if c in BATCHER_CONFIGS + ("offline",) else "-"
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=label(c))
         ax.set_title(w)
         ax.set_xlabel("threads (clients; batch size for offline)")

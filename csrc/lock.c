@@ -1,8 +1,15 @@
 /* lock.c: see lock.h. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* sched_getaffinity, CPU_COUNT */
+#endif
 #include "lock.h"
 
 #include <errno.h>
 #include <time.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sched.h>
+#endif
 #if defined(__linux__) && !defined(AGX_LOCK_PORTABLE)
 #define AGX_USE_FUTEX 1
 #include <linux/futex.h>
@@ -352,3 +359,114 @@ void agx_sem_after_fork(agx_sem *s, int kept) {
     atomic_store(&s->waiters, 0);
     init_sync(&s->mu, &s->cv);
 }
+
+/* ---- event ---- */
+
+void agx_cpu_relax(void) { cpu_relax(); }
+
+static _Atomic int spinners;
+
+/* CPUs this thread may run on (its affinity mask on Linux). */
+static int usable_cpus(void) {
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+#endif
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+int agx_spin_enter(void) {
+    /* two CPUs stay for the work the spinners wait on (a thread running a batch,
+     * a thread holding the GIL) */
+    int limit = usable_cpus() - 2, cur = atomic_load(&spinners);
+    while (cur < limit) {
+        if (atomic_compare_exchange_weak(&spinners, &cur, cur + 1)) return 1;
+    }
+    return 0;
+}
+
+void agx_spin_leave(void) { atomic_fetch_sub(&spinners, 1); }
+
+void agx_event_init(agx_event *e) {
+    atomic_store(&e->state, 0);
+    atomic_store(&e->sleepers, 0);
+    init_sync(&e->mu, &e->cv);
+}
+
+int agx_event_consume(agx_event *e) {
+    return atomic_load_explicit(&e->state, memory_order_relaxed) != 0 &&
+           atomic_exchange_explicit(&e->state, 0, memory_order_acquire) != 0;
+}
+
+static int event_spin(agx_event *e, int64_t deadline_ns, int64_t spin_ns) {
+    if (spin_ns <= 0 || !agx_spin_enter()) return 0;
+    uint64_t budget = (uint64_t)((double)spin_ns * agx_ticks_per_ns()), start = agx_ticks();
+    int got = 0;
+    for (unsigned i = 1;; i++) {
+        if (agx_event_consume(e)) { got = 1; break; }
+        cpu_relax();
+        if ((i & 63) == 0) {
+            if (agx_ticks() - start > budget) break;
+            if (deadline_ns >= 0 && (i & 1023) == 0 && agx_now_ns() >= deadline_ns) break;
+        }
+    }
+    agx_spin_leave();
+    return got;
+}
+
+#ifdef AGX_USE_FUTEX
+int agx_event_wait_until(agx_event *e, int64_t deadline_ns, int64_t spin_ns) {
+    if (agx_event_consume(e) || event_spin(e, deadline_ns, spin_ns)) return 1;
+    int got = 0;
+    atomic_fetch_add(&e->sleepers, 1); /* seq_cst: pairs with the setter's store, then load */
+    for (;;) {
+        if (agx_event_consume(e)) { got = 1; break; }
+        struct timespec rel, *relp = NULL;
+        if (deadline_ns >= 0) {
+            int64_t left = deadline_ns - agx_now_ns();
+            if (left <= 0) break;
+            rel.tv_sec = left / 1000000000LL;
+            rel.tv_nsec = left % 1000000000LL;
+            relp = &rel;
+        }
+        /* returns at once if state is no longer 0 */
+        syscall(SYS_futex, &e->state, FUTEX_WAIT_PRIVATE, 0, relp, NULL, 0);
+    }
+    atomic_fetch_sub(&e->sleepers, 1);
+    return got;
+}
+
+void agx_event_set(agx_event *e) {
+    atomic_store(&e->state, 1);
+    if (atomic_load(&e->sleepers) > 0) syscall(SYS_futex, &e->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+#else
+int agx_event_wait_until(agx_event *e, int64_t deadline_ns, int64_t spin_ns) {
+    if (agx_event_consume(e) || event_spin(e, deadline_ns, spin_ns)) return 1;
+    int got = 0;
+    atomic_fetch_add(&e->sleepers, 1);
+    pthread_mutex_lock(&e->mu);
+    for (;;) {
+        /* checked under mu: the setter takes mu to signal */
+        if (agx_event_consume(e)) { got = 1; break; }
+        if (deadline_ns >= 0 && agx_now_ns() >= deadline_ns) break;
+        if (!timed_sleep(&e->cv, &e->mu, deadline_ns)) {
+            got = agx_event_consume(e);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&e->mu);
+    atomic_fetch_sub(&e->sleepers, 1);
+    return got;
+}
+
+void agx_event_set(agx_event *e) {
+    atomic_store(&e->state, 1);
+    if (atomic_load(&e->sleepers) > 0) {
+        pthread_mutex_lock(&e->mu);
+        pthread_cond_signal(&e->cv);
+        pthread_mutex_unlock(&e->mu);
+    }
+}
+#endif

@@ -134,4 +134,31 @@ void agx_sem_reset_counters(agx_sem *s);
 /* In a fork child: `kept` slots are still held by the surviving thread. */
 void agx_sem_after_fork(agx_sem *s, int kept);
 
+/* An auto-reset event (a binary semaphore): set() makes it set, a wait that
+ * sees it set clears it. Made for handing a result to one waiting thread fast:
+ * the waiter first spins (up to spin_ns, while a spinning slot is free: see
+ * agx_spin_enter), then sleeps (futex on Linux, condvar
+ * elsewhere). The setter makes a system call only when the waiter sleeps. */
+typedef struct agx_event {
+    _Atomic uint32_t state; /* 1 set, 0 clear; the futex word */
+    _Atomic int sleepers;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+} agx_event;
+
+void agx_event_init(agx_event *e);
+void agx_event_set(agx_event *e);
+/* Clear it; returns 1 if it was set. Never blocks. */
+int agx_event_consume(agx_event *e);
+/* Wait until set (then clear it and return 1) or until deadline_ns (< 0: none)
+ * passes (return 0). */
+int agx_event_wait_until(agx_event *e, int64_t deadline_ns, int64_t spin_ns);
+/* Spinning slots: a thread may spin only while it holds one (at most the
+ * thread's usable CPUs less two at a time, so spinners never starve the threads
+ * they wait for; none on a machine of two CPUs). */
+int agx_spin_enter(void);
+void agx_spin_leave(void);
+/* Pause in a spin loop. */
+void agx_cpu_relax(void);
+
 #endif

@@ -168,6 +168,8 @@ static int is_passthrough(PyObject *func) {
 /* torch_function(mode, func, types, args=(), kwargs=None): the body of
  * agxguard.ops()'s __torch_function__, bound to the mode instance with
  * types.MethodType (torch wants a method whose __self__ is the mode). */
+int agx_wakeup_add_to_module(PyObject *m); /* wakeup.c */
+
 static PyObject *mod_torch_function(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 3 || nargs > 5) {
         PyErr_SetString(PyExc_TypeError, "torch_function(mode, func, types, args=(), kwargs=None)");
@@ -628,7 +630,7 @@ PyMODINIT_FUNC PyInit__C(void) {
     if (PyModule_AddObjectRef(m, "LockTimeout", agx_LockTimeout) < 0 ||
         PyModule_AddObjectRef(m, "LockWaitWarning", agx_LockWaitWarning) < 0 ||
         PyModule_AddObjectRef(m, "Guard", (PyObject *)&GuardType) < 0 ||
-        PyModule_AddObjectRef(m, "Lock", (PyObject *)&LockType) < 0)
+        PyModule_AddObjectRef(m, "Lock", (PyObject *)&LockType) < 0 || agx_wakeup_add_to_module(m) < 0)
         goto fail;
     default_region = PyObject_CallNoArgs((PyObject *)&GuardType);
     if (default_region == NULL) goto fail;
