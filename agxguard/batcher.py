@@ -628,9 +628,9 @@ class Batcher:
         """Counters and timings so far; times in milliseconds, None where nothing ran.
 
         Keys: batches, requests, rows, failed, mean_batch_size, largest_batch, queued,
-        queue_wait_mean_ms, queue_wait_p50_ms, queue_wait_p99_ms, latency_mean_ms,
-        latency_p50_ms, latency_p99_ms (latency: submit to answer, per request; the
-        percentiles cover the newest 65,536 requests).
+        queue_wait_mean_ms, queue_wait_p50_ms, queue_wait_p99_ms, batch_run_mean_ms (concat,
+        fn and split, per batch), latency_mean_ms, latency_p50_ms, latency_p99_ms (latency:
+        submit to answer, per request; the percentiles cover the newest 65,536 requests).
         """
         with self._stats_lock:
             samples = list(self._samples)
@@ -644,6 +644,7 @@ class Batcher:
             }
         with self._mutex:
             out["queued"] = len(self._queue)
+        runs = [t_done - t_start for t_start, t_done, _ in samples]
         waits: list = []
         lats: list = []
         for t_start, t_done, times in reversed(samples):
@@ -660,6 +661,7 @@ class Batcher:
         out["queue_wait_mean_ms"] = ms(sum(waits) / len(waits)) if waits else None
         out["queue_wait_p50_ms"] = ms(_percentile(waits, 50))
         out["queue_wait_p99_ms"] = ms(_percentile(waits, 99))
+        out["batch_run_mean_ms"] = ms(sum(runs) / len(runs)) if runs else None
         out["latency_mean_ms"] = ms(sum(lats) / len(lats)) if lats else None
         out["latency_p50_ms"] = ms(_percentile(lats, 50))
         out["latency_p99_ms"] = ms(_percentile(lats, 99))

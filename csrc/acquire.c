@@ -18,6 +18,9 @@ typedef struct waitable {
     int (*wait_until)(void *, int64_t);
     /* after a free sighting that did not end in taking it; may be NULL */
     void (*pass_wakeup)(void *);
+    /* the heir seat (see lock.h): taken before watching, left after; may be NULL */
+    int (*seat)(void *, int64_t);
+    void (*leave)(void *);
     void (*note_wait)(void *, int64_t);
     void (*note_timeout)(void *);
 } waitable;
@@ -25,6 +28,8 @@ typedef struct waitable {
 static int lock_try(void *o) { return agx_lock_try(o); }
 static int lock_wait_free(void *o, int64_t d) { return agx_lock_wait_free_until(o, d); }
 static void lock_pass(void *o) { agx_lock_pass_wakeup(o); }
+static int lock_seat(void *o, int64_t d) { return agx_lock_heir_wait_until(o, d); }
+static void lock_leave(void *o) { agx_lock_heir_leave(o); }
 static void lock_note(void *o, int64_t w) { agx_lock_note_wait(o, w); }
 static void lock_timeout(void *o) { agx_lock_note_timeout(o); }
 static int sem_try(void *o) { return agx_sem_try(o); }
@@ -34,9 +39,12 @@ static void sem_timeout(void *o) { agx_sem_note_timeout(o); }
 
 /* A Python waiter only watches the lock with the GIL released and takes it
  * after getting the GIL back, so it never holds the lock while it waits for the
- * GIL: the holder's critical section does not grow by a GIL handoff. */
-static const waitable LOCK_OPS = {"lock", lock_try, lock_wait_free, lock_pass, lock_note, lock_timeout};
-static const waitable SEM_OPS = {"throttle", sem_try, sem_wait, NULL, sem_note, sem_timeout};
+ * GIL: the holder's critical section does not grow by a GIL handoff. Only one
+ * Python waiter at a time watches (the heir, lock.h), so a release sends one
+ * thread to the GIL, not all of them. */
+static const waitable LOCK_OPS = {"lock", lock_try, lock_wait_free, lock_pass, lock_seat, lock_leave,
+                                  lock_note, lock_timeout};
+static const waitable SEM_OPS = {"throttle", sem_try, sem_wait, NULL, NULL, NULL, sem_note, sem_timeout};
 
 static void abort_on_timeout(const char *name, int64_t waited_ns) {
     fprintf(stderr,
@@ -46,6 +54,8 @@ static void abort_on_timeout(const char *name, int64_t waited_ns) {
     fflush(stderr);
     abort();
 }
+
+_Atomic int agx_heir_seat_on = 1;
 
 static int block_py(void *obj, const char *name, const waitable *w) {
     if (w->try_once(obj)) return 0; /* once with the GIL held, as CPython's locks do */
@@ -60,22 +70,25 @@ static int block_py(void *obj, const char *name, const waitable *w) {
         if (warn > 0 && !warned && start + warn < deadline) deadline = start + warn;
         int seen;
         Py_BEGIN_ALLOW_THREADS
-        seen = w->wait_until(obj, deadline);
+        seen = (w->seat == NULL || !atomic_load_explicit(&agx_heir_seat_on, memory_order_relaxed) ||
+                w->seat(obj, deadline)) &&
+               w->wait_until(obj, deadline);
         Py_END_ALLOW_THREADS
         int64_t waited = agx_now_ns() - start;
         if (seen && (w->pass_wakeup == NULL || w->try_once(obj))) {
+            if (w->leave) w->leave(obj);
             w->note_wait(obj, waited);
             return 0;
         }
         if (seen) w->pass_wakeup(obj); /* lost the race: another waiter may take it */
-        if (PyErr_CheckSignals() < 0) return -1;
+        if (PyErr_CheckSignals() < 0) goto fail;
         if (warn > 0 && !warned && waited >= warn) {
             warned = 1;
             if (PyErr_WarnFormat(agx_LockWaitWarning, 1,
                                  "agxguard: waited %lld ms for the '%s' %s (warn threshold %lld ms)",
                                  (long long)(waited / 1000000), name, w->what,
                                  (long long)(warn / 1000000)) < 0)
-                return -1;
+                goto fail;
         }
         if (timeout > 0 && waited >= timeout) {
             w->note_timeout(obj);
@@ -83,9 +96,12 @@ static int block_py(void *obj, const char *name, const waitable *w) {
             PyErr_Format(agx_LockTimeout,
                          "agxguard: gave up on the '%s' %s after %lld ms (timeout %lld ms)", name,
                          w->what, (long long)(waited / 1000000), (long long)(timeout / 1000000));
-            return -1;
+            goto fail;
         }
     }
+fail:
+    if (w->leave) w->leave(obj); /* the seat goes to the next waiter */
+    return -1;
 }
 
 int agx_acquire_py(agx_lock *l) { return block_py(l, l->name, &LOCK_OPS); }

@@ -16,6 +16,10 @@ int agx_acquire_py(agx_lock *l);
  * it prints to stderr and aborts when so configured, else keeps waiting. */
 void agx_acquire_native(agx_lock *l);
 
+/* Whether Python waiters queue for the heir seat (lock.h); on by default. Off
+ * only to measure what the seat buys (agxguard._C._set_heir_seat). */
+extern _Atomic int agx_heir_seat_on;
+
 /* Take a throttle slot for a caller that holds the GIL; as agx_acquire_py. */
 int agx_throttle_acquire_py(void);
 

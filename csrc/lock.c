@@ -101,6 +101,19 @@ static int timed_sleep(pthread_cond_t *cv, pthread_mutex_t *mu, int64_t deadline
 #endif
 }
 
+static void heir_init(agx_lock *l) {
+    atomic_store(&l->heir, 0);
+    atomic_store(&l->heir_seq, 0);
+    atomic_store(&l->heir_waiters, 0);
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+#if !defined(__APPLE__)
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+#endif
+    pthread_cond_init(&l->heir_cv, &attr);
+    pthread_condattr_destroy(&attr);
+}
+
 void agx_lock_init(agx_lock *l, const char *name) {
     l->name = name;
     atomic_store(&l->seq, 0);
@@ -108,6 +121,7 @@ void agx_lock_init(agx_lock *l, const char *name) {
     l->depth = 0;
     atomic_store(&l->waiters, 0);
     init_sync(&l->mu, &l->cv);
+    heir_init(l);
     agx_lock_reset_counters(l);
 }
 
@@ -205,6 +219,73 @@ void agx_lock_pass_wakeup(agx_lock *l) {
     if (atomic_load(&l->owner) == 0 && atomic_load(&l->waiters) > 0) wake_one(l);
 }
 
+static int take_seat(agx_lock *l, uintptr_t me) {
+    uintptr_t cur = atomic_load(&l->heir);
+    if (cur == me) return 1;
+    return cur == 0 && atomic_compare_exchange_strong(&l->heir, &cur, me);
+}
+
+#ifdef AGX_USE_FUTEX
+int agx_lock_heir_wait_until(agx_lock *l, int64_t deadline_ns) {
+    uintptr_t me = agx_thread_id();
+    if (take_seat(l, me)) return 1;
+    int got = 0;
+    atomic_fetch_add(&l->heir_waiters, 1);
+    for (;;) {
+        uint32_t seen = atomic_load(&l->heir_seq); /* before looking: see wait_for */
+        if (take_seat(l, me)) { got = 1; break; }
+        struct timespec rel, *relp = NULL;
+        if (deadline_ns >= 0) {
+            int64_t left = deadline_ns - agx_now_ns();
+            if (left <= 0) break;
+            rel.tv_sec = left / 1000000000LL;
+            rel.tv_nsec = left % 1000000000LL;
+            relp = &rel;
+        }
+        syscall(SYS_futex, &l->heir_seq, FUTEX_WAIT_PRIVATE, seen, relp, NULL, 0);
+    }
+    atomic_fetch_sub(&l->heir_waiters, 1);
+    return got;
+}
+
+void agx_lock_heir_leave(agx_lock *l) {
+    uintptr_t me = agx_thread_id();
+    if (!atomic_compare_exchange_strong(&l->heir, &me, 0)) return;
+    atomic_fetch_add(&l->heir_seq, 1);
+    if (atomic_load(&l->heir_waiters) > 0)
+        syscall(SYS_futex, &l->heir_seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+#else
+int agx_lock_heir_wait_until(agx_lock *l, int64_t deadline_ns) {
+    uintptr_t me = agx_thread_id();
+    if (take_seat(l, me)) return 1;
+    int got = 0;
+    atomic_fetch_add(&l->heir_waiters, 1);
+    pthread_mutex_lock(&l->mu);
+    for (;;) {
+        if (take_seat(l, me)) { got = 1; break; } /* under mu: the leaver signals under it */
+        if (deadline_ns >= 0 && agx_now_ns() >= deadline_ns) break;
+        if (!timed_sleep(&l->heir_cv, &l->mu, deadline_ns)) {
+            got = take_seat(l, me);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&l->mu);
+    atomic_fetch_sub(&l->heir_waiters, 1);
+    return got;
+}
+
+void agx_lock_heir_leave(agx_lock *l) {
+    uintptr_t me = agx_thread_id();
+    if (!atomic_compare_exchange_strong(&l->heir, &me, 0)) return;
+    if (atomic_load(&l->heir_waiters) > 0) {
+        pthread_mutex_lock(&l->mu);
+        pthread_cond_signal(&l->heir_cv);
+        pthread_mutex_unlock(&l->mu);
+    }
+}
+#endif
+
 void agx_lock_note_wait(agx_lock *l, int64_t waited_ns) {
     if (waited_ns < 0) waited_ns = 0;
     BUMP(l->n_cont, 1);
@@ -260,6 +341,10 @@ void agx_lock_after_fork(agx_lock *l) {
     }
     atomic_store(&l->waiters, 0);
     init_sync(&l->mu, &l->cv); /* a dead thread may have held mu */
+    uintptr_t me = agx_thread_id();
+    int mine = atomic_load(&l->heir) == me;
+    heir_init(l);
+    if (mine) atomic_store(&l->heir, me);
 }
 
 /* ---- semaphore ---- */

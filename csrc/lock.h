@@ -47,6 +47,10 @@ typedef struct agx_lock {
     _Atomic uint32_t seq;    /* Linux: the futex word, bumped by each waking release */
     pthread_mutex_t mu;      /* elsewhere (and with AGX_LOCK_PORTABLE): mutex + condvar */
     pthread_cond_t cv;
+    _Atomic uintptr_t heir;  /* the one Python waiter that watches for a release (0: none) */
+    _Atomic uint32_t heir_seq; /* Linux: futex word of the heir seat, bumped when it frees */
+    _Atomic int heir_waiters;
+    pthread_cond_t heir_cv;  /* elsewhere: the seat's condvar (with mu) */
     uint64_t acquired_tick;  /* owner only; 0 when this hold is not timed */
     /* counters: owner-written except timeouts (atomic add) */
     _Atomic uint64_t n_acq, n_reent, n_cont, n_timeout, wait_ns, max_wait_ns, hold_ticks, hold_samples;
@@ -93,6 +97,18 @@ int agx_lock_wait_until(agx_lock *l, int64_t deadline_ns);
  * the race, or gave up) calls agx_lock_pass_wakeup so no sleeper is stranded. */
 int agx_lock_wait_free_until(agx_lock *l, int64_t deadline_ns);
 void agx_lock_pass_wakeup(agx_lock *l);
+
+/* The heir seat. A waiter that must take the lock with the GIL held (a
+ * Python thread) watches for the release with the GIL released, then takes the
+ * GIL back and tries. If every such waiter did that at once, each release would
+ * send them all to the GIL, where all but one sleep and are woken one by one
+ * (and the holder, back from its call, queues behind them). So only the heir
+ * watches; the others sleep until the seat is free. The heir keeps the seat
+ * when it loses a race and leaves it once it holds the lock or gives up.
+ * agx_lock_heir_wait_until returns 1 once the caller holds the seat, 0 at the
+ * deadline (deadline_ns < 0: none). */
+int agx_lock_heir_wait_until(agx_lock *l, int64_t deadline_ns);
+void agx_lock_heir_leave(agx_lock *l);
 
 /* Record a finished wait of `waited_ns` (caller holds the lock). */
 void agx_lock_note_wait(agx_lock *l, int64_t waited_ns);

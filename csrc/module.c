@@ -154,6 +154,13 @@ static PyObject *mod_set_op_passthrough(PyObject *m, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* _set_heir_seat(on) -> previous: for benchmarks/op_contention.py only */
+static PyObject *mod_set_heir_seat(PyObject *m, PyObject *on) {
+    int v = PyObject_IsTrue(on);
+    if (v < 0) return NULL;
+    return PyBool_FromLong(atomic_exchange(&agx_heir_seat_on, v));
+}
+
 static int is_passthrough(PyObject *func) {
     if (passthrough_type && (PyObject *)Py_TYPE(func) == passthrough_type) return 1;
     if (passthrough_funcs == NULL) return 0;
@@ -609,6 +616,7 @@ static PyMethodDef module_methods[] = {
     {"torch_function", (PyCFunction)(void (*)(void))mod_torch_function, METH_FASTCALL,
      "torch_function(mode, func, types, args=(), kwargs=None): func(*args, **kwargs) under the op-site lock."},
     {"_set_op_passthrough", mod_set_op_passthrough, METH_VARARGS, NULL},
+    {"_set_heir_seat", mod_set_heir_seat, METH_O, "_set_heir_seat(on) -> previous (measuring only)."},
     {"c_lock_ns", mod_c_lock_ns, METH_O, "c_lock_ns(n): ns per uncontended C try+release."},
     {NULL, NULL, 0, NULL},
 };

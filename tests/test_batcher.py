@@ -83,6 +83,7 @@ def test_blocking_calls_from_many_threads_get_their_own_rows():
         torch.testing.assert_close(y, w.model(x), rtol=1e-4, atol=1e-5)
     assert stats["requests"] == len(inputs)
     assert stats["latency_p50_ms"] is not None and stats["latency_p99_ms"] >= stats["latency_p50_ms"]
+    assert 0 < stats["batch_run_mean_ms"] <= stats["latency_mean_ms"]
 
 
 def test_requests_of_different_sizes_along_dim_0_are_batched_and_split_by_size():

@@ -44,13 +44,18 @@ static void take(agx_lock *l) {
     }
 }
 
-/* The way Python waiters take a lock: watch it free, then try; pass the
- * wakeup on when the try loses. */
+/* The way Python waiters take a lock: take the heir seat, watch the lock
+ * free, then try; pass the wakeup on when the try loses; leave the seat once
+ * the lock is held. */
 static void take_watching(agx_lock *l) {
     while (!agx_lock_try(l)) {
-        if (agx_lock_wait_free_until(l, -1) && agx_lock_try(l)) return;
+        if (agx_lock_heir_wait_until(l, -1) && agx_lock_wait_free_until(l, -1) && agx_lock_try(l)) {
+            agx_lock_heir_leave(l);
+            return;
+        }
         agx_lock_pass_wakeup(l);
     }
+    agx_lock_heir_leave(l); /* no-op unless this thread held the seat */
 }
 
 static long op_counter; /* guarded by the op lock */
