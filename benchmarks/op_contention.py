@@ -1,10 +1,10 @@
 """Where the time of ``op`` mode goes: free threads vs op-mode threads on one workload,
 with the op lock's counters (acquisitions per request, contended share, mean wait and
 mean hold), and variants: op without the heir seat (every Python waiter watches the
-lock), and op or free threads pinned to CPU sets (``ops(pin_cpus=...)``).
+lock), op with other heir spins, and op or free threads pinned to CPU sets (``ops(pin_cpus=...)``).
 
     python3 benchmarks/op_contention.py [--device cuda] [--workload small_mlp]
-        [--threads 8] [--duration 1.0] [--repeats 3] [--pins "0;0,1;0-3"] [--no-heir-variant]
+        [--threads 8] [--duration 1.0] [--repeats 3] [--pins "0;0,1;0-3"] [--no-heir-variant] [--heir-spins 20,1000]
 
 The variants run round robin (--repeats rounds), so their ratios to free threads come
 from one run; each line is the median over rounds.
@@ -83,6 +83,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pins", default="", help='CPU sets for pinned variants, e.g. "0;0,1;0-3"')
     p.add_argument("--no-heir-variant", action="store_true", help="skip op without the heir seat")
+    p.add_argument("--heir-spins", default="", help="op variants with these heir spins in us, e.g. 20,1000")
     a = p.parse_args()
     pins = []
     for part in filter(None, (x.strip() for x in a.pins.split(";"))):
@@ -95,6 +96,10 @@ def main() -> int:
                 p.error(f"--pins takes CPU sets like 0;0,1;0-3, not {a.pins!r}")
         pins.append(cpus)
     a.pins = pins
+    try:
+        a.heir_spins = [float(x) for x in a.heir_spins.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--heir-spins takes microseconds like 20,1000, not {a.heir_spins!r}")
     if a.threads < 1 or a.duration <= 0 or a.repeats < 1:
         p.error("--threads >= 1, --duration > 0, --repeats >= 1")
     import torch
@@ -109,18 +114,24 @@ def main() -> int:
             return torch.cuda.current_stream().synchronize
         return lambda: None
 
-    variants = [("free", False, None, True), ("op", True, None, True)]
+    default_spin = agxguard._C._set_heir_spin_us(0)
+    agxguard._C._set_heir_spin_us(default_spin)
+    # (name, op mode?, pin set, heir seat?, heir spin us)
+    variants = [("free", False, None, True, default_spin), ("op", True, None, True, default_spin)]
     if not a.no_heir_variant:
-        variants.append(("op, no heir seat", True, None, False))
+        variants.append(("op, no heir seat", True, None, False, default_spin))
+    for us in a.heir_spins:
+        variants.append((f"op, heir spin {us:g} us", True, None, True, us))
     for pin in a.pins:
         name = ",".join(map(str, sorted(pin)))
-        variants.append((f"op pinned {{{name}}}", True, pin, True))
-        variants.append((f"free pinned {{{name}}}", False, pin, True))
+        variants.append((f"op pinned {{{name}}}", True, pin, True, default_spin))
+        variants.append((f"free pinned {{{name}}}", False, pin, True, default_spin))
     results = {v[0]: [] for v in variants}
     stats = {v[0]: [] for v in variants}
     for rep in range(a.repeats):
-        for name, op, pin, heir in variants:
+        for name, op, pin, heir, spin in variants:
             agxguard._C._set_heir_seat(heir)
+            agxguard._C._set_heir_spin_us(spin)
             agxguard.set_mode("op" if op else "off")
             agxguard.reset_stats()
             t0 = time.perf_counter()
@@ -133,12 +144,13 @@ def main() -> int:
                                 st["wait_ns"] / max(st["contentions"], 1) / 1000,
                                 st["hold_ns"] / max(acq, 1) / 1000))
         agxguard._C._set_heir_seat(True)
+        agxguard._C._set_heir_spin_us(default_spin)
         print(f"round {rep + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items()), flush=True)
     agxguard.set_mode("off")
     free = results["free"]
     print(f"{a.workload} on {device} ({torch.cuda.get_device_name() if kind == 'cuda' else kind}), "
           f"{a.threads} threads, {os.cpu_count()} cpus, median of {a.repeats} rounds:")
-    for name, _, _, _ in variants:
+    for name, *_ in variants:
         rs = results[name]
         ratio = statistics.median(x / f for x, f in zip(rs, free))
         line = f"  {name:<22} {statistics.median(rs):>10,.0f} req/s  {ratio:5.2f}x free"

@@ -21,15 +21,23 @@ typedef struct waitable {
     /* the heir seat (see lock.h): taken before watching, left after; may be NULL */
     int (*seat)(void *, int64_t);
     void (*leave)(void *);
+    int (*claim)(void *); /* the heir claims the lock after CLAIM_NS; may be NULL */
     void (*note_wait)(void *, int64_t);
     void (*note_timeout)(void *);
 } waitable;
 
 static int lock_try(void *o) { return agx_lock_try(o); }
-static int lock_wait_free(void *o, int64_t d) { return agx_lock_wait_free_until(o, d); }
+_Atomic int agx_heir_seat_on = 1;
+_Atomic int64_t agx_heir_spin_ns = 200000;
+static int lock_wait_free(void *o, int64_t d) {
+    return atomic_load_explicit(&agx_heir_seat_on, memory_order_relaxed)
+               ? agx_lock_watch_until(o, d, atomic_load_explicit(&agx_heir_spin_ns, memory_order_relaxed))
+               : agx_lock_wait_free_until(o, d);
+}
 static void lock_pass(void *o) { agx_lock_pass_wakeup(o); }
 static int lock_seat(void *o, int64_t d) { return agx_lock_heir_wait_until(o, d); }
 static void lock_leave(void *o) { agx_lock_heir_leave(o); }
+static int lock_claim(void *o) { return agx_lock_claim(o); }
 static void lock_note(void *o, int64_t w) { agx_lock_note_wait(o, w); }
 static void lock_timeout(void *o) { agx_lock_note_timeout(o); }
 static int sem_try(void *o) { return agx_sem_try(o); }
@@ -43,8 +51,13 @@ static void sem_timeout(void *o) { agx_sem_note_timeout(o); }
  * Python waiter at a time watches (the heir, lock.h), so a release sends one
  * thread to the GIL, not all of them. */
 static const waitable LOCK_OPS = {"lock", lock_try, lock_wait_free, lock_pass, lock_seat, lock_leave,
-                                  lock_note, lock_timeout};
-static const waitable SEM_OPS = {"throttle", sem_try, sem_wait, NULL, NULL, NULL, sem_note, sem_timeout};
+                                  lock_claim, lock_note, lock_timeout};
+static const waitable SEM_OPS = {"throttle", sem_try, sem_wait, NULL, NULL, NULL, NULL, sem_note, sem_timeout};
+
+/* A holder that keeps the GIL between its guarded calls takes the lock again
+ * before the heir can get the GIL to take it; past this wait the heir claims
+ * the lock (lock.h), as CPython's GIL forces a switch after its interval. */
+#define CLAIM_NS (5 * 1000000LL)
 
 static void abort_on_timeout(const char *name, int64_t waited_ns) {
     fprintf(stderr,
@@ -55,24 +68,26 @@ static void abort_on_timeout(const char *name, int64_t waited_ns) {
     abort();
 }
 
-_Atomic int agx_heir_seat_on = 1;
-
 static int block_py(void *obj, const char *name, const waitable *w) {
     if (w->try_once(obj)) return 0; /* once with the GIL held, as CPython's locks do */
     int64_t start = agx_now_ns();
     int64_t warn = atomic_load(&agx_wait.warn_ns);
     int64_t timeout = atomic_load(&agx_wait.timeout_ns);
-    int warned = 0;
+    int warned = 0, claimed = w->claim == NULL;
     for (;;) {
         int64_t now = agx_now_ns();
         int64_t deadline = now + SLICE_NS;
+        if (!claimed && now < start + CLAIM_NS && start + CLAIM_NS < deadline) deadline = start + CLAIM_NS;
         if (timeout > 0 && start + timeout < deadline) deadline = start + timeout;
         if (warn > 0 && !warned && start + warn < deadline) deadline = start + warn;
         int seen;
         Py_BEGIN_ALLOW_THREADS
-        seen = (w->seat == NULL || !atomic_load_explicit(&agx_heir_seat_on, memory_order_relaxed) ||
-                w->seat(obj, deadline)) &&
-               w->wait_until(obj, deadline);
+        seen = 0;
+        if (w->seat == NULL || !atomic_load_explicit(&agx_heir_seat_on, memory_order_relaxed) ||
+            w->seat(obj, deadline)) {
+            if (!claimed && agx_now_ns() - start >= CLAIM_NS) claimed = w->claim(obj); /* the heir, late */
+            seen = w->wait_until(obj, deadline);
+        }
         Py_END_ALLOW_THREADS
         int64_t waited = agx_now_ns() - start;
         if (seen && (w->pass_wakeup == NULL || w->try_once(obj))) {

@@ -19,6 +19,9 @@ void agx_acquire_native(agx_lock *l);
 /* Whether Python waiters queue for the heir seat (lock.h); on by default. Off
  * only to measure what the seat buys (agxguard._C._set_heir_seat). */
 extern _Atomic int agx_heir_seat_on;
+/* How long the heir spins (GIL released) before it sleeps, when a spinning slot
+ * is free (lock.h: agx_spin_enter); 200 us by default. */
+extern _Atomic int64_t agx_heir_spin_ns;
 
 /* Take a throttle slot for a caller that holds the GIL; as agx_acquire_py. */
 int agx_throttle_acquire_py(void);

@@ -103,6 +103,7 @@ static int timed_sleep(pthread_cond_t *cv, pthread_mutex_t *mu, int64_t deadline
 
 static void heir_init(agx_lock *l) {
     atomic_store(&l->heir, 0);
+    atomic_store(&l->claim, 0);
     atomic_store(&l->heir_seq, 0);
     atomic_store(&l->heir_waiters, 0);
     pthread_condattr_t attr;
@@ -146,8 +147,8 @@ static inline int attempt(agx_lock *l, int take) {
     return take ? agx_lock_try(l) : 1;
 }
 
-static int spin(agx_lock *l, int take) {
-    uint64_t budget = (uint64_t)(SPIN_NS * agx_ticks_per_ns()), start = agx_ticks();
+static int spin(agx_lock *l, int take, int64_t spin_ns) {
+    uint64_t budget = (uint64_t)((double)spin_ns * agx_ticks_per_ns()), start = agx_ticks();
     for (unsigned i = 1;; i++) {
         if (attempt(l, take)) return 1;
         cpu_relax();
@@ -157,7 +158,7 @@ static int spin(agx_lock *l, int take) {
 
 #ifdef AGX_USE_FUTEX
 static int wait_for(agx_lock *l, int64_t deadline_ns, int take) {
-    if (attempt(l, take) || spin(l, take)) return 1;
+    if (attempt(l, take) || spin(l, take, SPIN_NS)) return 1;
     int got = 0;
     atomic_fetch_add(&l->waiters, 1);
     for (;;) {
@@ -185,7 +186,7 @@ static void wake_one(agx_lock *l) {
 }
 #else
 static int wait_for(agx_lock *l, int64_t deadline_ns, int take) {
-    if (attempt(l, take) || spin(l, take)) return 1;
+    if (attempt(l, take) || spin(l, take, SPIN_NS)) return 1;
     int got = 0;
     atomic_fetch_add(&l->waiters, 1);
     pthread_mutex_lock(&l->mu);
@@ -215,6 +216,16 @@ int agx_lock_wait_until(agx_lock *l, int64_t deadline_ns) { return wait_for(l, d
 
 int agx_lock_wait_free_until(agx_lock *l, int64_t deadline_ns) { return wait_for(l, deadline_ns, 0); }
 
+int agx_lock_watch_until(agx_lock *l, int64_t deadline_ns, int64_t spin_ns) {
+    if (attempt(l, 0)) return 1;
+    if (spin_ns > SPIN_NS && agx_spin_enter()) {
+        int seen = spin(l, 0, spin_ns);
+        agx_spin_leave();
+        if (seen) return 1;
+    }
+    return wait_for(l, deadline_ns, 0);
+}
+
 void agx_lock_pass_wakeup(agx_lock *l) {
     if (atomic_load(&l->owner) == 0 && atomic_load(&l->waiters) > 0) wake_one(l);
 }
@@ -223,6 +234,13 @@ static int take_seat(agx_lock *l, uintptr_t me) {
     uintptr_t cur = atomic_load(&l->heir);
     if (cur == me) return 1;
     return cur == 0 && atomic_compare_exchange_strong(&l->heir, &cur, me);
+}
+
+int agx_lock_claim(agx_lock *l) {
+    uintptr_t me = agx_thread_id();
+    if (atomic_load(&l->heir) != me) return 0;
+    atomic_store(&l->claim, me);
+    return 1;
 }
 
 #ifdef AGX_USE_FUTEX
@@ -249,8 +267,9 @@ int agx_lock_heir_wait_until(agx_lock *l, int64_t deadline_ns) {
 }
 
 void agx_lock_heir_leave(agx_lock *l) {
-    uintptr_t me = agx_thread_id();
+    uintptr_t me = agx_thread_id(), mine = me;
     if (!atomic_compare_exchange_strong(&l->heir, &me, 0)) return;
+    atomic_compare_exchange_strong(&l->claim, &mine, 0);
     atomic_fetch_add(&l->heir_seq, 1);
     if (atomic_load(&l->heir_waiters) > 0)
         syscall(SYS_futex, &l->heir_seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
@@ -276,8 +295,9 @@ int agx_lock_heir_wait_until(agx_lock *l, int64_t deadline_ns) {
 }
 
 void agx_lock_heir_leave(agx_lock *l) {
-    uintptr_t me = agx_thread_id();
+    uintptr_t me = agx_thread_id(), mine = me;
     if (!atomic_compare_exchange_strong(&l->heir, &me, 0)) return;
+    atomic_compare_exchange_strong(&l->claim, &mine, 0);
     if (atomic_load(&l->heir_waiters) > 0) {
         pthread_mutex_lock(&l->mu);
         pthread_cond_signal(&l->heir_cv);

@@ -42,6 +42,7 @@ typedef struct agx_lock_counters {
 typedef struct agx_lock {
     const char *name;        /* the domain, for messages */
     _Atomic uintptr_t owner; /* 0 when free */
+    _Atomic uintptr_t claim; /* 0, or the heir that waited too long: only it may take the lock */
     unsigned depth;          /* re-entry depth; only the owner touches it */
     _Atomic int waiters;     /* threads sleeping or about to sleep */
     _Atomic uint32_t seq;    /* Linux: the futex word, bumped by each waking release */
@@ -75,8 +76,8 @@ static inline int agx_lock_try(agx_lock *l) {
                               memory_order_relaxed);
         return 1;
     }
-    uintptr_t expect = 0;
-    if (cur == 0 && atomic_compare_exchange_strong_explicit(
+    uintptr_t expect = 0, claim = atomic_load_explicit(&l->claim, memory_order_relaxed);
+    if (cur == 0 && (claim == 0 || claim == me) && atomic_compare_exchange_strong_explicit(
                         &l->owner, &expect, me, memory_order_acquire, memory_order_relaxed)) {
         l->depth = 1;
         uint64_t n = atomic_load_explicit(&l->n_acq, memory_order_relaxed) + 1;
@@ -97,6 +98,9 @@ int agx_lock_wait_until(agx_lock *l, int64_t deadline_ns);
  * the race, or gave up) calls agx_lock_pass_wakeup so no sleeper is stranded. */
 int agx_lock_wait_free_until(agx_lock *l, int64_t deadline_ns);
 void agx_lock_pass_wakeup(agx_lock *l);
+/* The same, spinning up to spin_ns first when a spinning slot is free
+ * (agx_spin_enter); for the heir, the one waiter that watches. */
+int agx_lock_watch_until(agx_lock *l, int64_t deadline_ns, int64_t spin_ns);
 
 /* The heir seat. A waiter that must take the lock with the GIL held (a
  * Python thread) watches for the release with the GIL released, then takes the
@@ -109,6 +113,11 @@ void agx_lock_pass_wakeup(agx_lock *l);
  * deadline (deadline_ns < 0: none). */
 int agx_lock_heir_wait_until(agx_lock *l, int64_t deadline_ns);
 void agx_lock_heir_leave(agx_lock *l);
+/* An heir that has waited too long (a holder that keeps the GIL takes the lock
+ * again and again before the heir can get the GIL) claims the lock: from then
+ * on only the heir can take it when it comes free. Returns 1 if the caller is
+ * the heir and now holds the claim. Leaving the seat drops the claim. */
+int agx_lock_claim(agx_lock *l);
 
 /* Record a finished wait of `waited_ns` (caller holds the lock). */
 void agx_lock_note_wait(agx_lock *l, int64_t waited_ns);

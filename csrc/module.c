@@ -161,6 +161,17 @@ static PyObject *mod_set_heir_seat(PyObject *m, PyObject *on) {
     return PyBool_FromLong(atomic_exchange(&agx_heir_seat_on, v));
 }
 
+/* _set_heir_spin_us(us) -> previous: for benchmarks/op_contention.py only */
+static PyObject *mod_set_heir_spin_us(PyObject *m, PyObject *arg) {
+    double us = PyFloat_AsDouble(arg);
+    if (us == -1.0 && PyErr_Occurred()) return NULL;
+    if (!(us >= 0) || us > 1e6) {
+        PyErr_Format(PyExc_ValueError, "heir spin must be 0 to 1000000 us, not %R", arg);
+        return NULL;
+    }
+    return PyFloat_FromDouble((double)atomic_exchange(&agx_heir_spin_ns, (int64_t)(us * 1000.0)) / 1000.0);
+}
+
 static int is_passthrough(PyObject *func) {
     if (passthrough_type && (PyObject *)Py_TYPE(func) == passthrough_type) return 1;
     if (passthrough_funcs == NULL) return 0;
@@ -617,6 +628,7 @@ static PyMethodDef module_methods[] = {
      "torch_function(mode, func, types, args=(), kwargs=None): func(*args, **kwargs) under the op-site lock."},
     {"_set_op_passthrough", mod_set_op_passthrough, METH_VARARGS, NULL},
     {"_set_heir_seat", mod_set_heir_seat, METH_O, "_set_heir_seat(on) -> previous (measuring only)."},
+    {"_set_heir_spin_us", mod_set_heir_spin_us, METH_O, "_set_heir_spin_us(us) -> previous (measuring only)."},
     {"c_lock_ns", mod_c_lock_ns, METH_O, "c_lock_ns(n): ns per uncontended C try+release."},
     {NULL, NULL, 0, NULL},
 };

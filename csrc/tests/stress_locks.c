@@ -48,7 +48,8 @@ static void take(agx_lock *l) {
  * free, then try; pass the wakeup on when the try loses; leave the seat once
  * the lock is held. */
 static void take_watching(agx_lock *l) {
-    while (!agx_lock_try(l)) {
+    for (int round = 0; !agx_lock_try(l); round++) {
+        if (round == 3) agx_lock_claim(l); /* as a late heir does (no-op for others) */
         if (agx_lock_heir_wait_until(l, -1) && agx_lock_wait_free_until(l, -1) && agx_lock_try(l)) {
             agx_lock_heir_leave(l);
             return;
