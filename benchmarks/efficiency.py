@@ -7,6 +7,9 @@ One run measures, on the same models (agxguard.workloads) and the same device:
     semaphore2  N threads, threading.Semaphore(2) around each request
     op          N threads, agxguard mode "op": every torch op under the op lock
                 (``with agxguard.ops():`` entered in each worker thread)
+    ops_unlocked  the same function mode in mode "off" (it takes no lock): what the mode
+                itself costs, apart from locking (on cuda it also turns off torch's fused
+                transformer path, which mps never takes)
     stream      N threads, mode "stream", ``with agxguard.guard():`` around each request
     global      N threads, mode "global", ``with agxguard.guard():`` around each request
     batcher     N client threads calling one agxguard Batcher (max_batch=N)
@@ -72,7 +75,7 @@ except ImportError as exc:  # not built: measure what does not need the C core
     Batcher = _load("agxguard_batcher", "batcher.py").Batcher
 
 DEFAULT_WORKLOADS = ("small_mlp", "story_transformer", "large_transformer", "medium_mlp", "matmul")
-THREAD_CONFIGS = ("free", "lock", "semaphore2", "op", "stream", "global")
+THREAD_CONFIGS = ("free", "lock", "semaphore2", "op", "ops_unlocked", "stream", "global")
 MODE_CONFIGS = ("op", "stream", "global")
 BATCHER_CONFIGS = ("batcher", "batcher_nospin")
 CONFIGS = THREAD_CONFIGS + BATCHER_CONFIGS + ("offline",)
@@ -304,7 +307,7 @@ class Bench:
                 stack.enter_context(self.torch.cuda.stream(self.torch.cuda.Stream(self.device)))
             elif agxguard is not None:
                 stack.enter_context(agxguard.use_stream(i + 1))
-        if config == "op":
+        if config in ("op", "ops_unlocked"):
             stack.enter_context(agxguard.ops(pin_cpus=set(self.opts.op_pin_cpus)
                                              if self.opts.op_pin_cpus else None))
         return stack
@@ -319,7 +322,7 @@ class Bench:
             model(x)
             sync()
 
-        if config in ("free", "op"):
+        if config in ("free", "op", "ops_unlocked"):
             return plain
         if config == "lock":
             region: Any = self._lock
@@ -433,7 +436,7 @@ def run_workload(name: str, opts: argparse.Namespace, progress: Dict[str, int]) 
     configs = list(opts.configs)
     skipped: Dict[str, str] = {}
     if agxguard is None:
-        for c in MODE_CONFIGS:
+        for c in MODE_CONFIGS + ("ops_unlocked",):
             if c in configs:
                 skipped[c] = AGX_ERROR or "agxguard missing"
     points = [(c, n) for c in configs for n in points_for(c, opts.threads)]
@@ -577,7 +580,7 @@ def evaluate_targets(rows: List[Dict[str, Any]], opts: argparse.Namespace) -> Li
 
 def label(config: str) -> str:
     return {"free": "free threads", "lock": "threading.Lock", "semaphore2": "Semaphore(2)",
-            "op": "agxguard op", "stream": "agxguard stream", "global": "agxguard global",
+            "op": "agxguard op", "ops_unlocked": "ops() in mode off", "stream": "agxguard stream", "global": "agxguard global",
             "batcher": "Batcher", "batcher_nospin": "Batcher, no spin",
             "offline": "offline batch"}[config]
 
