@@ -55,8 +55,11 @@ static const waitable LOCK_OPS = {"lock", lock_try, lock_wait_free, lock_pass, l
 static const waitable SEM_OPS = {"throttle", sem_try, sem_wait, NULL, NULL, NULL, NULL, sem_note, sem_timeout};
 
 /* A holder that keeps the GIL between its guarded calls takes the lock again
- * before the heir can get the GIL to take it; past this wait the heir claims
- * the lock (lock.h), as CPython's GIL forces a switch after its interval. */
+ * before the heir can get the GIL to take it; after watching this long the
+ * heir claims the lock (lock.h), as CPython's GIL forces a switch after its
+ * interval. Counted from when it became heir, not from when it began to wait:
+ * a waiter that slept long on the seat must not claim at once, or the lock
+ * would change hands after every hold, each time at the price of GIL handoffs. */
 #define CLAIM_NS (5 * 1000000LL)
 
 static void abort_on_timeout(const char *name, int64_t waited_ns) {
@@ -74,10 +77,12 @@ static int block_py(void *obj, const char *name, const waitable *w) {
     int64_t warn = atomic_load(&agx_wait.warn_ns);
     int64_t timeout = atomic_load(&agx_wait.timeout_ns);
     int warned = 0, claimed = w->claim == NULL;
+    int64_t heir_since = -1; /* when this waiter got the heir seat */
     for (;;) {
         int64_t now = agx_now_ns();
         int64_t deadline = now + SLICE_NS;
-        if (!claimed && now < start + CLAIM_NS && start + CLAIM_NS < deadline) deadline = start + CLAIM_NS;
+        if (!claimed && heir_since >= 0 && now < heir_since + CLAIM_NS && heir_since + CLAIM_NS < deadline)
+            deadline = heir_since + CLAIM_NS;
         if (timeout > 0 && start + timeout < deadline) deadline = start + timeout;
         if (warn > 0 && !warned && start + warn < deadline) deadline = start + warn;
         int seen;
@@ -85,7 +90,13 @@ static int block_py(void *obj, const char *name, const waitable *w) {
         seen = 0;
         if (w->seat == NULL || !atomic_load_explicit(&agx_heir_seat_on, memory_order_relaxed) ||
             w->seat(obj, deadline)) {
-            if (!claimed && agx_now_ns() - start >= CLAIM_NS) claimed = w->claim(obj); /* the heir, late */
+            if (!claimed) {
+                int64_t t = agx_now_ns();
+                if (heir_since < 0)
+                    heir_since = t;
+                else if (t - heir_since >= CLAIM_NS)
+                    claimed = w->claim(obj); /* the heir, watching in vain for CLAIM_NS */
+            }
             seen = w->wait_until(obj, deadline);
         }
         Py_END_ALLOW_THREADS
