@@ -133,6 +133,34 @@ static void *reader(void *arg) {
     return NULL;
 }
 
+/* agx_event: a token passed round a ring of threads; each hop's data write must
+ * be visible to the next thread (TSan checks the event orders them), and no set
+ * may be lost (a lost one hangs the ring). Half the members spin first. */
+#define RING_ROUNDS 500
+static agx_event ring_events[64];
+static long ring_hops; /* written by the token holder only */
+
+static void *ring_member(void *arg) {
+    long i = (long)arg, n = threads < 64 ? threads : 64;
+    for (int r = 0; r < RING_ROUNDS; r++) {
+        agx_event_wait_until(&ring_events[i], -1, (i & 1) ? 50000 : 0);
+        ring_hops++;
+        agx_event_set(&ring_events[(i + 1) % n]);
+    }
+    return NULL;
+}
+
+static void ring_test(void) {
+    long n = threads < 64 ? threads : 64;
+    if (n < 2) return;
+    pthread_t tids[64];
+    for (long i = 0; i < n; i++) agx_event_init(&ring_events[i]);
+    for (long i = 0; i < n; i++) pthread_create(&tids[i], NULL, ring_member, (void *)i);
+    agx_event_set(&ring_events[0]);
+    for (long i = 0; i < n; i++) pthread_join(tids[i], NULL);
+    CHECK(ring_hops == n * RING_ROUNDS, "event ring: %ld hops, expected %ld", ring_hops, n * RING_ROUNDS);
+}
+
 int main(int argc, char **argv) {
     if (argc > 1) threads = atoi(argv[1]);
     if (argc > 2) iterations = atoi(argv[2]);
@@ -153,6 +181,7 @@ int main(int argc, char **argv) {
     pthread_join(rd, NULL);
     free(tids);
 
+    if (!unlocked) ring_test();
     long total = (long)threads * iterations;
     if (unlocked) return atomic_load(&failures) ? 1 : 0; /* the counts below assume the lock */
     CHECK(global_counter == total, "global counter %ld, expected %ld", global_counter, total);
