@@ -2,6 +2,7 @@
 import concurrent.futures
 import contextlib
 import queue
+import re
 import threading
 
 import pytest
@@ -312,10 +313,31 @@ def test_a_cancelled_future_is_skipped():
     ({"max_delay_ms": "2"}, TypeError, "max_delay_ms must be a number >= 0"),
     ({"max_queue": 0}, ValueError, "max_queue must be an int >= 1, got 0"),
     ({"guard": 3}, TypeError, "guard must be True, False or a callable"),
+    ({"spin_us": -5}, ValueError, "spin_us must be a number from 0 to 1000000 (1 s), got -5"),
+    ({"spin_us": float("nan")}, ValueError, "spin_us must be a number from 0 to 1000000"),
+    ({"spin_us": "fast"}, TypeError, "spin_us must be a number from 0 to 1000000, got 'fast'"),
 ])
 def test_a_bad_argument_raises_a_clear_error(kwargs, error, words):
-    with pytest.raises(error, match=words.replace("(", r"\(")):
+    with pytest.raises(error, match=re.escape(words)):
         Batcher(lambda x: x, **kwargs)
+
+
+@pytest.mark.parametrize("spin_us", [0, 50, 5000])
+def test_blocking_calls_are_answered_with_and_without_spinning(spin_us):
+    """Callers and the dispatcher wait on Wakeups; with spin_us=0 they sleep at once,
+    otherwise they spin first (where a CPU is free for it). Every spin setting must
+    hand each caller its own rows."""
+    xs = [torch.full((1, 4), float(i)) for i in range(8 * 25)]
+    results = [None] * len(xs)
+    with Batcher(lambda x: x * 3, max_batch=8, max_delay_ms=1, spin_us=spin_us) as b:
+        assert b.spin_us == spin_us
+
+        def client(i):
+            for j in range(i, len(xs), 8):
+                results[j] = b(xs[j], timeout=TIMEOUT)
+        run_threads(8, client)
+    for x, y in zip(xs, results):
+        assert torch.equal(y, x * 3)
 
 
 def test_a_non_callable_fn_raises_type_error():
