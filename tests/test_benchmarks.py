@@ -52,3 +52,10 @@ def test_wakeup_ring_reports_each_waitable():
     text = run("benchmarks/wakeup_ring.py", "--threads", "3", "--hops", "300", "--repeats", "1")
     for name in ("Wakeup spin 2000 us", "Wakeup spin 0", "_thread lock"):
         assert name in text
+
+
+def test_batch_anatomy_reports_each_part():
+    text = run("benchmarks/batch_anatomy.py", "--device", "cpu", "--workload", "small_mlp", "--batch", "2",
+               "--duration", "0.05", "--repeats", "1")
+    for name in ("offline fn(batch)", "cat + fn + chunk", "Batcher batch run", "Batcher cycle"):
+        assert name in text
