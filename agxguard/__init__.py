@@ -30,7 +30,7 @@ from .batcher import Batcher
 from .swizzle import guard_methods, swizzle_available, unguard_methods
 
 __all__ = [
-    "MODES", "set_mode", "get_mode", "mode", "guard", "ops", "use_stream",
+    "MODES", "OPS_LEVELS", "set_mode", "get_mode", "mode", "guard", "ops", "use_stream",
     "set_throttle", "get_throttle", "throttle", "set_lock_timeout", "get_lock_timeout",
     "stats", "reset_stats", "global_lock", "op_lock", "stream_lock", "stream_key",
     "Guard", "Lock", "LockTimeout", "LockWaitWarning", "ConfigWarning", "config",
@@ -143,16 +143,26 @@ def use_stream(stream: Any) -> Iterator[int]:
 guard = _C.guard  # guard(stream=None) -> Guard; in C, since it sits on every region's path
 
 
-def ops(pin_cpus: Any = None) -> Any:
-    """A torch function mode that runs each torch op of this thread under the lock
-    the current mode assigns to one op (``op``: the op lock). Use as a context
-    manager in each worker thread (torch keeps function modes per thread).
+OPS_LEVELS = ("function", "dispatch")
+
+
+def ops(pin_cpus: Any = None, level: str = "function") -> Any:
+    """A torch mode that runs each torch op of this thread under the lock the
+    current mode assigns to one op (``op``: the op lock). Use as a context manager
+    in each worker thread (torch keeps its modes per thread).
+
+    ``level``: ``"function"`` (default) locks each torch function call (a torch
+    function mode; torch then skips its fused transformer path); ``"dispatch"`` locks
+    each ATen operator at torch's Python dispatch key (a dispatch mode: below
+    autograd, fused operators stay fused and are one locked call).
 
     ``pin_cpus`` (Linux, e.g. ``{0}``): pin the thread to these CPUs while inside,
     which makes op-lock handoffs between threads far cheaper on many-core VMs."""
-    from ._torch import GuardedOps
+    if level not in OPS_LEVELS:
+        raise ValueError(f"unknown ops level {level!r}; allowed: {', '.join(OPS_LEVELS)}")
+    from ._torch import GuardedDispatch, GuardedOps
 
-    return GuardedOps(pin_cpus)
+    return (GuardedOps if level == "function" else GuardedDispatch)(pin_cpus)
 
 
 _C._set_helpers(_decorate, stream_key)

@@ -7,6 +7,8 @@ One run measures, on the same models (agxguard.workloads) and the same device:
     semaphore2  N threads, threading.Semaphore(2) around each request
     op          N threads, agxguard mode "op": every torch op under the op lock
                 (``with agxguard.ops():`` entered in each worker thread)
+    op_dispatch  mode "op" through ``agxguard.ops(level="dispatch")``: the lock per ATen
+                operator at torch's Python dispatch key (fused operators stay fused)
     ops_unlocked  the same function mode in mode "off" (it takes no lock): what the mode
                 itself costs, apart from locking (on cuda it also turns off torch's fused
                 transformer path, which mps never takes)
@@ -75,7 +77,7 @@ except ImportError as exc:  # not built: measure what does not need the C core
     Batcher = _load("agxguard_batcher", "batcher.py").Batcher
 
 DEFAULT_WORKLOADS = ("small_mlp", "story_transformer", "large_transformer", "medium_mlp", "matmul")
-THREAD_CONFIGS = ("free", "lock", "semaphore2", "op", "ops_unlocked", "stream", "global")
+THREAD_CONFIGS = ("free", "lock", "semaphore2", "op", "op_dispatch", "ops_unlocked", "stream", "global")
 MODE_CONFIGS = ("op", "stream", "global")
 BATCHER_CONFIGS = ("batcher", "batcher_nospin")
 CONFIGS = THREAD_CONFIGS + BATCHER_CONFIGS + ("offline",)
@@ -310,9 +312,10 @@ class Bench:
                 stack.enter_context(self.torch.cuda.stream(self.torch.cuda.Stream(self.device)))
             elif agxguard is not None:
                 stack.enter_context(agxguard.use_stream(i + 1))
-        if config in ("op", "ops_unlocked"):
+        if config in ("op", "op_dispatch", "ops_unlocked"):
             stack.enter_context(agxguard.ops(pin_cpus=set(self.opts.op_pin_cpus)
-                                             if self.opts.op_pin_cpus else None))
+                                             if self.opts.op_pin_cpus else None,
+                                             level="dispatch" if config == "op_dispatch" else "function"))
         return stack
 
     def make_step(self, i: int, config: str) -> Callable[[], None]:
@@ -325,7 +328,7 @@ class Bench:
             model(x)
             sync()
 
-        if config in ("free", "op", "ops_unlocked"):
+        if config in ("free", "op", "op_dispatch", "ops_unlocked"):
             return plain
         if config == "lock":
             region: Any = self._lock
@@ -356,7 +359,8 @@ class Bench:
             self._lock = threading.Lock()
             self._semaphore = threading.Semaphore(2)
             if agxguard is not None:
-                agxguard.set_mode(config if config in MODE_CONFIGS else "off")
+                agxguard.set_mode("op" if config == "op_dispatch" else
+                                  config if config in MODE_CONFIGS else "off")
             m = run_threads(n, lambda i: self.make_step(i, config),
                             lambda i: self.thread_context(i, config), self.opts)
             threads, batch = n, 1
@@ -439,7 +443,7 @@ def run_workload(name: str, opts: argparse.Namespace, progress: Dict[str, int]) 
     configs = list(opts.configs)
     skipped: Dict[str, str] = {}
     if agxguard is None:
-        for c in MODE_CONFIGS + ("ops_unlocked",):
+        for c in MODE_CONFIGS + ("op_dispatch", "ops_unlocked"):
             if c in configs:
                 skipped[c] = AGX_ERROR or "agxguard missing"
     points = [(c, n) for c in configs for n in points_for(c, opts.threads)]
@@ -559,6 +563,7 @@ def evaluate_targets(rows: List[Dict[str, Any]], opts: argparse.Namespace) -> Li
         # (config, reference, ratio, workloads or None for all)
         ("stream", "free", 0.95, None),
         ("op", "free", 0.90, None),
+        ("op_dispatch", "free", 0.90, None),  # the same target for ops(level="dispatch")
         ("global", "lock", 1.00, None),
         ("batcher", "offline", 0.80, ("story_transformer", "small_mlp")),
         ("batcher", "free", 4.00, ("story_transformer", "small_mlp")),
@@ -583,7 +588,8 @@ def evaluate_targets(rows: List[Dict[str, Any]], opts: argparse.Namespace) -> Li
 
 def label(config: str) -> str:
     return {"free": "free threads", "lock": "threading.Lock", "semaphore2": "Semaphore(2)",
-            "op": "agxguard op", "ops_unlocked": "ops() in mode off", "stream": "agxguard stream", "global": "agxguard global",
+            "op": "agxguard op", "op_dispatch": "agxguard op, dispatch",
+            "ops_unlocked": "ops() in mode off", "stream": "agxguard stream", "global": "agxguard global",
             "batcher": "Batcher", "batcher_nospin": "Batcher, no spin",
             "offline": "offline batch"}[config]
 

@@ -27,7 +27,7 @@ def test_efficiency_runs_every_config_and_writes_json(tmp_path):
                "--threads", "1,2", "--duration", "0.05", "--warmup", "1", "--json", str(out), "--no-plot")
     report = json.loads(out.read_text())
     configs = {r["config"] for r in report["results"] if "throughput" in r}
-    assert configs == {"free", "lock", "semaphore2", "op", "ops_unlocked", "stream", "global",
+    assert configs == {"free", "lock", "semaphore2", "op", "op_dispatch", "ops_unlocked", "stream", "global",
                        "batcher", "batcher_nospin", "offline"}, configs
     assert all(r["throughput"] > 0 for r in report["results"] if "throughput" in r)
     nospin = [r for r in report["results"] if r["config"] == "batcher_nospin"]

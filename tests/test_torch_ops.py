@@ -135,3 +135,65 @@ def test_ops_pin_cpus_rejects_bad_values():
         agxguard.ops(pin_cpus=set())
     with pytest.raises(ValueError, match="may not use"):
         agxguard.ops(pin_cpus={10_000})
+
+
+# ---- ops(level="dispatch"): the lock per ATen operator, at torch's Python dispatch key
+
+_probe_detector = None
+
+
+@torch.library.custom_op("agxguard_test::probe", mutates_args=())
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    """An ATen operator whose kernel reports itself to the overlap detector."""
+    _probe_detector.inside()
+    return x.clone()
+
+
+def _probes(detector, level):
+    global _probe_detector
+    _probe_detector = detector
+
+    def worker(i):
+        with agxguard.ops(level=level):
+            for _ in range(ITERS):
+                _probe(torch.ones(2))
+
+    run_threads(THREADS, worker)
+
+
+def test_dispatch_level_never_overlaps_two_operators(detector):
+    agxguard.set_mode("op")
+    _probes(detector, "dispatch")
+    assert detector.entries == THREADS * ITERS
+    assert detector.max_total == 1
+
+
+def test_dispatch_level_in_off_mode_lets_operators_overlap(detector):
+    agxguard.set_mode("off")
+    _probes(detector, "dispatch")
+    assert detector.max_total > 1
+
+
+def test_dispatch_level_keeps_the_fused_transformer_path_as_one_locked_call():
+    """Under a function mode torch runs nn.TransformerEncoderLayer as separate ops;
+    under the dispatch mode the fused layer stays one operator: far fewer locks,
+    same results."""
+    from agxguard import workloads
+
+    agxguard.set_mode("op")
+    w = workloads.build("story_transformer")
+    x = w.make_input()
+    expected = w.model(x)
+    counts = {}
+    for level in agxguard.OPS_LEVELS:
+        agxguard.reset_stats()
+        with agxguard.ops(level=level):
+            got = w.model(x)
+        counts[level] = agxguard.stats()["domains"]["op"]["acquisitions"]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert 0 < counts["dispatch"] < counts["function"], counts
+
+
+def test_an_unknown_ops_level_is_a_value_error_naming_the_allowed_ones():
+    with pytest.raises(ValueError, match="unknown ops level 'aten'; allowed: function, dispatch"):
+        agxguard.ops(level="aten")
