@@ -72,8 +72,7 @@ static void deadline_to_timespec(int64_t deadline_ns, struct timespec *ts) {
     ts->tv_nsec = deadline_ns % 1000000000LL;
 }
 
-static void init_sync(pthread_mutex_t *mu, pthread_cond_t *cv) {
-    pthread_mutex_init(mu, NULL);
+static void init_cv(pthread_cond_t *cv) {
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
 #if !defined(__APPLE__)
@@ -81,6 +80,11 @@ static void init_sync(pthread_mutex_t *mu, pthread_cond_t *cv) {
 #endif
     pthread_cond_init(cv, &attr);
     pthread_condattr_destroy(&attr);
+}
+
+static void init_sync(pthread_mutex_t *mu, pthread_cond_t *cv) {
+    pthread_mutex_init(mu, NULL);
+    init_cv(cv);
 }
 
 /* Sleep on cv until woken or the deadline passes. Returns 0 on deadline. */
@@ -101,18 +105,96 @@ static int timed_sleep(pthread_cond_t *cv, pthread_mutex_t *mu, int64_t deadline
 #endif
 }
 
+/* One place where threads sleep until a predicate holds. A waitable has a
+ * futex word that its wakers change (Linux), or a mutex and a condvar
+ * (elsewhere, and with AGX_LOCK_PORTABLE), and a count of sleepers, so that a
+ * waker makes a system call only when someone sleeps. */
+typedef struct sleeper {
+    _Atomic uint32_t *word; /* futex builds */
+    _Atomic int *sleepers;
+    pthread_mutex_t *mu;    /* condvar builds */
+    pthread_cond_t *cv;
+} sleeper;
+
+typedef int (*predicate)(void *);
+
+/* The predicate is checked under mu and wakers signal under mu, so a wake
+ * between the check and the sleep cannot be lost. Returns 1 once ready(arg)
+ * held, 0 at the deadline (deadline_ns < 0: none). */
+static int cv_sleep_until(const sleeper *s, predicate ready, void *arg, int64_t deadline_ns) {
+    int got = 0;
+    atomic_fetch_add(s->sleepers, 1);
+    pthread_mutex_lock(s->mu);
+    for (;;) {
+        if (ready(arg)) { got = 1; break; }
+        if (deadline_ns >= 0 && agx_now_ns() >= deadline_ns) break;
+        if (!timed_sleep(s->cv, s->mu, deadline_ns)) {
+            got = ready(arg);
+            break;
+        }
+    }
+    pthread_mutex_unlock(s->mu);
+    atomic_fetch_sub(s->sleepers, 1);
+    return got;
+}
+
+static void cv_wake(const sleeper *s, int all) {
+    if (atomic_load(s->sleepers) > 0) {
+        pthread_mutex_lock(s->mu);
+        if (all)
+            pthread_cond_broadcast(s->cv);
+        else
+            pthread_cond_signal(s->cv);
+        pthread_mutex_unlock(s->mu);
+    }
+}
+
+#ifdef AGX_USE_FUTEX
+/* The word is read before the predicate is checked: a waker that changes it
+ * after the check makes the futex wait return at once. The sleepers count is
+ * raised first (seq_cst), so a waker that changed the state and then saw no
+ * sleeper is one whose change the predicate sees. */
+static int sleep_until(const sleeper *s, predicate ready, void *arg, int64_t deadline_ns) {
+    int got = 0;
+    atomic_fetch_add(s->sleepers, 1);
+    for (;;) {
+        uint32_t seen = atomic_load(s->word);
+        if (ready(arg)) { got = 1; break; }
+        struct timespec rel, *relp = NULL;
+        if (deadline_ns >= 0) {
+            int64_t left = deadline_ns - agx_now_ns();
+            if (left <= 0) break;
+            rel.tv_sec = left / 1000000000LL;
+            rel.tv_nsec = left % 1000000000LL;
+            relp = &rel;
+        }
+        syscall(SYS_futex, s->word, FUTEX_WAIT_PRIVATE, seen, relp, NULL, 0);
+    }
+    atomic_fetch_sub(s->sleepers, 1);
+    return got;
+}
+
+/* After the waitable's state changed: wake one sleeper. `bump`: change the word
+ * first (when the state lives elsewhere, as a lock's owner does). */
+static void wake_one(const sleeper *s, int bump) {
+    if (atomic_load(s->sleepers) == 0) return;
+    if (bump) atomic_fetch_add(s->word, 1);
+    syscall(SYS_futex, s->word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+#else
+#define sleep_until cv_sleep_until
+static void wake_one(const sleeper *s, int bump) {
+    (void)bump;
+    cv_wake(s, 0);
+}
+#endif
+
 static void heir_init(agx_lock *l) {
     atomic_store(&l->heir, 0);
     atomic_store(&l->claim, 0);
     atomic_store(&l->heir_seq, 0);
     atomic_store(&l->heir_waiters, 0);
-    pthread_condattr_t attr;
-    pthread_condattr_init(&attr);
-#if !defined(__APPLE__)
-    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
-#endif
-    pthread_cond_init(&l->heir_cv, &attr);
-    pthread_condattr_destroy(&attr);
+    init_cv(&l->heir_cv);
 }
 
 void agx_lock_init(agx_lock *l, const char *name) {
@@ -156,61 +238,21 @@ static int spin(agx_lock *l, int take, int64_t spin_ns) {
     }
 }
 
-#ifdef AGX_USE_FUTEX
+static int pred_take(void *l) { return attempt(l, 1); }
+static int pred_free(void *l) { return attempt(l, 0); }
+
+static sleeper lock_sleeper(agx_lock *l) { return (sleeper){&l->seq, &l->waiters, &l->mu, &l->cv}; }
+
 static int wait_for(agx_lock *l, int64_t deadline_ns, int take) {
     if (attempt(l, take) || spin(l, take, SPIN_NS)) return 1;
-    int got = 0;
-    atomic_fetch_add(&l->waiters, 1);
-    for (;;) {
-        /* Read seq before looking: a release after the look bumps seq, so the
-         * futex wait below returns at once instead of missing the wakeup. */
-        uint32_t seen = atomic_load(&l->seq);
-        if (attempt(l, take)) { got = 1; break; }
-        struct timespec rel, *relp = NULL;
-        if (deadline_ns >= 0) {
-            int64_t left = deadline_ns - agx_now_ns();
-            if (left <= 0) break;
-            rel.tv_sec = left / 1000000000LL;
-            rel.tv_nsec = left % 1000000000LL;
-            relp = &rel;
-        }
-        syscall(SYS_futex, &l->seq, FUTEX_WAIT_PRIVATE, seen, relp, NULL, 0);
-    }
-    atomic_fetch_sub(&l->waiters, 1);
-    return got;
+    sleeper s = lock_sleeper(l);
+    return sleep_until(&s, take ? pred_take : pred_free, l, deadline_ns);
 }
 
-static void wake_one(agx_lock *l) {
-    atomic_fetch_add(&l->seq, 1);
-    syscall(SYS_futex, &l->seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+static void lock_wake(agx_lock *l) {
+    sleeper s = lock_sleeper(l);
+    wake_one(&s, 1);
 }
-#else
-static int wait_for(agx_lock *l, int64_t deadline_ns, int take) {
-    if (attempt(l, take) || spin(l, take, SPIN_NS)) return 1;
-    int got = 0;
-    atomic_fetch_add(&l->waiters, 1);
-    pthread_mutex_lock(&l->mu);
-    for (;;) {
-        /* Checked under mu: a releaser that freed the lock before we looked
-         * must take mu to signal, so it cannot signal into the gap. */
-        if (attempt(l, take)) { got = 1; break; }
-        if (deadline_ns >= 0 && agx_now_ns() >= deadline_ns) break;
-        if (!timed_sleep(&l->cv, &l->mu, deadline_ns)) {
-            got = attempt(l, take);
-            break;
-        }
-    }
-    pthread_mutex_unlock(&l->mu);
-    atomic_fetch_sub(&l->waiters, 1);
-    return got;
-}
-
-static void wake_one(agx_lock *l) {
-    pthread_mutex_lock(&l->mu);
-    pthread_cond_signal(&l->cv);
-    pthread_mutex_unlock(&l->mu);
-}
-#endif
 
 int agx_lock_wait_until(agx_lock *l, int64_t deadline_ns) { return wait_for(l, deadline_ns, 1); }
 
@@ -227,7 +269,7 @@ int agx_lock_watch_until(agx_lock *l, int64_t deadline_ns, int64_t spin_ns) {
 }
 
 void agx_lock_pass_wakeup(agx_lock *l) {
-    if (atomic_load(&l->owner) == 0 && atomic_load(&l->waiters) > 0) wake_one(l);
+    if (atomic_load(&l->owner) == 0 && atomic_load(&l->waiters) > 0) lock_wake(l);
 }
 
 static int take_seat(agx_lock *l, uintptr_t me) {
@@ -243,68 +285,23 @@ int agx_lock_claim(agx_lock *l) {
     return 1;
 }
 
-#ifdef AGX_USE_FUTEX
+static int pred_seat(void *l) { return take_seat(l, agx_thread_id()); }
+
+static sleeper seat_sleeper(agx_lock *l) { return (sleeper){&l->heir_seq, &l->heir_waiters, &l->mu, &l->heir_cv}; }
+
 int agx_lock_heir_wait_until(agx_lock *l, int64_t deadline_ns) {
-    uintptr_t me = agx_thread_id();
-    if (take_seat(l, me)) return 1;
-    int got = 0;
-    atomic_fetch_add(&l->heir_waiters, 1);
-    for (;;) {
-        uint32_t seen = atomic_load(&l->heir_seq); /* before looking: see wait_for */
-        if (take_seat(l, me)) { got = 1; break; }
-        struct timespec rel, *relp = NULL;
-        if (deadline_ns >= 0) {
-            int64_t left = deadline_ns - agx_now_ns();
-            if (left <= 0) break;
-            rel.tv_sec = left / 1000000000LL;
-            rel.tv_nsec = left % 1000000000LL;
-            relp = &rel;
-        }
-        syscall(SYS_futex, &l->heir_seq, FUTEX_WAIT_PRIVATE, seen, relp, NULL, 0);
-    }
-    atomic_fetch_sub(&l->heir_waiters, 1);
-    return got;
+    if (take_seat(l, agx_thread_id())) return 1;
+    sleeper s = seat_sleeper(l);
+    return sleep_until(&s, pred_seat, l, deadline_ns);
 }
 
 void agx_lock_heir_leave(agx_lock *l) {
     uintptr_t me = agx_thread_id(), mine = me;
     if (!atomic_compare_exchange_strong(&l->heir, &me, 0)) return;
     atomic_compare_exchange_strong(&l->claim, &mine, 0);
-    atomic_fetch_add(&l->heir_seq, 1);
-    if (atomic_load(&l->heir_waiters) > 0)
-        syscall(SYS_futex, &l->heir_seq, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+    sleeper s = seat_sleeper(l);
+    wake_one(&s, 1);
 }
-#else
-int agx_lock_heir_wait_until(agx_lock *l, int64_t deadline_ns) {
-    uintptr_t me = agx_thread_id();
-    if (take_seat(l, me)) return 1;
-    int got = 0;
-    atomic_fetch_add(&l->heir_waiters, 1);
-    pthread_mutex_lock(&l->mu);
-    for (;;) {
-        if (take_seat(l, me)) { got = 1; break; } /* under mu: the leaver signals under it */
-        if (deadline_ns >= 0 && agx_now_ns() >= deadline_ns) break;
-        if (!timed_sleep(&l->heir_cv, &l->mu, deadline_ns)) {
-            got = take_seat(l, me);
-            break;
-        }
-    }
-    pthread_mutex_unlock(&l->mu);
-    atomic_fetch_sub(&l->heir_waiters, 1);
-    return got;
-}
-
-void agx_lock_heir_leave(agx_lock *l) {
-    uintptr_t me = agx_thread_id(), mine = me;
-    if (!atomic_compare_exchange_strong(&l->heir, &me, 0)) return;
-    atomic_compare_exchange_strong(&l->claim, &mine, 0);
-    if (atomic_load(&l->heir_waiters) > 0) {
-        pthread_mutex_lock(&l->mu);
-        pthread_cond_signal(&l->heir_cv);
-        pthread_mutex_unlock(&l->mu);
-    }
-}
-#endif
 
 void agx_lock_note_wait(agx_lock *l, int64_t waited_ns) {
     if (waited_ns < 0) waited_ns = 0;
@@ -324,7 +321,7 @@ int agx_lock_release(agx_lock *l) {
         BUMP(l->hold_samples, 1);
     }
     atomic_store_explicit(&l->owner, 0, memory_order_seq_cst);
-    if (atomic_load_explicit(&l->waiters, memory_order_seq_cst) > 0) wake_one(l);
+    if (atomic_load_explicit(&l->waiters, memory_order_seq_cst) > 0) lock_wake(l);
     return 0;
 }
 
@@ -389,33 +386,19 @@ int agx_sem_try(agx_sem *s) {
     }
 }
 
+static int pred_sem(void *s) { return agx_sem_try(s); }
+
+static sleeper sem_sleeper(agx_sem *s) { return (sleeper){NULL, &s->waiters, &s->mu, &s->cv}; }
+
 int agx_sem_wait_until(agx_sem *s, int64_t deadline_ns) {
     if (agx_sem_try(s)) return 1;
-    int got = 0;
-    atomic_fetch_add(&s->waiters, 1);
-    pthread_mutex_lock(&s->mu);
-    for (;;) {
-        if (agx_sem_try(s)) { got = 1; break; }
-        if (deadline_ns >= 0 && agx_now_ns() >= deadline_ns) break;
-        if (!timed_sleep(&s->cv, &s->mu, deadline_ns)) {
-            got = agx_sem_try(s);
-            break;
-        }
-    }
-    pthread_mutex_unlock(&s->mu);
-    atomic_fetch_sub(&s->waiters, 1);
-    return got;
+    sleeper w = sem_sleeper(s);
+    return cv_sleep_until(&w, pred_sem, s, deadline_ns);
 }
 
 static void sem_wake(agx_sem *s, int all) {
-    if (atomic_load(&s->waiters) > 0) {
-        pthread_mutex_lock(&s->mu);
-        if (all)
-            pthread_cond_broadcast(&s->cv);
-        else
-            pthread_cond_signal(&s->cv);
-        pthread_mutex_unlock(&s->mu);
-    }
+    sleeper w = sem_sleeper(s);
+    cv_wake(&w, all);
 }
 
 void agx_sem_release(agx_sem *s) {
@@ -520,58 +503,19 @@ static int event_spin(agx_event *e, int64_t deadline_ns, int64_t spin_ns) {
     return got;
 }
 
-#ifdef AGX_USE_FUTEX
+static int pred_event(void *e) { return agx_event_consume(e); }
+
+static sleeper event_sleeper(agx_event *e) { return (sleeper){&e->state, &e->sleepers, &e->mu, &e->cv}; }
+
 int agx_event_wait_until(agx_event *e, int64_t deadline_ns, int64_t spin_ns) {
     if (agx_event_consume(e) || event_spin(e, deadline_ns, spin_ns)) return 1;
-    int got = 0;
-    atomic_fetch_add(&e->sleepers, 1); /* seq_cst: pairs with the setter's store, then load */
-    for (;;) {
-        if (agx_event_consume(e)) { got = 1; break; }
-        struct timespec rel, *relp = NULL;
-        if (deadline_ns >= 0) {
-            int64_t left = deadline_ns - agx_now_ns();
-            if (left <= 0) break;
-            rel.tv_sec = left / 1000000000LL;
-            rel.tv_nsec = left % 1000000000LL;
-            relp = &rel;
-        }
-        /* returns at once if state is no longer 0 */
-        syscall(SYS_futex, &e->state, FUTEX_WAIT_PRIVATE, 0, relp, NULL, 0);
-    }
-    atomic_fetch_sub(&e->sleepers, 1);
-    return got;
+    sleeper s = event_sleeper(e);
+    return sleep_until(&s, pred_event, e, deadline_ns);
 }
 
 void agx_event_set(agx_event *e) {
     atomic_store(&e->state, 1);
-    if (atomic_load(&e->sleepers) > 0) syscall(SYS_futex, &e->state, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
-}
-#else
-int agx_event_wait_until(agx_event *e, int64_t deadline_ns, int64_t spin_ns) {
-    if (agx_event_consume(e) || event_spin(e, deadline_ns, spin_ns)) return 1;
-    int got = 0;
-    atomic_fetch_add(&e->sleepers, 1);
-    pthread_mutex_lock(&e->mu);
-    for (;;) {
-        /* checked under mu: the setter takes mu to signal */
-        if (agx_event_consume(e)) { got = 1; break; }
-        if (deadline_ns >= 0 && agx_now_ns() >= deadline_ns) break;
-        if (!timed_sleep(&e->cv, &e->mu, deadline_ns)) {
-            got = agx_event_consume(e);
-            break;
-        }
-    }
-    pthread_mutex_unlock(&e->mu);
-    atomic_fetch_sub(&e->sleepers, 1);
-    return got;
+    sleeper s = event_sleeper(e);
+    wake_one(&s, 0); /* the state is the word: a sleeper's wait returns */
 }
 
-void agx_event_set(agx_event *e) {
-    atomic_store(&e->state, 1);
-    if (atomic_load(&e->sleepers) > 0) {
-        pthread_mutex_lock(&e->mu);
-        pthread_cond_signal(&e->cv);
-        pthread_mutex_unlock(&e->mu);
-    }
-}
-#endif
