@@ -367,3 +367,17 @@ def test_bad_arguments_name_the_value():
         agxguard.guard(1, stream=2)
     with pytest.raises(TypeError, match="callable"):
         agxguard.guard()(3)
+
+
+def test_the_type_stub_names_everything_the_c_module_has():
+    """agxguard/_C.pyi must keep up with csrc/: every public and private name of the
+    built module has a stub (objc names only where the build has them)."""
+    import ast
+
+    import agxguard._C as C
+
+    tree = ast.parse(open(os.path.join(os.path.dirname(agxguard.__file__), "_C.pyi")).read())
+    stubbed = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    stubbed |= {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
+    missing = sorted(m for m in dir(C) if not m.startswith("__") and m not in stubbed)
+    assert not missing, f"no stub in agxguard/_C.pyi for: {missing}"
