@@ -5,6 +5,8 @@
 #include "lock.h"
 
 #include <errno.h>
+#include <stdio.h>
+#include <string.h>
 #include <time.h>
 #include <unistd.h>
 #ifdef __linux__
@@ -455,10 +457,45 @@ void agx_cpu_relax(void) { cpu_relax(); }
 static _Atomic int spinners;
 
 /* CPUs this thread may run on (its affinity mask on Linux). */
-static int usable_cpus(void) {
+#ifdef __linux__
+/* CPUs' worth of time a cgroup CPU quota allows (rounded up), or 0 for none:
+ * a container limited to 2 CPUs still sees every CPU in its affinity mask, and
+ * spinners there would burn the quota that the work needs. Read once. */
+static int read_two_longs(const char *path, long *a, long *b) {
+    FILE *f = fopen(path, "r");
+    if (f == NULL) return 0;
+    char text[64] = {0};
+    int n = fgets(text, sizeof text, f) != NULL;
+    fclose(f);
+    if (!n) return 0;
+    if (strncmp(text, "max", 3) == 0) return 0; /* cgroup v2: no quota */
+    return sscanf(text, "%ld %ld", a, b);
+}
+
+static int quota_cpus(void) {
+    static _Atomic int cached = -1;
+    int q = atomic_load(&cached);
+    if (q >= 0) return q;
+    long quota = 0, period = 0;
+    q = 0;
+    if (read_two_longs("/sys/fs/cgroup/cpu.max", &quota, &period) == 2 ||
+        (read_two_longs("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", &quota, &period) == 1 &&
+         read_two_longs("/sys/fs/cgroup/cpu/cpu.cfs_period_us", &period, &period) == 1)) {
+        if (quota > 0 && period > 0) q = (int)((quota + period - 1) / period);
+    }
+    atomic_store(&cached, q);
+    return q;
+}
+#endif
+
+/* CPUs this thread may use: its affinity mask, capped by a cgroup CPU quota (Linux). */
+int agx_usable_cpus(void) {
 #ifdef __linux__
     cpu_set_t set;
-    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+        int n = CPU_COUNT(&set), q = quota_cpus();
+        return q > 0 && q < n ? q : n;
+    }
 #endif
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? (int)n : 1;
@@ -467,7 +504,7 @@ static int usable_cpus(void) {
 int agx_spin_enter(void) {
     /* two CPUs stay for the work the spinners wait on (a thread running a batch,
      * a thread holding the GIL) */
-    int limit = usable_cpus() - 2, cur = atomic_load(&spinners);
+    int limit = agx_usable_cpus() - 2, cur = atomic_load(&spinners);
     while (cur < limit) {
         if (atomic_compare_exchange_weak(&spinners, &cur, cur + 1)) return 1;
     }

@@ -181,6 +181,9 @@ int agx_event_wait_until(agx_event *e, int64_t deadline_ns, int64_t spin_ns);
 /* Spinning slots: a thread may spin only while it holds one (at most the
  * thread's usable CPUs less two at a time, so spinners never starve the threads
  * they wait for; none on a machine of two CPUs). */
+/* CPUs the calling thread may use: its affinity mask (Linux), capped by a
+ * cgroup CPU quota (read once). */
+int agx_usable_cpus(void);
 int agx_spin_enter(void);
 void agx_spin_leave(void);
 /* Pause in a spin loop. */

@@ -161,6 +161,8 @@ static PyObject *mod_set_heir_seat(PyObject *m, PyObject *on) {
     return PyBool_FromLong(atomic_exchange(&agx_heir_seat_on, v));
 }
 
+static PyObject *mod_usable_cpus(PyObject *m, PyObject *unused) { return PyLong_FromLong(agx_usable_cpus()); }
+
 /* _set_heir_spin_us(us) -> previous: for benchmarks/op_contention.py only */
 static PyObject *mod_set_heir_spin_us(PyObject *m, PyObject *arg) {
     double us = PyFloat_AsDouble(arg);
@@ -629,6 +631,9 @@ static PyMethodDef module_methods[] = {
     {"_set_op_passthrough", mod_set_op_passthrough, METH_VARARGS, NULL},
     {"_set_heir_seat", mod_set_heir_seat, METH_O, "_set_heir_seat(on) -> previous (measuring only)."},
     {"_set_heir_spin_us", mod_set_heir_spin_us, METH_O, "_set_heir_spin_us(us) -> previous (measuring only)."},
+    {"_usable_cpus", mod_usable_cpus, METH_NOARGS,
+     "_usable_cpus() -> CPUs this thread may use (affinity, capped by a cgroup quota); waits spin\n"
+     "only while fewer than this less two threads spin."},
     {"c_lock_ns", mod_c_lock_ns, METH_O, "c_lock_ns(n): ns per uncontended C try+release."},
     {NULL, NULL, 0, NULL},
 };

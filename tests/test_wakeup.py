@@ -105,3 +105,20 @@ def test_bad_timeout_is_a_value_error(bad):
 def test_wait_takes_at_most_two_arguments():
     with pytest.raises(TypeError):
         Wakeup().wait(1, 2, 3)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"),
+                    reason="CPU affinity is Linux-only (os.sched_getaffinity)")
+def test_usable_cpus_is_the_affinity_mask_at_most():
+    """Spinning is allowed while fewer threads spin than the usable CPUs less two;
+    that count is the thread's affinity mask capped by a cgroup CPU quota."""
+    from agxguard import _C
+
+    n = _C._usable_cpus()
+    assert 1 <= n <= len(os.sched_getaffinity(0))
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(saved)})
+    try:
+        assert _C._usable_cpus() == 1  # pinned to one CPU: no spinning at all
+    finally:
+        os.sched_setaffinity(0, saved)
