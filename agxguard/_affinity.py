@@ -8,7 +8,20 @@ virtual CPU, which costs several times more.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
+
+try:
+    from ._C import _affinity_changed
+except ImportError:  # loaded without the C core (benchmarks/efficiency.py's fallback)
+    def _affinity_changed() -> None:
+        pass
+
+
+def set_affinity(cpus: Iterable[int]) -> None:
+    """Pin the calling thread to ``cpus`` and tell the C core, whose waits decide
+    whether to spin from the thread's usable CPUs."""
+    os.sched_setaffinity(0, cpus)
+    _affinity_changed()
 
 
 def check_pin_cpus(pin_cpus: Any) -> Optional[frozenset]:

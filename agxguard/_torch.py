@@ -10,7 +10,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import _C
-from ._affinity import check_pin_cpus
+from ._affinity import check_pin_cpus, set_affinity
 
 # Torch functions that read metadata or flip thread-local state and reach no
 # device, so they run without the op lock: tensor attribute getters (shape,
@@ -45,7 +45,7 @@ class _Pinned:
     def __enter__(self) -> Any:
         if self._pin is not None:
             self._saved_affinity = frozenset(os.sched_getaffinity(0))
-            os.sched_setaffinity(0, self._pin)
+            set_affinity(self._pin)
         try:
             return super().__enter__()
         except BaseException:
@@ -60,7 +60,7 @@ class _Pinned:
 
     def _restore_affinity(self) -> None:
         if self._saved_affinity is not None:
-            os.sched_setaffinity(0, self._saved_affinity)
+            set_affinity(self._saved_affinity)
             self._saved_affinity = None
 
 

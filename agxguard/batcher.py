@@ -30,7 +30,7 @@ import time
 import weakref
 from typing import Any, Callable, Optional, Union
 
-from ._affinity import check_pin_cpus
+from ._affinity import check_pin_cpus, set_affinity
 
 try:
     from ._C import Wakeup as _Wakeup
@@ -288,7 +288,7 @@ class Batcher:
         """Pin the calling thread to pin_cpus (once per thread, while it calls this Batcher)."""
         _tls.pin = self._pin
         try:
-            os.sched_setaffinity(0, self._pin)
+            set_affinity(self._pin)
         except OSError:  # a CPU went away since __init__: pinning is only a speed-up
             pass
 
@@ -544,7 +544,7 @@ class Batcher:
         try:
             if self._pin is not None:
                 try:
-                    os.sched_setaffinity(0, self._pin)
+                    set_affinity(self._pin)
                 except OSError:  # pinning is only a speed-up
                     pass
             while True:

@@ -488,8 +488,7 @@ static int quota_cpus(void) {
 }
 #endif
 
-/* CPUs this thread may use: its affinity mask, capped by a cgroup CPU quota (Linux). */
-int agx_usable_cpus(void) {
+static int read_usable_cpus(void) {
 #ifdef __linux__
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) == 0) {
@@ -499,6 +498,28 @@ int agx_usable_cpus(void) {
 #endif
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? (int)n : 1;
+}
+
+/* Every wait that may spin asks this, so each thread keeps the answer: it is read
+ * again after agx_affinity_changed() (agxguard's own pinning calls it) or, for
+ * changes made elsewhere, after AFFINITY_TTL_NS. */
+#define AFFINITY_TTL_NS (100 * 1000000LL)
+static _Atomic unsigned affinity_gen;
+static _Thread_local int tl_cpus;
+static _Thread_local unsigned tl_gen;
+static _Thread_local int64_t tl_read_at;
+
+void agx_affinity_changed(void) { atomic_fetch_add(&affinity_gen, 1); }
+
+int agx_usable_cpus(void) {
+    unsigned gen = atomic_load_explicit(&affinity_gen, memory_order_relaxed);
+    int64_t now = agx_now_ns();
+    if (tl_cpus == 0 || tl_gen != gen || now - tl_read_at > AFFINITY_TTL_NS) {
+        tl_cpus = read_usable_cpus();
+        tl_gen = gen;
+        tl_read_at = now;
+    }
+    return tl_cpus;
 }
 
 int agx_spin_enter(void) {

@@ -182,8 +182,10 @@ int agx_event_wait_until(agx_event *e, int64_t deadline_ns, int64_t spin_ns);
  * thread's usable CPUs less two at a time, so spinners never starve the threads
  * they wait for; none on a machine of two CPUs). */
 /* CPUs the calling thread may use: its affinity mask (Linux), capped by a
- * cgroup CPU quota (read once). */
+ * cgroup CPU quota (read once). Kept per thread; call agx_affinity_changed()
+ * after changing a thread's affinity (other changes are seen within 100 ms). */
 int agx_usable_cpus(void);
+void agx_affinity_changed(void);
 int agx_spin_enter(void);
 void agx_spin_leave(void);
 /* Pause in a spin loop. */

@@ -163,6 +163,11 @@ static PyObject *mod_set_heir_seat(PyObject *m, PyObject *on) {
 
 static PyObject *mod_usable_cpus(PyObject *m, PyObject *unused) { return PyLong_FromLong(agx_usable_cpus()); }
 
+static PyObject *mod_affinity_changed(PyObject *m, PyObject *unused) {
+    agx_affinity_changed();
+    Py_RETURN_NONE;
+}
+
 /* _set_heir_spin_us(us) -> previous: for benchmarks/op_contention.py only */
 static PyObject *mod_set_heir_spin_us(PyObject *m, PyObject *arg) {
     double us = PyFloat_AsDouble(arg);
@@ -631,6 +636,8 @@ static PyMethodDef module_methods[] = {
     {"_set_op_passthrough", mod_set_op_passthrough, METH_VARARGS, NULL},
     {"_set_heir_seat", mod_set_heir_seat, METH_O, "_set_heir_seat(on) -> previous (measuring only)."},
     {"_set_heir_spin_us", mod_set_heir_spin_us, METH_O, "_set_heir_spin_us(us) -> previous (measuring only)."},
+    {"_affinity_changed", mod_affinity_changed, METH_NOARGS,
+     "_affinity_changed(): a thread's CPU affinity changed; waits read it again."},
     {"_usable_cpus", mod_usable_cpus, METH_NOARGS,
      "_usable_cpus() -> CPUs this thread may use (affinity, capped by a cgroup quota); waits spin\n"
      "only while fewer than this less two threads spin."},

@@ -116,9 +116,12 @@ def test_usable_cpus_is_the_affinity_mask_at_most():
 
     n = _C._usable_cpus()
     assert 1 <= n <= len(os.sched_getaffinity(0))
+    from agxguard._affinity import set_affinity
+
     saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {min(saved)})
+    set_affinity({min(saved)})
     try:
         assert _C._usable_cpus() == 1  # pinned to one CPU: no spinning at all
     finally:
-        os.sched_setaffinity(0, saved)
+        set_affinity(saved)
+    assert _C._usable_cpus() == n
