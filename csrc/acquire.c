@@ -8,8 +8,6 @@
 #include "acquire.h"
 #include "module_state.h"
 
-/* How often a Python waiter wakes to run signal handlers. */
-#define SLICE_NS (20 * 1000000LL)
 
 typedef struct waitable {
     const char *what; /* for messages */
@@ -80,7 +78,7 @@ static int block_py(void *obj, const char *name, const waitable *w) {
     int64_t heir_since = -1; /* when this waiter got the heir seat */
     for (;;) {
         int64_t now = agx_now_ns();
-        int64_t deadline = now + SLICE_NS;
+        int64_t deadline = now + AGX_SLICE_NS;
         if (!claimed && heir_since >= 0 && now < heir_since + CLAIM_NS && heir_since + CLAIM_NS < deadline)
             deadline = heir_since + CLAIM_NS;
         if (timeout > 0 && start + timeout < deadline) deadline = start + timeout;

@@ -5,6 +5,10 @@
 
 #include "guard.h"
 
+/* How long a Python waiter sleeps at most before it takes the GIL to run
+ * signal handlers (so Ctrl-C works while it waits). */
+#define AGX_SLICE_NS (20 * 1000000LL)
+
 /* Take `l` for a caller that holds the GIL: one try with the GIL held; then a
  * wait with the GIL released, in slices, running Python's signal handlers
  * between slices (so Ctrl-C works) and warning once past the warn threshold.

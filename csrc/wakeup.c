@@ -24,9 +24,8 @@
 
 #include <math.h>
 
-#include "lock.h"
+#include "acquire.h"
 
-#define SLICE_NS (20 * 1000000LL) /* signal handlers run between slices */
 #define GATE_NS (200 * 1000LL)
 
 static _Atomic uintptr_t gate; /* the thread that took the GIL last through wait(), or 0 */
@@ -121,7 +120,7 @@ static PyObject *Wakeup_wait(WakeupObject *self, PyObject *const *args, Py_ssize
     if (timeout_ns == 0) Py_RETURN_FALSE;
     int64_t deadline = timeout_ns < 0 ? -1 : agx_now_ns() + timeout_ns;
     for (;;) {
-        int64_t slice = agx_now_ns() + SLICE_NS;
+        int64_t slice = agx_now_ns() + AGX_SLICE_NS;
         if (deadline >= 0 && deadline < slice) slice = deadline;
         int got;
         PyThreadState *ts = PyEval_SaveThread();
