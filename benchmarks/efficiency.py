@@ -136,9 +136,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--heir-seat", choices=("on", "off"), default="on",
                    help="off: every Python waiter watches a contended lock (measuring what the "
                         "heir seat buys; agxguard._C._set_heir_seat)")
-    p.add_argument("--region-wait", choices=("direct", "watch"), default="direct",
-                   help="watch: region waiters watch the lock and take it with the GIL, as op-site "
-                        "waiters do (measuring only; agxguard._C._set_region_wait)")
     p.add_argument("--batcher-guard", default=None, metavar="MODE",
                    help="run the Batcher's batches inside agxguard.guard() in this mode")
     p.add_argument("--streams", choices=("auto", "per-thread", "shared"), default="auto",
@@ -693,7 +690,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if agxguard is not None:
         agxguard._C._set_heir_seat(opts.heir_seat == "on")
-        agxguard._C._set_region_wait(opts.region_wait == "direct")
     info = machine_info(opts)
     log(f"agxguard efficiency benchmark: device {info['device']} ({info['device_name']}), "
         f"torch {info['torch']}, python {info['python']}, {info['cpu_count']} cpus")

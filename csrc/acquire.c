@@ -52,16 +52,6 @@ static const waitable LOCK_OPS = {"lock", lock_try, lock_wait_free, lock_pass, l
                                   lock_claim, lock_note, lock_timeout};
 static const waitable SEM_OPS = {"throttle", sem_try, sem_wait, NULL, NULL, NULL, NULL, sem_note, sem_timeout};
 
-/* A region (a whole request under `global` or `stream`) is long and drops the
- * GIL many times inside. A waiter that only watched would go for the GIL at
- * each release and, finding the holder back in the lock first, have taken the
- * GIL from it for nothing. So a region waiter takes the lock itself, with the
- * GIL released, as threading.Lock's waiters do, and then waits for the GIL. */
-static int lock_wait_take(void *o, int64_t d) { return agx_lock_wait_until(o, d); }
-static const waitable REGION_OPS = {"lock", lock_try, lock_wait_take, NULL, NULL, NULL, NULL, lock_note,
-                                    lock_timeout};
-_Atomic int agx_region_take_direct = 1;
-
 /* A holder that keeps the GIL between its guarded calls takes the lock again
  * before the heir can get the GIL to take it; after watching this long the
  * heir claims the lock (lock.h), as CPython's GIL forces a switch after its
@@ -139,11 +129,6 @@ fail:
 }
 
 int agx_acquire_py(agx_lock *l) { return block_py(l, l->name, &LOCK_OPS); }
-
-int agx_acquire_region_py(agx_lock *l) {
-    return block_py(l, l->name,
-                    atomic_load_explicit(&agx_region_take_direct, memory_order_relaxed) ? &REGION_OPS : &LOCK_OPS);
-}
 
 int agx_throttle_acquire_py(void) { return block_py(agx_throttle(), "throttle", &SEM_OPS); }
 

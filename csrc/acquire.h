@@ -15,13 +15,6 @@
  * Returns 0, or -1 with a Python exception set (LockTimeout, KeyboardInterrupt). */
 int agx_acquire_py(agx_lock *l);
 
-/* The same for a guarded region: the waiter takes the lock with the GIL
- * released (as threading.Lock does), then waits for the GIL; see acquire.c.
- * agx_region_take_direct = 0 makes regions wait as agx_acquire_py does
- * (measuring only: agxguard._C._set_region_wait). */
-int agx_acquire_region_py(agx_lock *l);
-extern _Atomic int agx_region_take_direct;
-
 /* Take `l` for a native caller that cannot raise (a driver hook). If the
  * calling thread holds the GIL, it is released while waiting. Past the timeout
  * it prints to stderr and aborts when so configured, else keeps waiting. */

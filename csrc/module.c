@@ -72,7 +72,7 @@ static int region_enter(GuardObject *g) {
         if (agx_throttle_acquire_py() < 0) return -1;
         throttled = 1;
     }
-    if (lock && (g->site == AGX_SITE_REGION ? agx_acquire_region_py(lock) : agx_acquire_py(lock)) < 0) {
+    if (lock && agx_acquire_py(lock) < 0) {
         if (throttled) agx_sem_release(agx_throttle());
         return -1;
     }
@@ -159,13 +159,6 @@ static PyObject *mod_set_heir_seat(PyObject *m, PyObject *on) {
     int v = PyObject_IsTrue(on);
     if (v < 0) return NULL;
     return PyBool_FromLong(atomic_exchange(&agx_heir_seat_on, v));
-}
-
-/* _set_region_wait(direct) -> previous: for benchmarks only */
-static PyObject *mod_set_region_wait(PyObject *m, PyObject *on) {
-    int v = PyObject_IsTrue(on);
-    if (v < 0) return NULL;
-    return PyBool_FromLong(atomic_exchange(&agx_region_take_direct, v));
 }
 
 static PyObject *mod_usable_cpus(PyObject *m, PyObject *unused) { return PyLong_FromLong(agx_usable_cpus()); }
@@ -643,8 +636,6 @@ static PyMethodDef module_methods[] = {
     {"_set_op_passthrough", mod_set_op_passthrough, METH_VARARGS, NULL},
     {"_set_heir_seat", mod_set_heir_seat, METH_O, "_set_heir_seat(on) -> previous (measuring only)."},
     {"_set_heir_spin_us", mod_set_heir_spin_us, METH_O, "_set_heir_spin_us(us) -> previous (measuring only)."},
-    {"_set_region_wait", mod_set_region_wait, METH_O,
-     "_set_region_wait(direct) -> previous: region waiters take the lock themselves (True) or watch (False)."},
     {"_affinity_changed", mod_affinity_changed, METH_NOARGS,
      "_affinity_changed(): a thread's CPU affinity changed; waits read it again."},
     {"_usable_cpus", mod_usable_cpus, METH_NOARGS,
