@@ -23,7 +23,6 @@ import atexit
 import collections
 import concurrent.futures
 import math
-import os
 import queue
 import threading
 import time
