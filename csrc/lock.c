@@ -231,13 +231,20 @@ static inline int attempt(agx_lock *l, int take) {
     return take ? agx_lock_try(l) : 1;
 }
 
-static int spin(agx_lock *l, int take, int64_t spin_ns) {
+int agx_spin_until(int (*ready)(void *), void *arg, int64_t spin_ns) {
     uint64_t budget = (uint64_t)((double)spin_ns * agx_ticks_per_ns()), start = agx_ticks();
     for (unsigned i = 1;; i++) {
-        if (attempt(l, take)) return 1;
+        if (ready(arg)) return 1;
         cpu_relax();
         if ((i & 63) == 0 && agx_ticks() - start > budget) return 0;
     }
+}
+
+int agx_spin_slotted(int (*ready)(void *), void *arg, int64_t spin_ns) {
+    if (spin_ns <= 0 || !agx_spin_enter()) return 0;
+    int got = agx_spin_until(ready, arg, spin_ns);
+    agx_spin_leave();
+    return got;
 }
 
 static int pred_take(void *l) { return attempt(l, 1); }
@@ -246,7 +253,7 @@ static int pred_free(void *l) { return attempt(l, 0); }
 static sleeper lock_sleeper(agx_lock *l) { return (sleeper){&l->seq, &l->waiters, &l->mu, &l->cv}; }
 
 static int wait_for(agx_lock *l, int64_t deadline_ns, int take) {
-    if (attempt(l, take) || spin(l, take, SPIN_NS)) return 1;
+    if (attempt(l, take) || agx_spin_until(take ? pred_take : pred_free, l, SPIN_NS)) return 1;
     sleeper s = lock_sleeper(l);
     return sleep_until(&s, take ? pred_take : pred_free, l, deadline_ns);
 }
@@ -261,12 +268,7 @@ int agx_lock_wait_until(agx_lock *l, int64_t deadline_ns) { return wait_for(l, d
 int agx_lock_wait_free_until(agx_lock *l, int64_t deadline_ns) { return wait_for(l, deadline_ns, 0); }
 
 int agx_lock_watch_until(agx_lock *l, int64_t deadline_ns, int64_t spin_ns) {
-    if (attempt(l, 0)) return 1;
-    if (spin_ns > SPIN_NS && agx_spin_enter()) {
-        int seen = spin(l, 0, spin_ns);
-        agx_spin_leave();
-        if (seen) return 1;
-    }
+    if (attempt(l, 0) || (spin_ns > SPIN_NS && agx_spin_slotted(pred_free, l, spin_ns))) return 1;
     return wait_for(l, deadline_ns, 0);
 }
 
@@ -452,8 +454,6 @@ void agx_sem_after_fork(agx_sem *s, int kept) {
 
 /* ---- event ---- */
 
-void agx_cpu_relax(void) { cpu_relax(); }
-
 static _Atomic int spinners;
 
 /* CPUs this thread may run on (its affinity mask on Linux). */
@@ -545,23 +545,16 @@ int agx_event_consume(agx_event *e) {
            atomic_exchange_explicit(&e->state, 0, memory_order_acquire) != 0;
 }
 
-static int event_spin(agx_event *e, int64_t deadline_ns, int64_t spin_ns) {
-    if (spin_ns <= 0 || !agx_spin_enter()) return 0;
-    uint64_t budget = (uint64_t)((double)spin_ns * agx_ticks_per_ns()), start = agx_ticks();
-    int got = 0;
-    for (unsigned i = 1;; i++) {
-        if (agx_event_consume(e)) { got = 1; break; }
-        cpu_relax();
-        if ((i & 63) == 0) {
-            if (agx_ticks() - start > budget) break;
-            if (deadline_ns >= 0 && (i & 1023) == 0 && agx_now_ns() >= deadline_ns) break;
-        }
-    }
-    agx_spin_leave();
-    return got;
-}
-
 static int pred_event(void *e) { return agx_event_consume(e); }
+
+/* Spin for the event, but not past the wait's deadline. */
+static int event_spin(agx_event *e, int64_t deadline_ns, int64_t spin_ns) {
+    if (spin_ns > 0 && deadline_ns >= 0) {
+        int64_t left = deadline_ns - agx_now_ns();
+        if (left < spin_ns) spin_ns = left;
+    }
+    return agx_spin_slotted(pred_event, e, spin_ns);
+}
 
 static sleeper event_sleeper(agx_event *e) { return (sleeper){&e->state, &e->sleepers, &e->mu, &e->cv}; }
 

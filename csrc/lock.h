@@ -188,7 +188,10 @@ int agx_usable_cpus(void);
 void agx_affinity_changed(void);
 int agx_spin_enter(void);
 void agx_spin_leave(void);
-/* Pause in a spin loop. */
-void agx_cpu_relax(void);
+/* Spin (pausing) until ready(arg) returns nonzero (then 1) or spin_ns passes
+ * (then 0). agx_spin_slotted does the same inside a spinning slot, and returns 0
+ * at once when spin_ns <= 0 or no slot is free. */
+int agx_spin_until(int (*ready)(void *), void *arg, int64_t spin_ns);
+int agx_spin_slotted(int (*ready)(void *), void *arg, int64_t spin_ns);
 
 #endif

@@ -35,24 +35,17 @@ static void gate_leave(void) {
     atomic_compare_exchange_strong(&gate, &me, 0);
 }
 
+static int take_gate(void *unused) {
+    uintptr_t cur = atomic_load_explicit(&gate, memory_order_relaxed);
+    return cur == 0 && atomic_compare_exchange_weak(&gate, &cur, agx_thread_id());
+}
+
 static void gate_enter(void) {
     uintptr_t me = agx_thread_id(), cur = 0;
     if (atomic_compare_exchange_strong(&gate, &cur, me) || cur == me) return;
-    if (!agx_spin_enter()) {
-        atomic_store(&gate, me); /* no CPU to spin on: go for the GIL like anyone */
-        return;
-    }
-    uint64_t budget = (uint64_t)(GATE_NS * agx_ticks_per_ns()), start = agx_ticks();
-    for (unsigned i = 1;; i++) {
-        cur = atomic_load_explicit(&gate, memory_order_relaxed);
-        if (cur == 0 && atomic_compare_exchange_weak(&gate, &cur, me)) break;
-        agx_cpu_relax();
-        if ((i & 63) == 0 && agx_ticks() - start > budget) {
-            atomic_store(&gate, me); /* the holder went elsewhere: take it over */
-            break;
-        }
-    }
-    agx_spin_leave();
+    /* No CPU to spin on, or the holder went elsewhere: take it over and go for
+     * the GIL like anyone. */
+    if (!agx_spin_slotted(take_gate, NULL, GATE_NS)) atomic_store(&gate, me);
 }
 
 typedef struct {
