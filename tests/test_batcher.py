@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from agxguard import workloads  # noqa: E402
 from agxguard.batcher import Batcher  # noqa: E402
+from conftest import run_threads  # noqa: E402
 
 TIMEOUT = 20  # seconds; any wait in these tests that hits it is a failure, not a pause
 
@@ -29,26 +30,6 @@ class Gate:
         self.entered.set()
         assert self.opened.wait(TIMEOUT), "gate never opened"
         return self.fn(x)
-
-
-def run_threads(n, target):
-    """Run target(i) in n threads; re-raise the first exception."""
-    errors = []
-
-    def wrap(i):
-        try:
-            target(i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(TIMEOUT)
-        assert not t.is_alive(), "a client thread is still waiting"
-    if errors:
-        raise errors[0]
 
 
 @pytest.mark.parametrize("name", ["small_mlp", "story_transformer", "matmul"])
@@ -78,7 +59,7 @@ def test_blocking_calls_from_many_threads_get_their_own_rows():
         def client(i):
             for j in range(i, len(inputs), 8):
                 results[j] = b(inputs[j], timeout=TIMEOUT)
-        run_threads(8, client)
+        run_threads(8, client, timeout=TIMEOUT)
         stats = b.stats()
     for x, y in zip(inputs, results):
         torch.testing.assert_close(y, w.model(x), rtol=1e-4, atol=1e-5)
@@ -335,7 +316,7 @@ def test_blocking_calls_are_answered_with_and_without_spinning(spin_us):
         def client(i):
             for j in range(i, len(xs), 8):
                 results[j] = b(xs[j], timeout=TIMEOUT)
-        run_threads(8, client)
+        run_threads(8, client, timeout=TIMEOUT)
     for x, y in zip(xs, results):
         assert torch.equal(y, x * 3)
 
@@ -402,7 +383,7 @@ def test_a_partial_batch_waits_max_delay_and_a_lone_request_after_idle_still_run
         def client(i):
             results[i] = b(torch.full((1, 2), float(i)), timeout=TIMEOUT)
 
-        run_threads(8, client)
+        run_threads(8, client, timeout=TIMEOUT)
         assert all(torch.equal(results[i], torch.full((1, 2), i + 1.0)) for i in range(8))
     assert b.stats()["requests"] == 10
 
@@ -432,7 +413,7 @@ def test_pin_cpus_pins_the_dispatcher_and_each_calling_thread():
         seen.append(os.sched_getaffinity(0))
 
     with Batcher(fn, max_batch=4, max_delay_ms=1, pin_cpus={cpu}) as b:
-        run_threads(3, client)  # fresh threads: the test's own thread keeps its affinity
+        run_threads(3, client, timeout=TIMEOUT)  # fresh threads: the test's own thread keeps its affinity
     assert seen and all(s == {cpu} for s in seen)
     with pytest.raises(TypeError, match="pin_cpus must be None or a non-empty"):
         Batcher(lambda x: x, pin_cpus=[])
