@@ -6,13 +6,14 @@ these are its numbers on the machine that runs this.
 
     python benchmarks/hooks_crash_table.py [--runs 100] [--iterations 100] [--json out.json]
 """
-import argparse
 import json
 import platform
 import sys
 import time
 
 from agxguard import model
+
+import _crash_args  # benchmarks/_crash_args.py, beside this script
 
 NONE = dict(context_race=False, encoder_recycle=False, buffer_recycle=False, bypass=False)
 # (race class, bugs on, mode, run options)
@@ -46,16 +47,7 @@ def run_row(bugs, mode, kw, runs, threads, iterations, window_yields):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=8)
-    ap.add_argument("--iterations", type=int, default=100)
-    ap.add_argument("--window-yields", type=int, default=1)
-    ap.add_argument("--json", help="also write the table as JSON here")
-    a = ap.parse_args()
-    if not model.available():
-        print("the driver model is unavailable in this build (no Objective-C runtime)", file=sys.stderr)
-        return 2
+    a = _crash_args.parse(__doc__, default_runs=100)
     print(f"AGX hook set from import (AGXGUARD_DRIVER=model) on the driver model (not Apple hardware), "
           f"{platform.node()} {platform.machine()}, {a.threads} threads x {a.iterations} ops on one queue, "
           f"internal path every 4th op, {a.runs} child runs per row, window_yields={a.window_yields}")

@@ -4,12 +4,13 @@ numbers are the model's on the machine that runs this.
 
     python benchmarks/model_crash_table.py [--runs 200] [--iterations 100] [--window-yields 1]
 """
-import argparse
 import json
 import platform
 import sys
 
 from agxguard import model
+
+import _crash_args  # benchmarks/_crash_args.py, beside this script
 
 CONFIGS = [
     ("off", dict(), {}),
@@ -23,16 +24,7 @@ CONFIGS = [
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", type=int, default=200)
-    ap.add_argument("--threads", type=int, default=8)
-    ap.add_argument("--iterations", type=int, default=100)
-    ap.add_argument("--window-yields", type=int, default=1)
-    ap.add_argument("--json", help="also write the table as JSON here")
-    a = ap.parse_args()
-    if not model.available():
-        print("the driver model is unavailable in this build (no Objective-C runtime)", file=sys.stderr)
-        return 2
+    a = _crash_args.parse(__doc__, default_runs=200)
     bugs = dict(context_race=True, encoder_recycle=True, buffer_recycle=True, bypass=True,
                 window_yields=a.window_yields)
     rows = []

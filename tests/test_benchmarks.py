@@ -4,6 +4,7 @@ live in the benchmarks, not in timed tests."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -59,3 +60,15 @@ def test_batch_anatomy_reports_each_part():
                "--duration", "0.05", "--repeats", "1")
     for name in ("offline fn(batch)", "cat + fn + chunk", "Batcher batch run", "Batcher cycle"):
         assert name in text
+
+
+@pytest.mark.parametrize("script", ["benchmarks/model_crash_table.py", "benchmarks/hooks_crash_table.py"])
+def test_crash_tables_run_one_child_per_row(script):
+    from agxguard import model
+
+    if not model.available():
+        pytest.skip("the driver model needs an Objective-C runtime (Debian: gobjc, libobjc-12-dev)")
+    text = run(script, "--runs", "1", "--iterations", "10")
+    assert "driver model (not Apple hardware)" in text
+    assert "global" in text
+    assert re.search(r" [01]/1 ", text), text  # one child run per row, crashed or not
