@@ -554,6 +554,15 @@ static void add(Class c, const char *sel, void *imp, const char *types) {
     class_addMethod(c, sel_registerName(sel), (IMP)imp, types);
 }
 
+/* What the compute and blit encoders both answer: fences and their lifetime. */
+static void add_encoder_common(Class c) {
+    add(c, "updateFence:", enc_note1, "v@:@");
+    add(c, "waitForFence:", enc_note1, "v@:@");
+    add(c, "retain", enc_retain, "@@:");
+    add(c, "release", enc_release, "Vv@:");
+    add(c, "dealloc", enc_dealloc, "v@:");
+}
+
 int agx_model_init(void) {
     if (atomic_load(&inited)) return 0;
     pthread_mutex_lock(&init_mu);
@@ -610,13 +619,9 @@ int agx_model_init(void) {
     add(c_compute, "useHeaps:count:", enc_note2, "v@:r^@Q");
     add(c_compute, "memoryBarrierWithScope:", enc_note1, "v@:Q");
     add(c_compute, "memoryBarrierWithResources:count:", enc_note2, "v@:r^@Q");
-    add(c_compute, "updateFence:", enc_note1, "v@:@");
-    add(c_compute, "waitForFence:", enc_note1, "v@:@");
     add(c_compute, "endEncoding", enc_endEncoding, "v@:");
     add(c_compute, "deferredEndEncoding", enc_endEncoding, "v@:");
-    add(c_compute, "retain", enc_retain, "@@:");
-    add(c_compute, "release", enc_release, "Vv@:");
-    add(c_compute, "dealloc", enc_dealloc, "v@:");
+    add_encoder_common(c_compute);
     objc_registerClassPair(c_compute);
 
     c_blit = make_class(root, agx_model_blit_class);
@@ -626,12 +631,8 @@ int agx_model_init(void) {
                "destinationLevel:destinationOrigin:",
         blit_copyTexture, "v@:@QQ{MTLOrigin=QQQ}{MTLSize=QQQ}@QQ{MTLOrigin=QQQ}");
     add(c_blit, "synchronizeResource:", enc_note1, "v@:@");
-    add(c_blit, "updateFence:", enc_note1, "v@:@");
-    add(c_blit, "waitForFence:", enc_note1, "v@:@");
     add(c_blit, "endEncoding", blit_endEncoding, "v@:");
-    add(c_blit, "retain", enc_retain, "@@:");
-    add(c_blit, "release", enc_release, "Vv@:");
-    add(c_blit, "dealloc", enc_dealloc, "v@:");
+    add_encoder_common(c_blit);
     objc_registerClassPair(c_blit);
 
     c_buffer = make_class(root, agx_model_buffer_class);
