@@ -2,12 +2,17 @@
 PYTHON ?= python3
 CC ?= gcc
 
-.PHONY: build test tsan bench story clean clock-cost
+.PHONY: build test tsan bench story clean clock-cost macos-check
 build:
 	$(PYTHON) setup.py build_ext --inplace -q
 
 test: build
 	$(PYTHON) -m pytest -q tests
+
+# Cross-build for aarch64-macos and x86_64-macos against Apple's headers
+# (ziglang), -Wall -Werror, and fail on any symbol macOS does not provide.
+macos-check:
+	$(PYTHON) scripts/macos_check.py
 
 # The lock domains under ThreadSanitizer: must report nothing.
 csrc/tests/stress_locks.bin: csrc/tests/stress_locks.c csrc/lock.c csrc/guard.c csrc/lock.h csrc/guard.h

@@ -56,6 +56,8 @@ setup(
             "agxguard._C",
             sources=sources,
             include_dirs=["csrc"],
+            # a changed header rebuilds every source (setuptools tracks no includes)
+            depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),
             define_macros=define_macros,
             extra_compile_args=extra_compile,
             extra_link_args=extra_link,

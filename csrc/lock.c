@@ -68,12 +68,6 @@ double agx_ticks_per_ns(void) {
     atomic_store_explicit(&(field), atomic_load_explicit(&(field), memory_order_relaxed) + (by), \
                           memory_order_relaxed)
 
-static void deadline_to_timespec(int64_t deadline_ns, struct timespec *ts) {
-    /* condition variables below are set to CLOCK_MONOTONIC */
-    ts->tv_sec = deadline_ns / 1000000000LL;
-    ts->tv_nsec = deadline_ns % 1000000000LL;
-}
-
 static void init_cv(pthread_cond_t *cv) {
     pthread_condattr_t attr;
     pthread_condattr_init(&attr);
@@ -101,8 +95,8 @@ static int timed_sleep(pthread_cond_t *cv, pthread_mutex_t *mu, int64_t deadline
     struct timespec rel = {left / 1000000000LL, left % 1000000000LL};
     return pthread_cond_timedwait_relative_np(cv, mu, &rel) != ETIMEDOUT;
 #else
-    struct timespec ts;
-    deadline_to_timespec(deadline_ns, &ts);
+    /* an absolute CLOCK_MONOTONIC time: init_cv sets that clock here */
+    struct timespec ts = {deadline_ns / 1000000000LL, deadline_ns % 1000000000LL};
     return pthread_cond_timedwait(cv, mu, &ts) != ETIMEDOUT;
 #endif
 }

@@ -37,6 +37,9 @@ pip_install() { $PYTHON -m pip install -q --disable-pip-version-check "$@"; }
 $PYTHON -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
 $PYTHON -c "import pytest" 2>/dev/null || pip_install "pytest>=7"
 $PYTHON -c "import setuptools, wheel" 2>/dev/null || pip_install setuptools wheel
+# the macOS cross-build check (make macos-check, part of the tests): Apple's headers
+# come with the pinned ziglang, and macholib reads the bundle's symbols
+$PYTHON -c "import ziglang, macholib" 2>/dev/null || pip_install -r scripts/macos-check-requirements.txt
 pip_install --no-build-isolation --no-deps -e .
 $PYTHON setup.py build_ext --inplace -q
 $PYTHON -c "import agxguard; print('setup: agxguard', agxguard.__version__, '| swizzling:', agxguard.swizzle_available())"

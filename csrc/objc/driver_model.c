@@ -545,9 +545,7 @@ static void blit_endEncoding(id self, SEL cmd) { (void)cmd; end_encoding(self, 1
 /* ---------------------------------------------------------------- setup */
 
 static Class make_class(Class super, const char *name) {
-    Class c = objc_allocateClassPair(super, name, 0);
-    if (c && !super) agx_objc_add_isa_ivar(c);
-    return c;
+    return super ? objc_allocateClassPair(super, name, 0) : agx_objc_new_root_class(name);
 }
 
 static void add(Class c, const char *sel, void *imp, const char *types) {

@@ -1,5 +1,6 @@
 /* model_runner.c: see model_runner.h. */
 #include "model_runner.h"
+#include "start_gate.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -80,7 +81,7 @@ typedef struct worker {
     const agx_run_options *o;
     id queue, pipe, x, y;
     uint64_t key;
-    pthread_barrier_t *start;
+    agx_gate *start;
     uint64_t internal_ops, mismatches;
     double t_start, t_end;
 } worker;
@@ -90,7 +91,7 @@ static double now_s(void);
 static void *worker_main(void *arg) {
     worker *w = arg;
     const agx_run_options *o = w->o;
-    pthread_barrier_wait(w->start);
+    agx_gate_wait(w->start);
     w->t_start = now_s();
     for (int it = 0; it < o->iterations; it++) {
         int internal = o->internal_every > 0 && it % o->internal_every == o->internal_every - 1;
@@ -128,8 +129,8 @@ int agx_model_run(const agx_run_options *o, agx_run_result *r, char *err, size_t
     id pipe = ((id(*)(id, SEL, const char *))agx_objc_lookup(dev, s_newPipeline))(dev, s_newPipeline, "saxpy");
     worker *ws = calloc(o->threads, sizeof *ws);
     pthread_t *ts = calloc(o->threads, sizeof *ts);
-    pthread_barrier_t start;
-    pthread_barrier_init(&start, NULL, o->threads + 1);
+    agx_gate start;
+    agx_gate_init(&start, o->threads + 1);
     id shared = o->shared_queue ? SEND0(id, dev, s_newQueue) : NULL;
     for (int t = 0; t < o->threads; t++) {
         worker *w = &ws[t];
@@ -145,7 +146,7 @@ int agx_model_run(const agx_run_options *o, agx_run_result *r, char *err, size_t
         w->start = &start;
         pthread_create(&ts[t], NULL, worker_main, w);
     }
-    pthread_barrier_wait(&start);
+    agx_gate_wait(&start);
     for (int t = 0; t < o->threads; t++) pthread_join(ts[t], NULL);
     /* From the first worker's start to the last one's end. */
     double t0 = ws[0].t_start, t1 = ws[0].t_end;
@@ -159,7 +160,7 @@ int agx_model_run(const agx_run_options *o, agx_run_result *r, char *err, size_t
         r->mismatches += ws[t].mismatches;
     }
     r->ops = (uint64_t)o->threads * o->iterations;
-    pthread_barrier_destroy(&start);
+    agx_gate_destroy(&start);
     /* Queues and buffers stay allocated: the model never frees its objects. */
     free(ws);
     free(ts);

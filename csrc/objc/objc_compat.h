@@ -50,4 +50,25 @@ static inline int agx_objc_add_isa_ivar(Class root) {
     return class_addIvar(root, "isa", sizeof(Class), sizeof(Class) == 8 ? 3 : 2, "#") ? 0 : -1;
 }
 
+static inline void agx_objc_initialize_nothing(id cls, SEL cmd) { (void)cls; (void)cmd; }
+
+/* A new root class (not yet registered), ready for both runtimes: its isa
+ * slot, and a +initialize that does nothing. Apple's runtime sends
+ * +initialize to every class on its first message or IMP lookup
+ * (class_getMethodImplementation included); a root class that does not
+ * answer it is an unrecognized selector, i.e. a crash on first use. GCC's
+ * runtime looks +initialize up and skips it when absent, so only Apple needs
+ * it; both get it (docs/apple-runtime.md). Nil if the name is taken. */
+static inline Class agx_objc_new_root_class(const char *name) {
+    Class c = objc_allocateClassPair(Nil, name, 0);
+    if (!c) return Nil;
+    if (agx_objc_add_isa_ivar(c) < 0 ||
+        !class_addMethod(object_getClass((id)c), sel_registerName("initialize"), (IMP)agx_objc_initialize_nothing,
+                         "v@:")) {
+        objc_disposeClassPair(c);
+        return Nil;
+    }
+    return c;
+}
+
 #endif

@@ -2,6 +2,7 @@
  * (added to agxguard._C by agx_objc_add_to_module). Every native run releases
  * the GIL; hooked calls made with the GIL held release it while they wait. */
 #include "objc_module.h"
+#include "start_gate.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -96,6 +97,25 @@ static PyObject *py_objc_method_imp(PyObject *self, PyObject *args) {
     return PyLong_FromVoidPtr((void *)method_getImplementation(m));
 }
 
+/* Every root class in the runtime, with whether it answers +initialize:
+ * Apple's runtime sends that to each class on first use, and a root class
+ * without it crashes there (objc_compat.h, agx_objc_new_root_class). */
+static PyObject *py_objc_root_classes(PyObject *self, PyObject *unused) {
+    int n = objc_getClassList(NULL, 0);
+    Class *all = n > 0 ? PyMem_Calloc((size_t)n, sizeof(Class)) : NULL;
+    if (n > 0 && !all) return PyErr_NoMemory();
+    n = all ? objc_getClassList(all, n) : 0;
+    PyObject *d = PyDict_New();
+    SEL init = sel_registerName("initialize");
+    for (int i = 0; d && i < n; i++) {
+        if (!all[i] || class_getSuperclass(all[i])) continue;
+        PyObject *yes = class_getClassMethod(all[i], init) ? Py_True : Py_False;
+        if (PyDict_SetItemString(d, class_getName(all[i]), yes) < 0) Py_CLEAR(d);
+    }
+    PyMem_Free(all);
+    return d;
+}
+
 static PyObject *py_set_stream(PyObject *self, PyObject *args) {
     unsigned long long obj, key;
     if (!PyArg_ParseTuple(args, "KK:swizzle_set_stream", &obj, &key)) return NULL;
@@ -130,9 +150,8 @@ static PyObject *py_make_race_class(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "s|K:objc_make_race_class", &name, &step)) return NULL;
     if (objc_getClass(name)) { PyErr_Format(PyExc_ValueError, "class %s already exists", name); return NULL; }
     if (n_race_classes >= MAX_RACE_CLASSES) { PyErr_SetString(PyExc_RuntimeError, "too many race classes"); return NULL; }
-    Class c = objc_allocateClassPair(Nil, name, 0);
+    Class c = agx_objc_new_root_class(name);
     if (!c) { PyErr_Format(PyExc_RuntimeError, "the runtime refused class %s", name); return NULL; }
-    agx_objc_add_isa_ivar(c);
     class_addMethod(c, sel_registerName("increment"), (IMP)race_increment, "v@:");
     class_addMethod(c, sel_registerName("value"), (IMP)race_value, "Q@:");
     /* a shape no wrapper forwards exactly: {int, char} by value */
@@ -155,12 +174,12 @@ static PyObject *py_make_race_class(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-typedef struct race_job { id obj; int iterations; pthread_barrier_t *start; } race_job;
+typedef struct race_job { id obj; int iterations; agx_gate *start; } race_job;
 
 static void *race_thread(void *arg) {
     race_job *j = arg;
     SEL inc = sel_registerName("increment");
-    pthread_barrier_wait(j->start);
+    agx_gate_wait(j->start);
     for (int i = 0; i < j->iterations; i++) ((void (*)(id, SEL))agx_objc_lookup(j->obj, inc))(j->obj, inc);
     return NULL;
 }
@@ -183,13 +202,13 @@ static PyObject *py_race_run(PyObject *self, PyObject *args) {
     r->step = step;
     pthread_t ts[64];
     race_job job;
-    pthread_barrier_t start;
+    agx_gate start;
     Py_BEGIN_ALLOW_THREADS
-    pthread_barrier_init(&start, NULL, threads);
+    agx_gate_init(&start, threads);
     job.obj = obj, job.iterations = iterations, job.start = &start;
     for (int t = 0; t < threads; t++) pthread_create(&ts[t], NULL, race_thread, &job);
     for (int t = 0; t < threads; t++) pthread_join(ts[t], NULL);
-    pthread_barrier_destroy(&start);
+    agx_gate_destroy(&start);
     Py_END_ALLOW_THREADS
     return PyLong_FromUnsignedLongLong(r->value);
 }
@@ -433,6 +452,8 @@ static PyMethodDef objc_methods[] = {
      "swizzle_set_stream(object_address, key): the stream key a receiver's hooked calls use."},
     {"objc_method_imp", py_objc_method_imp, METH_VARARGS,
      "objc_method_imp(class_name, selector) -> int: the address of the implementation the class resolves."},
+    {"objc_root_classes", py_objc_root_classes, METH_NOARGS,
+     "objc_root_classes() -> {name: answers +initialize} for every root class in the runtime."},
     {"objc_make_race_class", py_make_race_class, METH_VARARGS,
      "objc_make_race_class(name, step=1): a class whose -increment races (and <name>Sub)."},
     {"objc_race_run", py_race_run, METH_VARARGS,

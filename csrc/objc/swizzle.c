@@ -636,8 +636,11 @@ Class agx_swizzle_probe_class(void) {
     if (!agx_probe_cls) {
         Class c = objc_getClass("AGXShapeProbe");
         if (!c) {
-            c = objc_allocateClassPair(Nil, "AGXShapeProbe", 0);
-            agx_objc_add_isa_ivar(c);
+            c = agx_objc_new_root_class("AGXShapeProbe");
+            if (!c) {
+                pthread_mutex_unlock(&agx_swz_mu);
+                return Nil;
+            }
             for (size_t i = 0; i < AGX_NSHAPES; i++) {
                 snprintf(agx_probe_names[i], sizeof agx_probe_names[i], "probe_%s", agx_shapes[i].name);
                 agx_probe_sels[i] = sel_registerName(agx_probe_names[i]);
