@@ -65,8 +65,17 @@ def reset_counts() -> None:
     _C.swizzle_reset_counts()
 
 
-def shape_for(type_encoding: str) -> str:
+ABIS = ("sysv-x86_64", "aapcs64", "apple-arm64")
+
+
+def shape_for(type_encoding: str, abi: Optional[str] = None) -> str:
     """The wrapper shape for an Objective-C method type encoding, e.g.
-    ``shape_for("v@:{MTLSize=QQQ}{MTLSize=QQQ}") == "v(q3,q3)"``; ValueError if none."""
+    ``shape_for("v@:{MTLSize=QQQ}{MTLSize=QQQ}") == "v(q3,q3)"``; ValueError if none.
+
+    abi: the calling convention whose rules apply, one of ABIS (None: this
+    build's). Apple's arm64 refuses narrow arguments that would be passed on
+    the stack; the others allow them."""
     _need()
-    return str(_C.swizzle_shape_for(type_encoding))
+    if abi is not None and abi not in ABIS:
+        raise ValueError(f"abi {abi!r}: allowed values are {', '.join(ABIS)} or None")
+    return str(_C.swizzle_shape_for(type_encoding, abi))

@@ -38,3 +38,41 @@ def test_root_classes_lists_only_root_classes():
     roots = C.objc_root_classes()
     assert "AGXModelObject" in roots
     assert model.classes()["device"] not in roots  # a subclass of AGXModelObject
+
+
+NARROW = "passed on the stack"
+
+
+@pytest.mark.parametrize("types, what", [
+    ("v@:QQQQQQc", "narrow integer"),                               # 9th integer argument: on the stack
+    ("v@:ddddddddf", "float"),                                      # 9th floating-point argument
+    ("v@:{MTLClearColor=dddd}{MTLClearColor=dddd}f", "float"),      # two HFAs fill the 8 FP registers
+    ("v@:QQQQQ{_NSRange=QQ}c", "narrow integer"),                   # the range no longer fits: stack
+])
+def test_apple_arm64_refuses_narrow_arguments_on_the_stack(types, what):
+    # Apple's arm64 packs stack arguments to their natural size, so a wrapper
+    # that widens them to 64 bits would read the wrong bytes
+    with pytest.raises(ValueError, match=f"a {what} {NARROW}, which apple-arm64 packs"):
+        swizzle.shape_for(types, abi="apple-arm64")
+    for abi in ("aapcs64", "sysv-x86_64"):  # 8-byte stack slots: widening is exact there
+        try:
+            swizzle.shape_for(types, abi=abi)
+        except ValueError as e:
+            assert NARROW not in str(e)
+
+
+@pytest.mark.parametrize("types", ["v@:QQQQQc", "v@:dddddddf", "v@:{CGPoint=dd}c"])
+def test_apple_arm64_accepts_narrow_arguments_in_registers(types):
+    try:
+        swizzle.shape_for(types, abi="apple-arm64")
+    except ValueError as e:
+        assert NARROW not in str(e)
+
+
+def test_the_host_abi_is_one_the_classifier_knows():
+    assert C.swizzle_host_abi() in swizzle.ABIS
+
+
+def test_an_unknown_abi_is_refused_naming_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed values are sysv-x86_64, aapcs64, apple-arm64"):
+        swizzle.shape_for("v@:", abi="arm64")

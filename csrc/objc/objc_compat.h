@@ -28,21 +28,8 @@ static inline IMP agx_objc_lookup(id receiver, SEL sel) { return objc_msg_lookup
 
 /* Arguments past the register file: Apple arm64 packs narrow stack arguments
  * to their natural size, so a wrapper that widens them to 64 bits would read
- * the wrong bytes. Other ABIs here (x86-64 SysV, AAPCS64 on Linux) use 8-byte
- * stack slots. AGX_NARROW_STACK_ARGS_OK says whether widening is exact. */
-#if defined(__APPLE__) && defined(__aarch64__)
-#define AGX_NARROW_STACK_ARGS_OK 0
-#define AGX_INT_ARG_REGS 8
-#define AGX_FP_ARG_REGS 8
-#elif defined(__aarch64__)
-#define AGX_NARROW_STACK_ARGS_OK 1
-#define AGX_INT_ARG_REGS 8
-#define AGX_FP_ARG_REGS 8
-#else
-#define AGX_NARROW_STACK_ARGS_OK 1
-#define AGX_INT_ARG_REGS 6
-#define AGX_FP_ARG_REGS 8
-#endif
+ * the wrong bytes; x86-64 SysV and AAPCS64 on Linux use 8-byte stack slots.
+ * The classifier's ABI table (swizzle.c, agx_abis) holds the rule per ABI. */
 
 /* A root class needs its own `isa` slot so that per-instance storage
  * (object_getIndexedIvars) starts after it on both runtimes. */

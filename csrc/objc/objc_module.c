@@ -56,12 +56,16 @@ static PyObject *py_swizzle_reset_counts(PyObject *self, PyObject *unused) {
 }
 
 static PyObject *py_swizzle_shape_for(PyObject *self, PyObject *args) {
-    const char *types;
-    if (!PyArg_ParseTuple(args, "s:swizzle_shape_for", &types)) return NULL;
+    const char *types, *abi = NULL;
+    if (!PyArg_ParseTuple(args, "s|z:swizzle_shape_for", &types, &abi)) return NULL;
     char err[256];
-    const char *k = agx_swizzle_shape_for(types, err, sizeof err);
+    const char *k = agx_swizzle_shape_for_abi(types, abi, err, sizeof err);
     if (!k) { PyErr_SetString(PyExc_ValueError, err); return NULL; }
     return PyUnicode_FromString(k);
+}
+
+static PyObject *py_swizzle_host_abi(PyObject *self, PyObject *unused) {
+    return PyUnicode_FromString(agx_swizzle_host_abi());
 }
 
 static PyObject *py_swizzle_probes(PyObject *self, PyObject *unused) {
@@ -443,7 +447,9 @@ static PyMethodDef objc_methods[] = {
     {"swizzle_hooks", py_swizzle_hooks, METH_NOARGS, "swizzle_hooks() -> list of dicts, one per hook slot."},
     {"swizzle_reset_counts", py_swizzle_reset_counts, METH_NOARGS, "Zero the hooks' call counts."},
     {"swizzle_shape_for", py_swizzle_shape_for, METH_VARARGS,
-     "swizzle_shape_for(type_encoding) -> shape key; ValueError when no wrapper forwards it exactly."},
+     "swizzle_shape_for(type_encoding, abi=None) -> shape key; ValueError when no wrapper forwards it exactly.\n"
+     "abi: 'sysv-x86_64', 'aapcs64' or 'apple-arm64' (None: this build's)."},
+    {"swizzle_host_abi", py_swizzle_host_abi, METH_NOARGS, "swizzle_host_abi() -> this build's calling convention."},
     {"swizzle_probes", py_swizzle_probes, METH_NOARGS,
      "swizzle_probes() -> [(shape_key, selector)] of class AGXShapeProbe, one per shape."},
     {"swizzle_probe_call", py_swizzle_probe_call, METH_VARARGS,

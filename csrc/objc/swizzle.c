@@ -340,7 +340,44 @@ static const char *agx_canonical(const char **pp, int is_return, int *narrow, co
     return tok;
 }
 
+/* Calling conventions the classifier knows. Only Apple's arm64 packs narrow
+ * arguments on the stack (docs/apple-runtime.md); the others are listed so
+ * that every rule can be tested on any machine. */
+typedef struct agx_abi {
+    const char *name;
+    int narrow_stack_ok; /* stack slots are 8 bytes: widening a narrow argument is exact */
+    int int_regs, fp_regs;
+} agx_abi;
+static const agx_abi agx_abis[] = {
+    {"sysv-x86_64", 1, 6, 8},
+    {"aapcs64", 1, 8, 8},
+    {"apple-arm64", 0, 8, 8},
+};
+#if defined(__APPLE__) && defined(__aarch64__)
+#define AGX_HOST_ABI 2
+#elif defined(__aarch64__)
+#define AGX_HOST_ABI 1
+#else
+#define AGX_HOST_ABI 0
+#endif
+
+const char *agx_swizzle_host_abi(void) { return agx_abis[AGX_HOST_ABI].name; }
+
 const char *agx_swizzle_shape_for(const char *types, char *err, size_t errlen) {
+    return agx_swizzle_shape_for_abi(types, NULL, err, errlen);
+}
+
+const char *agx_swizzle_shape_for_abi(const char *types, const char *abi_name, char *err, size_t errlen) {
+    const agx_abi *abi = &agx_abis[AGX_HOST_ABI];
+    if (abi_name) {
+        abi = NULL;
+        for (size_t i = 0; i < sizeof agx_abis / sizeof agx_abis[0]; i++)
+            if (!strcmp(agx_abis[i].name, abi_name)) abi = &agx_abis[i];
+        if (!abi) {
+            snprintf(err, errlen, "unknown ABI '%.40s' (allowed: sysv-x86_64, aapcs64, apple-arm64)", abi_name);
+            return NULL;
+        }
+    }
     char key[256];
     size_t len = 0;
     const char *why = NULL;
@@ -356,17 +393,28 @@ const char *agx_swizzle_shape_for(const char *types, char *err, size_t errlen) {
     if (*p != ':') { snprintf(err, errlen, "second argument is not a selector"); return NULL; }
     p = agx_skip_offset(p + 1);
     len += snprintf(key + len, sizeof key - len, "%s(", ret);
-    int nargs = 0, int_regs = 2;
+    /* Registers used so far, as arm64 counts them (the only ABI with a narrow
+     * rule): integers and pointers one each, a 16-byte struct two (or none
+     * left: it goes on the stack whole), a larger struct a pointer, a
+     * struct of doubles one FP register per member (or none left). */
+    int nargs = 0, int_regs = 2, fp_regs = 0;
     while (*p) {
         const char *tok = agx_canonical(&p, 0, &narrow, &why);
         if (!tok) { snprintf(err, errlen, "argument %d: %s", nargs + 1, why); return NULL; }
-        if (narrow && !AGX_NARROW_STACK_ARGS_OK && int_regs >= AGX_INT_ARG_REGS) {
-            snprintf(err, errlen, "argument %d: narrow integer passed on the stack", nargs + 1);
+        int is_f32 = !strcmp(tok, "f32");
+        if (!abi->narrow_stack_ok && ((narrow && int_regs >= abi->int_regs) || (is_f32 && fp_regs >= abi->fp_regs))) {
+            snprintf(err, errlen, "argument %d: a %s passed on the stack, which %s packs to its natural size",
+                     nargs + 1, is_f32 ? "float" : "narrow integer", abi->name);
             return NULL;
         }
         if (!strcmp(tok, "u64")) int_regs++;
-        else if (!strcmp(tok, "q2")) int_regs += 2;
+        else if (!strcmp(tok, "q2")) int_regs = int_regs + 2 <= abi->int_regs ? int_regs + 2 : abi->int_regs;
         else if (tok[0] == 'q') int_regs++;
+        else if (is_f32 || !strcmp(tok, "f64")) fp_regs++;
+        else if (tok[0] == 'd') {
+            int n = tok[1] - '0';
+            fp_regs = fp_regs + n <= abi->fp_regs ? fp_regs + n : abi->fp_regs;
+        }
         len += snprintf(key + len, sizeof key - len, "%s%s", nargs ? "," : "", tok);
         if (len >= sizeof key - 8) { snprintf(err, errlen, "too many arguments"); return NULL; }
         nargs++;

@@ -52,6 +52,11 @@ int agx_swizzle_install_table(agx_hook_entry *entries, size_t n, char *err, size
 /* The shape key ("v(q3,q3)") for a method type encoding, or NULL with err set
  * (why it cannot be forwarded exactly). */
 const char *agx_swizzle_shape_for(const char *types, char *err, size_t errlen);
+/* The same for a named calling convention ("sysv-x86_64", "aapcs64",
+ * "apple-arm64"; NULL: this build's), so that each ABI's rules can be tested
+ * on any machine. Only the host's shapes have wrappers. */
+const char *agx_swizzle_shape_for_abi(const char *types, const char *abi, char *err, size_t errlen);
+const char *agx_swizzle_host_abi(void);
 
 /* Streams: the lock key a receiver's calls use in `stream` mode. A receiver
  * with no registered key (and none from the resolver) uses its object lock. */
