@@ -7,6 +7,7 @@
 #include <sched.h>
 #include <string.h>
 
+#include "discovery_module.h"
 #include "driver_model.h"
 #include "hook_table.h"
 #include "lifecycle.h"
@@ -370,8 +371,9 @@ static PyObject *py_hooks_discovery(PyObject *self, PyObject *unused) {
             if (bad) goto fail;
         }
     }
-    return Py_BuildValue("{s:s,s:s,s:N,s:N}", "driver", agx_driver_names[d->driver], "device_class",
-                         d->device_class, "classes", classes, "notes", notes);
+    return Py_BuildValue("{s:s,s:s,s:s,s:i,s:s,s:N,s:N}", "driver", agx_driver_names[d->driver], "device_class",
+                         d->device_class, "base_device_class", d->base_device_class, "layers", d->layers, "how",
+                         d->how, "classes", classes, "notes", notes);
 fail:
     Py_XDECREF(classes);
     Py_XDECREF(notes);
@@ -464,6 +466,7 @@ static PyMethodDef objc_methods[] = {
 
 int agx_objc_add_to_module(PyObject *m) {
     if (PyModule_AddFunctions(m, objc_methods) < 0) return -1;
+    if (agx_discovery_add_to_module(m) < 0) return -1;
     if (PyModule_AddStringConstant(m, "OBJC_RUNTIME", AGX_OBJC_RUNTIME_NAME) < 0) return -1;
     if (PyModule_AddObjectRef(m, "METAL_SUPPORTED", agx_metal_supported() ? Py_True : Py_False) < 0) return -1;
     return 0;
