@@ -62,7 +62,7 @@ const agx_hook_row agx_hook_rows[] = {
 };
 const size_t agx_hook_row_count = sizeof agx_hook_rows / sizeof agx_hook_rows[0];
 
-#define AGX_MAX_REPORT 320
+#define AGX_MAX_REPORT AGX_HOOKS_REPORT_MAX
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static agx_discovery found[3];
@@ -231,8 +231,7 @@ int agx_hooks_rediscover(char *err, size_t errlen) {
     int driver = installed_driver, added = 0;
     atomic_fetch_add(&n_rediscoveries, 1);
     if (driver) {
-        agx_discover_named(&found[driver]);
-        added = apply_rows_locked(&found[driver]);
+        if (agx_discover_named(&found[driver]) > 0) added = apply_rows_locked(&found[driver]);
         atomic_fetch_add(&n_rediscovered_hooks, (uint64_t)added);
     } else {
         snprintf(err, errlen, "no hooks installed: nothing to add to");
@@ -259,6 +258,14 @@ int agx_hooks_uninstall(void) {
 
 int agx_hooks_driver(void) { return installed_driver; }
 size_t agx_hooks_report_count(void) { return n_report; }
+
+size_t agx_hooks_report_snapshot(agx_hook_report *out, size_t max) {
+    pthread_mutex_lock(&mu);
+    size_t n = n_report < max ? n_report : max;
+    memcpy(out, report, n * sizeof *out);
+    pthread_mutex_unlock(&mu);
+    return n;
+}
 const agx_hook_report *agx_hooks_report(size_t i) { return i < n_report ? &report[i] : NULL; }
 
 const agx_discovery *agx_hooks_discovery(void) { return last_discovered ? &found[last_discovered] : NULL; }

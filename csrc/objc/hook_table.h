@@ -78,6 +78,10 @@ int agx_hooks_uninstall(void);
 int agx_hooks_driver(void);          /* the installed driver, AGX_DRIVER_NONE if none */
 size_t agx_hooks_report_count(void);
 const agx_hook_report *agx_hooks_report(size_t i);
+/* A copy of the report taken under the install lock (a rediscovery may be
+ * rebuilding it on another thread): how many entries, at most `max`. */
+#define AGX_HOOKS_REPORT_MAX 320
+size_t agx_hooks_report_snapshot(agx_hook_report *out, size_t max);
 const agx_discovery *agx_hooks_discovery(void); /* the last driver discovered; NULL before any */
 
 #endif

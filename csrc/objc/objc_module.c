@@ -336,15 +336,19 @@ static PyObject *py_hooks_driver(PyObject *self, PyObject *unused) {
 static PyObject *py_hooks_report(PyObject *self, PyObject *unused) {
     PyObject *list = PyList_New(0);
     if (!list) return NULL;
-    for (size_t i = 0; i < agx_hooks_report_count(); i++) {
-        const agx_hook_report *e = agx_hooks_report(i);
+    agx_hook_report *snap = PyMem_Malloc(AGX_HOOKS_REPORT_MAX * sizeof *snap);
+    if (!snap) { Py_DECREF(list); return PyErr_NoMemory(); }
+    size_t n = agx_hooks_report_snapshot(snap, AGX_HOOKS_REPORT_MAX);
+    for (size_t i = 0; i < n; i++) {
+        const agx_hook_report *e = &snap[i];
         PyObject *d = Py_BuildValue("{s:s,s:s,s:s,s:s,s:O,s:z}", "class", e->class_name, "selector", e->selector,
                                     "role", agx_role_names[e->role], "kind", kind_names[e->kind], "installed",
                                     e->installed ? Py_True : Py_False, "skipped",
                                     e->installed ? NULL : e->skipped);
-        if (!d || PyList_Append(list, d) < 0) { Py_XDECREF(d); Py_DECREF(list); return NULL; }
+        if (!d || PyList_Append(list, d) < 0) { Py_XDECREF(d); Py_DECREF(list); PyMem_Free(snap); return NULL; }
         Py_DECREF(d);
     }
+    PyMem_Free(snap);
     return list;
 }
 
