@@ -131,6 +131,17 @@ def test_under_the_debug_layer_discovery_hooks_the_wrappers_and_the_driver_class
                 assert (cls, row["selector"]) in installed, (cls, row["selector"])
 
 
+def test_the_debug_layer_can_be_turned_on_before_the_device_is_made():
+    out = child("""
+        import json, agxguard, agxguard._C as C
+        was = C.model_debug_layer(True)
+        agxguard.install("model")
+        print(json.dumps({"was": was, "now": C.model_debug_layer(), "d": agxguard.status()["discovery"]}))
+    """, AGXGUARD_DRIVER="none")
+    assert out["was"] is False and out["now"] is True
+    assert out["d"]["device_class"] == "MTLModelDebugDevice" and out["d"]["layers"] == 1
+
+
 def test_under_the_debug_layer_every_encoder_of_both_layers_ends_exactly_once():
     out = child("""
         import json, agxguard

@@ -151,6 +151,14 @@ static id send0(id o, const char *sel) {
     SEL s = sel_registerName(sel);
     return ((id(*)(id, SEL))agx_objc_lookup(o, s))(o, s);
 }
+static void send0_void(id o, const char *sel) {
+    SEL s = sel_registerName(sel);
+    ((void (*)(id, SEL))agx_objc_lookup(o, s))(o, s);
+}
+static void *send0_ptr(id o, const char *sel) {
+    SEL s = sel_registerName(sel);
+    return ((void *(*)(id, SEL))agx_objc_lookup(o, s))(o, s);
+}
 
 int agx_model_mps_run_op(int queue, float a, uint64_t length, char *err, size_t errlen) {
     if (queue < 0 || queue >= MAX_MPS_QUEUES || length < 1 || length > (1u << 20)) {
@@ -168,16 +176,16 @@ int agx_model_mps_run_op(int queue, float a, uint64_t length, char *err, size_t 
     pthread_mutex_unlock(&op_mu);
     id x = ((id(*)(id, SEL, uint64_t, uint64_t))agx_objc_lookup(dev, s_buf))(dev, s_buf, length * sizeof(float), 0);
     id y = ((id(*)(id, SEL, uint64_t, uint64_t))agx_objc_lookup(dev, s_buf))(dev, s_buf, length * sizeof(float), 0);
-    float *xs = (float *)send0(x, "contents"), *ys = (float *)send0(y, "contents");
+    float *xs = send0_ptr(x, "contents"), *ys = send0_ptr(y, "contents");
     for (uint64_t i = 0; i < length; i++) xs[i] = (float)(i % 5), ys[i] = 1.0f;
     id cb = agx_model_mps_command_buffer(q);
     id enc = send0(cb, "computeCommandEncoder");
     /* the internal path with the bypass off sends messages: the encoder's hooks see them */
     agx_model_encode_saxpy(enc, mps_pipe, x, y, a, length);
-    send0(enc, "endEncoding");
-    send0(cb, "commit");
-    send0(cb, "waitUntilCompleted");
-    send0(cb, "release");
+    send0_void(enc, "endEncoding");
+    send0_void(cb, "commit");
+    send0_void(cb, "waitUntilCompleted");
+    send0_void(cb, "release");
     int ok = 1;
     for (uint64_t i = 0; i < length; i++) ok &= ys[i] == a * (float)(i % 5) + 1.0f;
     return ok; /* x and y stay allocated: the model has no free path for buffers */
