@@ -190,9 +190,12 @@ static Class wrapper_class_for(Class base, int kind);
 /* A factory's result, wrapped; an encoder stays held by the buffer that made it. */
 static id wrap_result(id self, id result, int kind) {
     if (!result) return NULL;
-    pthread_mutex_lock(&mu);
-    Class cls = wrapper_class_for(object_getClass(result), kind);
-    pthread_mutex_unlock(&mu);
+    Class cls = wrapper_class_of(object_getClass(result)); /* made once: no lock after the first */
+    if (!cls) {
+        pthread_mutex_lock(&mu);
+        cls = wrapper_class_for(object_getClass(result), kind);
+        pthread_mutex_unlock(&mu);
+    }
     if (!cls) return result;
     id w = make_wrapper(cls, kind, result, self);
     if (kind == K_ENCODER) {
