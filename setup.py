@@ -22,7 +22,9 @@ def objc_runtime_flags():
     if os.environ.get("AGXGUARD_NO_OBJC") == "1":
         return None
     if sys.platform == "darwin":
-        return {"compile": [], "link": ["-lobjc", "-framework", "Foundation", "-framework", "Metal"]}
+        # CoreGraphics: without it MTLCreateSystemDefaultDevice() returns nil in a command-line process
+        return {"compile": [], "link": ["-lobjc", "-framework", "Foundation", "-framework", "Metal",
+                                        "-framework", "CoreGraphics"]}
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     probe = "#include <objc/runtime.h>\nint main(void){return objc_getClass(\"Object\") != 0;}\n"
     with tempfile.TemporaryDirectory() as tmp:

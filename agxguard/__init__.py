@@ -250,9 +250,11 @@ _C.set_throttle(config.throttle)
 # ---------------------------------------------------------------- driver hooks at import (issue 4)
 # Installs the AGX hook set when a supported driver is present (Apple GPU, or
 # AGXGUARD_DRIVER=model) unless AGXGUARD_DISABLE=1; otherwise quiet and cheap,
-# and agxguard.status() says why. See agxguard/hooks.py.
+# and agxguard.status() says why (a Mac with a GPU and no hooks also warns).
+# Classes of frameworks loaded later (MPS with torch) are hooked as they load.
+# See agxguard/hooks.py.
 from . import hooks as _hooks_module  # noqa: E402
-from .hooks import hooks, install, installed, status, uninstall  # noqa: E402
+from .hooks import hooks, install, installed, rediscover, status, uninstall  # noqa: E402
 
-__all__ += ["install", "uninstall", "installed", "hooks", "status"]
+__all__ += ["install", "uninstall", "installed", "hooks", "status", "rediscover"]
 _hooks_module._install_at_import(config)

@@ -10,6 +10,13 @@ command queue of the command buffer that made it. Encoders are tracked (and
 retained where their class supports it) from creation to ``endEncoding``, and a
 commit first ends encoders still open on its buffer (commit safety).
 
+Import order does not matter: classes known by name (MetalPerformanceShaders'
+``MPSCommandBuffer``) that appear when their framework loads later (``import
+torch`` after ``import agxguard``) are hooked as they come, from the runtime's
+image-load callback; ``rediscover()`` does the same on demand. Under Metal API
+validation or frame capture (``MTL_DEBUG_LAYER=1``, Xcode) both the validation
+layer's wrapper classes and the AGX classes under them are hooked.
+
 Use ``agxguard.install()``, ``agxguard.status()`` ... (the package exports these
 names; ``agxguard.hooks`` is the function that lists the hooks, so import this
 module's other names with ``from agxguard.hooks import ...``).
@@ -101,14 +108,31 @@ def table() -> List[Dict[str, Any]]:
     return [dict(r) for r in _C.hooks_table()] if _have_objc() else []
 
 
+def rediscover() -> Dict[str, Any]:
+    """Look for the classes known by name again (MetalPerformanceShaders'
+    ``MPSCommandBuffer``; the driver model's ``MPSModelCommandBuffer``) and hook
+    those that appeared since the install, leaving installed hooks as they are.
+    Image loads do this by themselves, shortly after the load (see ``status()
+    ["images"]``); call it to be sure before work that must be hooked. Returns
+    {"driver": installed driver or None, "new": hooks added}; nothing happens
+    when no hook set is installed."""
+    if not _have_objc():
+        return {"driver": None, "new": 0}
+    new = int(_C.hooks_rediscover())
+    return {"driver": _C.hooks_driver(), "new": new}
+
+
 def status() -> Dict[str, Any]:
     """Driver found ('metal' | 'model' | None), why nothing is installed when
-    nothing is, what discovery found, hook counts and the encoder lifecycle
-    counters (encoders_created, encoders_ended, forced_ends, encoders_open, ...)."""
+    nothing is, what discovery found (classes per role, the device class and,
+    under a debug layer, the driver's device under it), hook counts, image-load
+    watching (``images``: mechanism, events, rediscoveries) and the encoder
+    lifecycle counters (encoders_created, encoders_ended, forced_ends,
+    encoders_open, ...)."""
     out: Dict[str, Any] = {"driver": None, "installed": False, "reason": _reason,
                            "runtime": getattr(_C, "OBJC_RUNTIME", None),
                            "metal_supported": bool(getattr(_C, "METAL_SUPPORTED", False)),
-                           "discovery": None, "hooks_installed": 0, "hooks_skipped": 0}
+                           "discovery": None, "hooks_installed": 0, "hooks_skipped": 0, "images": None}
     if not _have_objc():
         # the missing runtime is the reason, unless the user turned hooks off anyway
         out["reason"] = _reason if _reason in (_DISABLED, _NONE) else _NO_RUNTIME
@@ -117,7 +141,7 @@ def status() -> Dict[str, Any]:
     driver = _C.hooks_driver()
     out.update(driver=driver, installed=driver is not None, reason=None if driver else _reason,
                discovery=_C.hooks_discovery(), hooks_installed=sum(r["installed"] for r in rows),
-               hooks_skipped=sum(not r["installed"] for r in rows))
+               hooks_skipped=sum(not r["installed"] for r in rows), images=dict(_C.hooks_images()))
     out.update(_C.hooks_lifecycle())
     return out
 
@@ -128,10 +152,21 @@ def reset_counts() -> None:
         _C.hooks_reset_lifecycle()
 
 
+def _metal_gpus() -> List[str]:
+    """The Metal devices of this Mac (class names); [] off macOS or when the
+    build cannot ask."""
+    try:
+        return list(_C.metal_devices()) if getattr(_C, "METAL_SUPPORTED", False) else []
+    except Exception:  # the warning below is best effort; import must not fail
+        return []
+
+
 def _install_at_import(config: Any) -> None:
     """What ``import agxguard`` does: install when a supported driver is present,
-    unless disabled. Never raises; quiet unless a driver was asked for by name
-    and could not be hooked (then one warning)."""
+    unless disabled. Never raises. Quiet unless hooks were expected and none
+    could be installed: a driver asked for by name (ConfigWarning), or a Mac
+    with a GPU where the automatic install failed (RuntimeWarning with the
+    reason: a user there believes agxguard is guarding the driver)."""
     global _reason
     if config.disable:
         _reason = _DISABLED
@@ -154,3 +189,9 @@ def _install_at_import(config: Any) -> None:
         from ._config import ConfigWarning
         warnings.warn(f"agxguard: AGXGUARD_DRIVER={driver}: no hooks installed: {_reason}", ConfigWarning,
                       stacklevel=3)
+    elif _have_objc() and getattr(_C, "METAL_SUPPORTED", False):
+        gpus = _metal_gpus()
+        if gpus:
+            warnings.warn(f"agxguard: no driver hooks installed on this Mac with a GPU ({', '.join(gpus)}): "
+                          f"{_reason}. The GPU driver is not guarded; agxguard.status() has the details "
+                          f"(AGXGUARD_DRIVER=none silences this)", RuntimeWarning, stacklevel=3)

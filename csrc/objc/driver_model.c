@@ -27,6 +27,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "model_debug_layer.h"
+#include "model_images.h"
+
 const char *const agx_model_device_class = "AGXModelG16XDevice";
 const char *const agx_model_queue_class = "AGXModelG16XFamilyCommandQueue";
 const char *const agx_model_cmdbuf_class = "AGXModelG16XFamilyCommandBuffer";
@@ -171,8 +174,12 @@ static id device_newCommandQueue(id self, SEL cmd) {
     qi->device = self;
     qi->index = atomic_fetch_add(&IV(dev_ivars, self)->queues, 1);
     pthread_mutex_init(&qi->pool_mu, NULL);
+    agx_model_live_add(AGX_LIVE_QUEUE, 1);
     return q;
 }
+
+/* The owner's release (the model never frees a queue: it is counted dead). */
+static void queue_release(id self, SEL cmd) { (void)self; (void)cmd; agx_model_live_add(AGX_LIVE_QUEUE, -1); }
 
 static id device_newBuffer(id self, SEL cmd, uint64_t length, uint64_t options) {
     (void)self; (void)cmd; (void)options;
@@ -225,6 +232,7 @@ static id queue_commandBuffer(id self, SEL cmd) {
     ci->next_free = NULL;
     ci->n_made = 0;
     ci->list.count = 0;
+    agx_model_live_add(AGX_LIVE_COMMAND_BUFFER, 1);
     return cb;
 }
 
@@ -260,6 +268,7 @@ static id make_encoder(id cb, int blit) {
     ci->made[i] = enc;
     ci->n_made = i + 1;
     ci->open_encoder = enc;
+    agx_model_live_add(AGX_LIVE_ENCODER, 1);
     return enc;
 }
 
@@ -345,6 +354,7 @@ static void cmdbuf_release(id self, SEL cmd) {
     cmdbuf_ivars *ci = IV(cmdbuf_ivars, self);
     queue_ivars *qi = IV(queue_ivars, ci->queue);
     pool_push(&qi->buffer_pool, &qi->pool_mu, cfg.buffer_recycle, cmdbuf_next, self);
+    agx_model_live_add(AGX_LIVE_COMMAND_BUFFER, -1);
 }
 
 /* ----------------------------------------------------- compute encoder */
@@ -498,6 +508,7 @@ static void enc_dealloc(id self, SEL cmd) {
     enc_ivars *ei = IV(enc_ivars, self);
     dev_ivars *di = IV(dev_ivars, ei->device);
     pool_push(ei->is_blit ? &di->blit_pool : &di->encoder_pool, &di->pool_mu, cfg.encoder_recycle, enc_next, self);
+    agx_model_live_add(AGX_LIVE_ENCODER, -1);
 }
 
 /* -------------------------------------------------------- blit encoder */
@@ -582,6 +593,7 @@ int agx_model_init(void) {
     add(c_queue, "commandBuffer", queue_commandBuffer, "@@:");
     add(c_queue, "commandBufferWithUnretainedReferences", queue_commandBufferUnretained, "@@:");
     add(c_queue, "device", queue_device, "@@:");
+    add(c_queue, "release", queue_release, "Vv@:");
     objc_registerClassPair(c_queue);
 
     c_cmdbuf = make_class(root, agx_model_cmdbuf_class);
@@ -665,12 +677,14 @@ out:
     return rc;
 }
 
-id agx_model_device(void) { return agx_model_init() == 0 ? the_device : NULL; }
+/* Under the debug layer (model_debug_layer.h) the application gets its wrapper. */
+id agx_model_device(void) { return agx_model_init() == 0 ? agx_model_debug_wrap_device(the_device) : NULL; }
 
 void agx_model_encode_saxpy(id enc, id pipeline, id x, id y, float a, uint64_t n) {
     agx_mtl_size grid = {n, 1, 1}, tg = {n < 256 ? n : 256, 1, 1};
     IMP setp, setb, setby, disp;
     if (cfg.bypass) {
+        enc = agx_model_debug_base(enc); /* the internal path works on the driver's own encoder */
         setp = cached_setPipeline, setb = cached_setBuffer, setby = cached_setBytes, disp = cached_dispatchThreads;
     } else {
         setp = agx_objc_lookup(enc, s_setPipeline);

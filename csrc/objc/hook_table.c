@@ -3,6 +3,7 @@
 #include "hook_table.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -61,7 +62,7 @@ const agx_hook_row agx_hook_rows[] = {
 };
 const size_t agx_hook_row_count = sizeof agx_hook_rows / sizeof agx_hook_rows[0];
 
-#define AGX_MAX_REPORT 320
+#define AGX_MAX_REPORT AGX_HOOKS_REPORT_MAX
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static agx_discovery found[3];
@@ -70,6 +71,13 @@ static int installed_driver;
 static int last_discovered;
 static agx_hook_report report[AGX_MAX_REPORT];
 static size_t n_report;
+static const char *image_mechanism[3];
+
+/* Image loads (see agx_hooks_image_loaded): a generation counter the
+ * callbacks bump, the one worker that acts on it, and counts for status. */
+static _Atomic unsigned image_gen;
+static _Atomic int worker_running;
+static _Atomic uint64_t n_image_events, n_rediscoveries, n_rediscovered_hooks;
 
 /* Why `cls` cannot take `row`, or NULL when it can. */
 static const char *skip_reason(Class cls, const agx_hook_row *row, char *buf, size_t n) {
@@ -108,23 +116,16 @@ static int uninstall_locked(void) {
     return removed;
 }
 
-int agx_hooks_install(int driver, char *err, size_t errlen) {
-    if (driver != AGX_DRIVER_METAL && driver != AGX_DRIVER_MODEL) {
-        snprintf(err, errlen, "unknown driver %d", driver);
-        return -1;
-    }
-    pthread_mutex_lock(&mu);
-    int rc = -1;
-    if (!discovered[driver]) {
-        if (agx_discover(driver, &found[driver], err, errlen) < 0) goto out;
-        discovered[driver] = 1;
-    }
-    last_discovered = driver;
-    if (installed_driver && installed_driver != driver) uninstall_locked();
-    agx_lifecycle_attach();
-    const agx_discovery *d = &found[driver];
+static int makes_objects(int kind) { return kind == AGX_KIND_MAKE_BUFFER || kind == AGX_KIND_MAKE_ENCODER; }
+
+/* Apply every row to every class `d` has for its roles; hooks already
+ * installed stay as they are (the engine answers "already"), so this is also
+ * the incremental install after a rediscovery. The report is rebuilt in
+ * table order. Factories go last: while tracking is on, an encoder is never
+ * tracked through a new factory before its class's end and dealloc rows are
+ * in. Under mu; returns how many hooks are new. */
+static int apply_rows_locked(const agx_discovery *d) {
     n_report = 0;
-    int added = 0;
     for (size_t r = 0; r < agx_hook_row_count; r++) {
         const agx_hook_row *row = &agx_hook_rows[r];
         for (int role = 0; role < AGX_ROLE_COUNT; role++) {
@@ -143,27 +144,109 @@ int agx_hooks_install(int driver, char *err, size_t errlen) {
                 *e = (agx_hook_report){class_getName(cls), row->selector, role, row->kind, 0, ""};
                 char why[160];
                 const char *skip = skip_reason(cls, row, why, sizeof why);
-                if (skip) {
-                    snprintf(e->skipped, sizeof e->skipped, "%s", skip);
-                    continue;
-                }
-                char ierr[512];
-                int res = agx_swizzle_install_kind(e->class_name, row->selector, row->kind, ierr, sizeof ierr);
-                if (res < 0) {
-                    snprintf(e->skipped, sizeof e->skipped, "%.150s", ierr);
-                    continue;
-                }
-                e->installed = 1;
-                added += res;
+                if (skip) snprintf(e->skipped, sizeof e->skipped, "%s", skip);
+                else snprintf(e->skipped, sizeof e->skipped, "pending"); /* installed below */
             }
         }
     }
+    int added = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (size_t i = 0; i < n_report; i++) {
+            agx_hook_report *e = &report[i];
+            if (!e->class_name[0] || makes_objects(e->kind) != pass || strcmp(e->skipped, "pending") != 0) continue;
+            char ierr[512];
+            int res = agx_swizzle_install_kind(e->class_name, e->selector, e->kind, ierr, sizeof ierr);
+            if (res < 0) {
+                snprintf(e->skipped, sizeof e->skipped, "%.150s", ierr);
+                continue;
+            }
+            e->installed = 1;
+            e->skipped[0] = 0;
+            added += res;
+        }
+    return added;
+}
+
+static void *rediscover_worker(void *arg);
+
+void agx_hooks_image_loaded(void) {
+    atomic_fetch_add(&image_gen, 1);
+    atomic_fetch_add(&n_image_events, 1);
+    if (atomic_exchange(&worker_running, 1)) return; /* the running worker sees the new generation */
+    pthread_attr_t a;
+    pthread_t t;
+    int ok = pthread_attr_init(&a) == 0;
+    if (ok) {
+        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+        ok = pthread_create(&t, &a, rediscover_worker, NULL) == 0;
+        pthread_attr_destroy(&a);
+    }
+    /* no thread: the event stays counted; the next install or rediscover() picks the classes up */
+    if (!ok) atomic_store(&worker_running, 0);
+}
+
+static void *rediscover_worker(void *arg) {
+    (void)arg;
+    for (;;) {
+        unsigned gen = atomic_load(&image_gen);
+        char err[256];
+        agx_hooks_rediscover(err, sizeof err);
+        atomic_store(&worker_running, 0);
+        if (atomic_load(&image_gen) == gen) break;        /* nothing loaded meanwhile */
+        if (atomic_exchange(&worker_running, 1)) break;  /* a new worker took over */
+    }
+    return NULL;
+}
+
+int agx_hooks_install(int driver, char *err, size_t errlen) {
+    if (driver != AGX_DRIVER_METAL && driver != AGX_DRIVER_MODEL) {
+        snprintf(err, errlen, "unknown driver %d", driver);
+        return -1;
+    }
+    pthread_mutex_lock(&mu);
+    int rc = -1;
+    if (!discovered[driver]) {
+        if (agx_discover(driver, &found[driver], err, errlen) < 0) goto out;
+        discovered[driver] = 1;
+    } else {
+        agx_discover_named(&found[driver]); /* what loaded since */
+    }
+    last_discovered = driver;
+    if (installed_driver && installed_driver != driver) uninstall_locked();
+    agx_lifecycle_attach();
+    int added = apply_rows_locked(&found[driver]);
+    int fresh = installed_driver != driver;
     installed_driver = driver;
-    agx_lifecycle_set_tracking(1); /* last: every end and commit row is active now */
+    if (fresh) agx_lifecycle_set_tracking(1); /* last: every end and commit row is active now */
+    /* from now on, classes that appear with new images are hooked as they come */
+    if (!image_mechanism[driver]) image_mechanism[driver] = agx_watch_images(driver, agx_hooks_image_loaded);
     rc = added;
 out:
     pthread_mutex_unlock(&mu);
     return rc;
+}
+
+int agx_hooks_rediscover(char *err, size_t errlen) {
+    pthread_mutex_lock(&mu);
+    int driver = installed_driver, added = 0;
+    atomic_fetch_add(&n_rediscoveries, 1);
+    if (driver) {
+        if (agx_discover_named(&found[driver]) > 0) added = apply_rows_locked(&found[driver]);
+        atomic_fetch_add(&n_rediscovered_hooks, (uint64_t)added);
+    } else {
+        snprintf(err, errlen, "no hooks installed: nothing to add to");
+    }
+    pthread_mutex_unlock(&mu);
+    return added;
+}
+
+void agx_hooks_images(agx_hooks_image_stats *out) {
+    out->events = atomic_load(&n_image_events);
+    out->rediscoveries = atomic_load(&n_rediscoveries);
+    out->rediscovered_hooks = atomic_load(&n_rediscovered_hooks);
+    out->pending = atomic_load(&worker_running);
+    int d = agx_hooks_driver();
+    out->mechanism = d ? image_mechanism[d] : NULL;
 }
 
 int agx_hooks_uninstall(void) {
@@ -175,6 +258,14 @@ int agx_hooks_uninstall(void) {
 
 int agx_hooks_driver(void) { return installed_driver; }
 size_t agx_hooks_report_count(void) { return n_report; }
+
+size_t agx_hooks_report_snapshot(agx_hook_report *out, size_t max) {
+    pthread_mutex_lock(&mu);
+    size_t n = n_report < max ? n_report : max;
+    memcpy(out, report, n * sizeof *out);
+    pthread_mutex_unlock(&mu);
+    return n;
+}
 const agx_hook_report *agx_hooks_report(size_t i) { return i < n_report ? &report[i] : NULL; }
 
 const agx_discovery *agx_hooks_discovery(void) { return last_discovered ? &found[last_discovered] : NULL; }

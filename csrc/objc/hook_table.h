@@ -49,16 +49,39 @@ typedef struct agx_hook_report {
     char skipped[160];      /* why not, when not */
 } agx_hook_report;
 
-/* Discover the driver's classes (first call per driver) and install the
- * table on them. Returns how many hooks were newly installed, or -1 with err
- * saying why nothing was installed (no device, no runtime, ...). Another
- * driver's hooks are removed first. */
+/* Discover the driver's classes (first call per driver; later calls add the
+ * classes found by name since) and install the table on them, leaving hooks
+ * already installed as they are. Returns how many hooks were newly
+ * installed, or -1 with err saying why nothing was installed (no device, no
+ * runtime, ...). Another driver's hooks are removed first. The first install
+ * of a driver also watches image loads (agx_watch_images): classes that
+ * appear later are hooked as they come (agx_hooks_image_loaded). */
 int agx_hooks_install(int driver, char *err, size_t errlen);
+/* Look for classes known by name again (MPSCommandBuffer) and hook those
+ * that appeared, without touching the others. Returns how many hooks are
+ * new (0, with err saying why, when nothing is installed). */
+int agx_hooks_rediscover(char *err, size_t errlen);
+/* The image-load callback: safe with the runtime's or dyld's lock held (it
+ * only bumps a counter and, when none is running, starts one detached
+ * thread that runs agx_hooks_rediscover until no new load has come in). */
+void agx_hooks_image_loaded(void);
+typedef struct agx_hooks_image_stats {
+    const char *mechanism;        /* how image loads reach us for the installed driver; NULL if none */
+    uint64_t events;              /* image-load callbacks seen */
+    uint64_t rediscoveries;       /* agx_hooks_rediscover runs (callbacks' worker and explicit) */
+    uint64_t rediscovered_hooks;  /* hooks they added */
+    int pending;                  /* a worker is running now */
+} agx_hooks_image_stats;
+void agx_hooks_images(agx_hooks_image_stats *out);
 /* Remove every hook of the table; returns how many were removed. */
 int agx_hooks_uninstall(void);
 int agx_hooks_driver(void);          /* the installed driver, AGX_DRIVER_NONE if none */
 size_t agx_hooks_report_count(void);
 const agx_hook_report *agx_hooks_report(size_t i);
+/* A copy of the report taken under the install lock (a rediscovery may be
+ * rebuilding it on another thread): how many entries, at most `max`. */
+#define AGX_HOOKS_REPORT_MAX 320
+size_t agx_hooks_report_snapshot(agx_hook_report *out, size_t max);
 const agx_discovery *agx_hooks_discovery(void); /* the last driver discovered; NULL before any */
 
 #endif

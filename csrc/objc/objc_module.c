@@ -8,6 +8,7 @@
 #include <sched.h>
 #include <string.h>
 
+#include "discovery_module.h"
 #include "driver_model.h"
 #include "hook_table.h"
 #include "lifecycle.h"
@@ -358,15 +359,19 @@ static PyObject *py_hooks_driver(PyObject *self, PyObject *unused) {
 static PyObject *py_hooks_report(PyObject *self, PyObject *unused) {
     PyObject *list = PyList_New(0);
     if (!list) return NULL;
-    for (size_t i = 0; i < agx_hooks_report_count(); i++) {
-        const agx_hook_report *e = agx_hooks_report(i);
+    agx_hook_report *snap = PyMem_Malloc(AGX_HOOKS_REPORT_MAX * sizeof *snap);
+    if (!snap) { Py_DECREF(list); return PyErr_NoMemory(); }
+    size_t n = agx_hooks_report_snapshot(snap, AGX_HOOKS_REPORT_MAX);
+    for (size_t i = 0; i < n; i++) {
+        const agx_hook_report *e = &snap[i];
         PyObject *d = Py_BuildValue("{s:s,s:s,s:s,s:s,s:O,s:z}", "class", e->class_name, "selector", e->selector,
                                     "role", agx_role_names[e->role], "kind", kind_names[e->kind], "installed",
                                     e->installed ? Py_True : Py_False, "skipped",
                                     e->installed ? NULL : e->skipped);
-        if (!d || PyList_Append(list, d) < 0) { Py_XDECREF(d); Py_DECREF(list); return NULL; }
+        if (!d || PyList_Append(list, d) < 0) { Py_XDECREF(d); Py_DECREF(list); PyMem_Free(snap); return NULL; }
         Py_DECREF(d);
     }
+    PyMem_Free(snap);
     return list;
 }
 
@@ -393,8 +398,9 @@ static PyObject *py_hooks_discovery(PyObject *self, PyObject *unused) {
             if (bad) goto fail;
         }
     }
-    return Py_BuildValue("{s:s,s:s,s:N,s:N}", "driver", agx_driver_names[d->driver], "device_class",
-                         d->device_class, "classes", classes, "notes", notes);
+    return Py_BuildValue("{s:s,s:s,s:s,s:i,s:s,s:N,s:N}", "driver", agx_driver_names[d->driver], "device_class",
+                         d->device_class, "base_device_class", d->base_device_class, "layers", d->layers, "how",
+                         d->how, "classes", classes, "notes", notes);
 fail:
     Py_XDECREF(classes);
     Py_XDECREF(notes);
@@ -491,6 +497,7 @@ static PyMethodDef objc_methods[] = {
 
 int agx_objc_add_to_module(PyObject *m) {
     if (PyModule_AddFunctions(m, objc_methods) < 0) return -1;
+    if (agx_discovery_add_to_module(m) < 0) return -1;
     if (PyModule_AddStringConstant(m, "OBJC_RUNTIME", AGX_OBJC_RUNTIME_NAME) < 0) return -1;
     if (PyModule_AddObjectRef(m, "METAL_SUPPORTED", agx_metal_supported() ? Py_True : Py_False) < 0) return -1;
     return 0;

@@ -2,7 +2,8 @@
 # Include from the top Makefile, or run: make -f csrc/tests/tsan_model.mk tsan-model
 TSAN_MODEL_SRC = csrc/tests/tsan_model.c csrc/lock.c csrc/guard.c csrc/objc/swizzle.c \
                  csrc/objc/driver_model.c csrc/objc/model_runner.c csrc/objc/discovery.c \
-                 csrc/objc/hook_table.c csrc/objc/lifecycle.c
+                 csrc/objc/hook_table.c csrc/objc/lifecycle.c csrc/objc/model_images.c \
+                 csrc/objc/model_debug_layer.c
 TSAN_CC ?= gcc
 
 csrc/tests/tsan_model.bin: $(TSAN_MODEL_SRC) csrc/objc/*.h csrc/*.h
