@@ -132,6 +132,20 @@ int agx_acquire_py(agx_lock *l) { return block_py(l, l->name, &LOCK_OPS); }
 
 int agx_throttle_acquire_py(void) { return block_py(agx_throttle(), "throttle", &SEM_OPS); }
 
+/* A hooked driver call cannot fail (many are void Objective-C methods) and
+ * must not run without its lock, so a native wait ends only by taking the lock
+ * or by ending the process: past the timeout under either action (a driver
+ * call has no way to raise), and on an exception from Python's signal
+ * handlers (Ctrl-C) when the waiting thread can reach Python. */
+static void end_native_wait(const char *name, int64_t waited_ns, const char *why) {
+    fprintf(stderr,
+            "agxguard: a driver call waited %lld ms for the '%s' lock and %s; a driver call cannot "
+            "raise and must not run unlocked, so the process ends here\n",
+            (long long)(waited_ns / 1000000), name, why);
+    fflush(stderr);
+    abort();
+}
+
 void agx_acquire_native(agx_lock *l) {
     if (agx_lock_try(l)) return;
     PyThreadState *ts = NULL;
@@ -139,12 +153,11 @@ void agx_acquire_native(agx_lock *l) {
     int64_t start = agx_now_ns();
     int64_t warn = atomic_load(&agx_wait.warn_ns);
     int64_t timeout = atomic_load(&agx_wait.timeout_ns);
-    int warned = 0, timed_out = 0;
+    int warned = 0;
     for (;;) {
-        int64_t deadline = -1;
-        if (warn > 0 && !warned) deadline = start + warn;
-        if (timeout > 0 && !timed_out && (deadline < 0 || start + timeout < deadline))
-            deadline = start + timeout;
+        int64_t deadline = ts ? agx_now_ns() + AGX_SLICE_NS : -1; /* slices only where Python is reachable */
+        if (warn > 0 && !warned && (deadline < 0 || start + warn < deadline)) deadline = start + warn;
+        if (timeout > 0 && (deadline < 0 || start + timeout < deadline)) deadline = start + timeout;
         if (agx_lock_wait_until(l, deadline)) break;
         int64_t waited = agx_now_ns() - start;
         if (warn > 0 && !warned && waited >= warn) {
@@ -152,12 +165,23 @@ void agx_acquire_native(agx_lock *l) {
             fprintf(stderr, "agxguard: a driver call waited %lld ms for the '%s' lock\n",
                     (long long)(waited / 1000000), l->name);
         }
-        if (timeout > 0 && !timed_out && waited >= timeout) {
-            timed_out = 1; /* a driver call cannot raise: report, then abort or keep waiting */
+        if (timeout > 0 && waited >= timeout) {
             agx_lock_note_timeout(l);
-            if (atomic_load(&agx_wait.timeout_aborts)) abort_on_timeout(l->name, waited);
-            fprintf(stderr, "agxguard: a driver call is past the %lld ms timeout on the '%s' lock; still waiting\n",
-                    (long long)(timeout / 1000000), l->name);
+            end_native_wait(l->name, waited, atomic_load(&agx_wait.timeout_aborts)
+                                                 ? "passed the timeout (AGXGUARD_LOCK_TIMEOUT_MS, action 'abort')"
+                                                 : "passed the timeout (AGXGUARD_LOCK_TIMEOUT_MS; action 'raise' "
+                                                   "cannot raise from a driver call)");
+        }
+        if (ts) { /* run Python's signal handlers, as a Python wait does between slices */
+            PyEval_RestoreThread(ts);
+            int rc = PyErr_CheckSignals();
+            if (rc < 0) {
+                PyObject *et = PyErr_Occurred();
+                const char *what = et == PyExc_KeyboardInterrupt ? "was interrupted (KeyboardInterrupt)"
+                                                                 : "a signal handler raised";
+                end_native_wait(l->name, agx_now_ns() - start, what);
+            }
+            ts = PyEval_SaveThread();
         }
     }
     agx_lock_note_wait(l, agx_now_ns() - start);

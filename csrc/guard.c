@@ -15,12 +15,16 @@ typedef struct stream_slot {
     agx_lock lock;
 } stream_slot;
 
+/* The field order is the lock order of rule 2 (guard.h): stream slots come
+ * before object stripes, so a hooked call on an object with no stream, inside
+ * a region on a stream, waits up the order. */
 static struct {
     _Atomic int mode;
     agx_lock global, op;
-    agx_lock objects[OBJECT_STRIPES];
     stream_slot streams[STREAM_SLOTS];
+    agx_lock objects[OBJECT_STRIPES];
     _Atomic int n_streams;
+    _Atomic uint64_t nesting_skips;
     pthread_mutex_t streams_mu; /* serializes inserts only */
     agx_sem throttle;
 } G;
@@ -30,10 +34,14 @@ static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 agx_wait_config agx_wait;
 
 static _Thread_local struct {
-    int depth;
+    int depth; /* Python regions */
     agx_held items[AGX_MAX_REGION_DEPTH];
     int has_stream;
     uint64_t stream;
+    int entries;      /* open entries of every kind */
+    int locked;       /* of those, entries that took a lock */
+    int bound_mode;   /* the mode of those locks (valid while locked > 0) */
+    agx_lock *top;    /* the highest lock they hold (NULL: none) */
 } T;
 
 static void fork_prepare(void) { pthread_mutex_lock(&G.streams_mu); }
@@ -134,13 +142,60 @@ agx_lock *agx_lock_for_mode(int mode, agx_site site, int has_stream, uint64_t st
     }
 }
 
+int agx_entry_mode(void) { return T.locked > 0 ? T.bound_mode : agx_mode_get(); }
+
+int agx_entry_depth(void) { return T.entries; }
+
+uint64_t agx_nesting_skips(void) { return atomic_load_explicit(&G.nesting_skips, memory_order_relaxed); }
+
+agx_admit agx_entry_admit(agx_lock *want) {
+    if (want == NULL) return AGX_ADMIT_NONE;
+    /* nothing held, held already, or up the order: a wait cannot close a cycle */
+    if (T.locked == 0 || (uintptr_t)want > (uintptr_t)T.top) return AGX_ADMIT_WAIT;
+    if (agx_lock_try(want)) return AGX_ADMIT_HELD; /* re-entry, or free right now */
+    atomic_fetch_add_explicit(&G.nesting_skips, 1, memory_order_relaxed);
+    return AGX_ADMIT_NONE;
+}
+
+void agx_entry_push(agx_entry *e, int mode, agx_lock *lock) {
+    e->lock = lock;
+    e->prev_top = T.top;
+    T.entries++;
+    if (lock == NULL) return;
+    if (T.locked++ == 0) T.bound_mode = mode;
+    if ((uintptr_t)lock > (uintptr_t)T.top) T.top = lock;
+}
+
+void agx_entry_pop(agx_entry *e) {
+    T.entries--;
+    T.top = e->prev_top;
+    if (e->lock == NULL) return;
+    T.locked--;
+    agx_lock_release(e->lock);
+}
+
+void agx_acquire_native(agx_lock *l); /* acquire.h; the C-only tests bring their own */
+
+void agx_entry_enter_native(agx_entry *e, int mode, agx_site site, int has_stream, uint64_t key,
+                            const void *object) {
+    agx_lock *l = agx_lock_for_mode(mode, site, has_stream, key, object);
+    switch (agx_entry_admit(l)) {
+    case AGX_ADMIT_WAIT:
+        agx_acquire_native(l);
+        break;
+    case AGX_ADMIT_HELD:
+        break;
+    default:
+        l = NULL;
+    }
+    agx_entry_push(e, mode, l);
+}
+
 int agx_region_depth(void) { return T.depth; }
 
-int agx_region_push(agx_lock *lock, int throttled) {
+int agx_region_push(const agx_held *h) {
     if (T.depth >= AGX_MAX_REGION_DEPTH) return -1;
-    T.items[T.depth].lock = lock;
-    T.items[T.depth].throttled = throttled;
-    T.depth++;
+    T.items[T.depth++] = *h;
     return 0;
 }
 
@@ -211,4 +266,5 @@ void agx_stats_reset(void) {
         if (atomic_load_explicit(&G.streams[i].ready, memory_order_acquire))
             agx_lock_reset_counters(&G.streams[i].lock);
     agx_sem_reset_counters(&G.throttle);
+    atomic_store(&G.nesting_skips, 0);
 }

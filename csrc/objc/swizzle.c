@@ -33,27 +33,28 @@ typedef struct agx_hook_slot {
 static _Atomic uintptr_t agx_observer;
 
 /* Lock (or not) and count one call; *orig gets the implementation to call,
- * *kind the hook's kind (0 when inactive or plain). Not-active slots forward
- * untouched: a thread that looked the wrapper up just before uninstall still
- * runs the original. */
-static inline agx_lock *agx_hook_enter(agx_hook_slot *s, id self, IMP *orig, int *kind) {
+ * *kind the hook's kind (0 when inactive or plain). Returns 1 when it opened
+ * an entry (guard.h: the nesting rule) that agx_hook_exit closes. Not-active
+ * slots forward untouched: a thread that looked the wrapper up just before
+ * uninstall still runs the original. */
+static inline int agx_hook_enter(agx_hook_slot *s, id self, IMP *orig, int *kind, agx_entry *e) {
     *kind = 0;
     if (s->added)
         *orig = class_getMethodImplementation(s->super, s->sel);
     else
         *orig = (IMP)atomic_load_explicit(&s->orig, memory_order_acquire);
-    if (!atomic_load_explicit(&s->active, memory_order_acquire)) return NULL;
+    if (!atomic_load_explicit(&s->active, memory_order_acquire)) return 0;
     *kind = atomic_load_explicit(&s->kind, memory_order_relaxed);
     atomic_fetch_add_explicit(&s->calls, 1, memory_order_relaxed);
+    int mode = agx_entry_mode();
     uint64_t key = 0;
-    int has = agx_swizzle_stream_of(self, &key);
-    agx_lock *l = agx_lock_for(AGX_SITE_CALL, has, key, (const void *)self);
-    if (l) agx_acquire_native(l);
-    return l;
+    int has = mode == AGX_MODE_STREAM && agx_swizzle_stream_of(self, &key); /* only stream mode uses it */
+    agx_entry_enter_native(e, mode, AGX_SITE_CALL, has, key, (const void *)self);
+    return 1;
 }
 
-static inline void agx_hook_exit(agx_lock *l) {
-    if (l) agx_lock_release(l);
+static inline void agx_hook_exit(int entered, agx_entry *e) {
+    if (entered) agx_entry_pop(e);
 }
 
 static inline void agx_hook_event(int kind, int phase, id self, uint64_t ret) {
@@ -91,22 +92,24 @@ void agx_swizzle_set_observer(agx_swizzle_observer fn) {
     static void agx_w_##name##_##k(id self, SEL cmd AGX_CAT(AGX_P, N) ARGS) {                 \
         IMP o;                                                                                \
         int kind;                                                                             \
-        agx_lock *l = agx_hook_enter(&agx_slots_##name[k], self, &o, &kind);                  \
+        agx_entry e;                                                                          \
+        int in = agx_hook_enter(&agx_slots_##name[k], self, &o, &kind, &e);                   \
         if (kind) agx_hook_event(kind, AGX_SWZ_BEFORE, self, 0);                              \
         ((void (*)(id, SEL AGX_CAT(AGX_T, N) ARGS))o)(self, cmd AGX_CAT(AGX_A, N) ARGS);      \
         if (kind) agx_hook_event(kind, AGX_SWZ_AFTER, self, 0);                               \
-        agx_hook_exit(l);                                                                     \
+        agx_hook_exit(in, &e);                                                                \
     }
 #define AGX_WRAP_VAL(name, RTOK, N, ARGS, k)                                                  \
     static agx_t_##RTOK agx_w_##name##_##k(id self, SEL cmd AGX_CAT(AGX_P, N) ARGS) {         \
         IMP o;                                                                                \
         int kind;                                                                             \
-        agx_lock *l = agx_hook_enter(&agx_slots_##name[k], self, &o, &kind);                  \
+        agx_entry e;                                                                          \
+        int in = agx_hook_enter(&agx_slots_##name[k], self, &o, &kind, &e);                   \
         if (kind) agx_hook_event(kind, AGX_SWZ_BEFORE, self, 0);                              \
         agx_t_##RTOK r = ((agx_t_##RTOK(*)(id, SEL AGX_CAT(AGX_T, N) ARGS))o)(                \
             self, cmd AGX_CAT(AGX_A, N) ARGS);                                                \
         if (kind) agx_hook_event(kind, AGX_SWZ_AFTER, self, AGX_RBITS_##RTOK(r));             \
-        agx_hook_exit(l);                                                                     \
+        agx_hook_exit(in, &e);                                                                \
         return r;                                                                             \
     }
 #define AGX_WRAP_ONE(name, RTOK, N, ARGS, k) AGX_CAT(AGX_WRAP_, AGX_RK_##RTOK)(name, RTOK, N, ARGS, k)

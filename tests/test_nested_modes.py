@@ -1,0 +1,129 @@
+"""Nested regions and hooked driver calls while the mode changes under them
+(issue 11, point 1): no deadlock whatever set_mode does meanwhile.
+
+Each scenario runs in a child process with a timeout, so a deadlock is a test
+failure, not a hung test run. The mode-switch hammer (a thread switching modes
+as fast as it can while 32 threads nest regions and, on the driver model, make
+hooked calls inside them) runs for AGXGUARD_HAMMER_S seconds per scenario (CI:
+the default of a few seconds; set it higher for a soak)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import agxguard
+from agxguard import model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAMMER_S = float(os.environ.get("AGXGUARD_HAMMER_S", "1.0"))
+
+# The child: `threads` workers nest regions (outer on its stream, inner on the
+# same or another stream, sometimes an op-site guard, sometimes a hooked model
+# op inside) while one thread switches modes at random; prints one JSON line.
+_CHILD = textwrap.dedent(r"""
+    import json, random, sys, threading, time
+    import agxguard
+    from agxguard import _C
+    cfg = json.loads(sys.argv[1])
+    agxguard.set_throttle(cfg["throttle"])
+    agxguard.set_mode(cfg["start"])
+    use_model = cfg["model"]
+    if use_model:
+        from agxguard import model
+        model.configure(**{b: False for b in model.BUGS})
+        model.hook()
+    stop = threading.Event()
+    done = [0] * cfg["threads"]
+    errors = []
+    inner = [agxguard.guard(stream=k) for k in range(4)]
+    call_site = _C.Guard(site="call")
+
+    def worker(i):
+        rnd = random.Random(i)
+        try:
+            with agxguard.use_stream(i % 4):
+                while not stop.is_set():
+                    with agxguard.guard():
+                        with agxguard.guard():
+                            time.sleep(0)          # let the switcher run between entries
+                            with inner[rnd.randrange(4)]:
+                                with call_site:
+                                    if use_model:
+                                        model.run_op(queue=i % 4, length=16)
+                    done[i] += 1
+        except BaseException as e:
+            errors.append(repr(e))
+
+    def switcher():
+        rnd = random.Random(99)
+        while not stop.is_set():
+            agxguard.set_mode(rnd.choice(agxguard.MODES))
+            time.sleep(rnd.choice((0, 0, 0.0001, 0.001)))
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(cfg["threads"])]
+    sw = threading.Thread(target=switcher)
+    for t in ts: t.start()
+    sw.start()
+    native = None
+    if use_model:
+        # native regions (model_runner) with hooked calls inside, beside the Python ones
+        native = model.run_threads(8, cfg["native_iterations"], shared_queue=True, region=True,
+                                   internal_every=0, length=16, hooks=False)
+    time.sleep(cfg["seconds"])
+    stop.set()
+    for t in ts: t.join()
+    sw.join()
+    print("NESTED-RESULT " + json.dumps({"done": done, "errors": errors,
+                                          "native_ok": None if native is None else native["result_ok"],
+                                          "depth": _C.region_depth()}), flush=True)
+""")
+
+
+def _run_child(timeout: float, **cfg):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("AGXGUARD_DRIVER", None)
+    try:
+        p = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg)], capture_output=True, text=True,
+                           timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"deadlock: the child did not finish in {timeout} s ({cfg})")
+    assert p.returncode == 0, (p.returncode, p.stderr[-3000:])
+    line = [x for x in p.stdout.splitlines() if x.startswith("NESTED-RESULT ")]
+    assert line, p.stdout[-2000:] + p.stderr[-2000:]
+    return json.loads(line[0].split(" ", 1)[1])
+
+
+@pytest.mark.parametrize("throttle", [0, 1, 3])
+@pytest.mark.parametrize("start", agxguard.MODES)
+def test_nested_regions_survive_mode_switches(start, throttle):
+    """32 threads nest regions on shared streams while the mode flips at random:
+    every thread keeps finishing regions (today a thread in `stream` holding its
+    stream lock waits for the global lock that a thread entered under `global`
+    holds while it waits for that stream lock)."""
+    r = _run_child(timeout=60 + 4 * HAMMER_S, threads=32, throttle=throttle, start=start, model=False,
+                   seconds=HAMMER_S / 2, native_iterations=0)
+    assert r["errors"] == []
+    assert min(r["done"]) > 0, r["done"]
+    assert r["depth"] == 0
+
+
+@pytest.mark.skipif(not model.available(), reason="the driver model needs an Objective-C runtime build")
+@pytest.mark.parametrize("throttle", [0, 2])
+def test_hooked_calls_inside_regions_survive_mode_switches(throttle):
+    """The mode-switch hammer on the driver model: 32 Python threads make hooked
+    model ops inside nested regions, 8 native threads run the op pattern inside
+    native regions, and the mode flips at random: everything finishes (today a
+    region holding the global lock makes a hooked call that waits for a stream
+    lock, while a region holding that stream lock makes one that waits for the
+    global lock)."""
+    r = _run_child(timeout=90 + 4 * HAMMER_S, threads=32, throttle=throttle, start="stream", model=True,
+                   seconds=HAMMER_S, native_iterations=400)
+    assert r["errors"] == []
+    assert min(r["done"]) > 0, r["done"]
+    assert r["native_ok"] is True
+    assert r["depth"] == 0
