@@ -127,3 +127,61 @@ def test_hooked_calls_inside_regions_survive_mode_switches(throttle):
     assert min(r["done"]) > 0, r["done"]
     assert r["native_ok"] is True
     assert r["depth"] == 0
+
+
+# A hooked call that waits for a stream lock another thread holds (and never
+# gives back): the wait must end the process with a message, not wait forever.
+_WAIT_CHILD = textwrap.dedent(r"""
+    import os, signal, sys, threading, time
+    import agxguard
+    from agxguard import _C, model
+    how = sys.argv[1]
+    model.configure(**{b: False for b in model.BUGS})
+    model.hook()
+    agxguard.set_mode("stream")
+    model.run_op(queue=0, length=16)          # the queue exists and has its stream key
+    held = threading.Event()
+    def holder():
+        _C.stream_lock(0x4147584D00000000 | 1000).acquire()   # model queue 0's stream, kept
+        held.set()
+        time.sleep(3600)
+    threading.Thread(target=holder, daemon=True).start()
+    held.wait()
+    if how == "timeout":
+        agxguard.set_lock_timeout(100, action="raise")
+    else:
+        threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    print("CALLING", flush=True)
+    model.run_op(queue=0, length=16)            # its hooked calls wait for the held stream lock
+    print("RETURNED", flush=True)
+""")
+
+
+def _wait_child(how: str):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("AGXGUARD_DRIVER", None)
+    try:
+        return subprocess.run([sys.executable, "-c", _WAIT_CHILD, how], capture_output=True, text=True,
+                              timeout=30, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the hooked call kept waiting ({how}): no way out of a driver wait")
+
+
+@pytest.mark.skipif(not model.available(), reason="the driver model needs an Objective-C runtime build")
+def test_hooked_wait_past_the_timeout_ends_the_process_under_action_raise():
+    """A driver call cannot raise: past the timeout with action 'raise' it ends
+    the process with the message (today it prints 'still waiting' and waits on)."""
+    p = _wait_child("timeout")
+    assert "CALLING" in p.stdout and "RETURNED" not in p.stdout, p.stdout
+    assert p.returncode == -6, (p.returncode, p.stderr[-2000:])
+    assert "passed the timeout" in p.stderr and "'raise' cannot raise from a driver call" in p.stderr
+
+
+@pytest.mark.skipif(not model.available(), reason="the driver model needs an Objective-C runtime build")
+def test_ctrl_c_ends_a_hooked_wait_on_the_main_thread():
+    """Ctrl-C while the main thread waits inside a hooked driver call ends the
+    process as SIGINT does, with a message (today the wait never notices)."""
+    p = _wait_child("interrupt")
+    assert "CALLING" in p.stdout and "RETURNED" not in p.stdout, p.stdout
+    assert p.returncode == -2, (p.returncode, p.stderr[-2000:])
+    assert "was interrupted (KeyboardInterrupt)" in p.stderr
