@@ -18,8 +18,9 @@ typedef struct stream_slot {
 /* The field order is the lock order of rule 2 (guard.h): stream slots come
  * before object stripes, so a hooked call on an object with no stream, inside
  * a region on a stream, waits up the order. */
+_Atomic int agx_mode_value;
+
 static struct {
-    _Atomic int mode;
     agx_lock global, op;
     stream_slot streams[STREAM_SLOTS];
     agx_lock objects[OBJECT_STRIPES];
@@ -38,10 +39,7 @@ static _Thread_local struct {
     agx_held items[AGX_MAX_REGION_DEPTH];
     int has_stream;
     uint64_t stream;
-    int entries;      /* open entries of every kind */
-    int locked;       /* of those, entries that took a lock */
-    int bound_mode;   /* the mode of those locks (valid while locked > 0) */
-    agx_lock *top;    /* the highest lock they hold (NULL: none) */
+    agx_thread_entries e;
 } T;
 
 static void fork_prepare(void) { pthread_mutex_lock(&G.streams_mu); }
@@ -64,7 +62,7 @@ static void init_all(void) {
     for (int i = 0; i < OBJECT_STRIPES; i++) agx_lock_init(&G.objects[i], "object");
     pthread_mutex_init(&G.streams_mu, NULL);
     agx_sem_init(&G.throttle, 0);
-    atomic_store(&G.mode, AGX_MODE_OFF);
+    atomic_store(&agx_mode_value, AGX_MODE_OFF);
     pthread_atfork(fork_prepare, fork_parent, fork_child);
 }
 
@@ -76,8 +74,7 @@ int agx_mode_from_name(const char *name) {
     return -1;
 }
 
-int agx_mode_get(void) { return atomic_load_explicit(&G.mode, memory_order_relaxed); }
-void agx_mode_set(int mode) { atomic_store(&G.mode, mode); }
+void agx_mode_set(int mode) { atomic_store(&agx_mode_value, mode); }
 
 agx_lock *agx_global_lock(void) { return &G.global; }
 agx_lock *agx_op_lock(void) { return &G.op; }
@@ -142,44 +139,52 @@ agx_lock *agx_lock_for_mode(int mode, agx_site site, int has_stream, uint64_t st
     }
 }
 
-int agx_entry_mode(void) { return T.locked > 0 ? T.bound_mode : agx_mode_get(); }
+agx_thread_entries *agx_entries(void) { return &T.e; }
 
-int agx_entry_depth(void) { return T.entries; }
+int agx_entry_mode(void) { return agx_entry_mode_in(&T.e); }
+
+int agx_entry_depth(void) { return T.e.entries; }
 
 uint64_t agx_nesting_skips(void) { return atomic_load_explicit(&G.nesting_skips, memory_order_relaxed); }
 
-agx_admit agx_entry_admit(agx_lock *want) {
+static inline agx_admit admit(agx_thread_entries *t, agx_lock *want) {
     if (want == NULL) return AGX_ADMIT_NONE;
-    /* nothing held, held already, or up the order: a wait cannot close a cycle */
-    if (T.locked == 0 || (uintptr_t)want > (uintptr_t)T.top) return AGX_ADMIT_WAIT;
+    /* nothing held, or up the order: a wait cannot close a cycle */
+    if (t->locked == 0 || (uintptr_t)want > (uintptr_t)t->top) return AGX_ADMIT_WAIT;
     if (agx_lock_try(want)) return AGX_ADMIT_HELD; /* re-entry, or free right now */
     atomic_fetch_add_explicit(&G.nesting_skips, 1, memory_order_relaxed);
     return AGX_ADMIT_NONE;
 }
 
-void agx_entry_push(agx_entry *e, int mode, agx_lock *lock) {
+static inline void push(agx_thread_entries *t, agx_entry *e, int mode, agx_lock *lock) {
+    e->t = t;
     e->lock = lock;
-    e->prev_top = T.top;
-    T.entries++;
+    e->prev_top = t->top;
+    t->entries++;
     if (lock == NULL) return;
-    if (T.locked++ == 0) T.bound_mode = mode;
-    if ((uintptr_t)lock > (uintptr_t)T.top) T.top = lock;
+    if (t->locked++ == 0) t->bound_mode = mode;
+    if ((uintptr_t)lock > (uintptr_t)t->top) t->top = lock;
 }
 
+agx_admit agx_entry_admit(agx_thread_entries *t, agx_lock *want) { return admit(t, want); }
+
+void agx_entry_push(agx_thread_entries *t, agx_entry *e, int mode, agx_lock *lock) { push(t, e, mode, lock); }
+
 void agx_entry_pop(agx_entry *e) {
-    T.entries--;
-    T.top = e->prev_top;
+    agx_thread_entries *t = e->t;
+    t->entries--;
+    t->top = e->prev_top;
     if (e->lock == NULL) return;
-    T.locked--;
+    t->locked--;
     agx_lock_release(e->lock);
 }
 
 void agx_acquire_native(agx_lock *l); /* acquire.h; the C-only tests bring their own */
 
-void agx_entry_enter_native(agx_entry *e, int mode, agx_site site, int has_stream, uint64_t key,
-                            const void *object) {
+void agx_entry_enter_native(agx_thread_entries *t, agx_entry *e, int mode, agx_site site, int has_stream,
+                            uint64_t key, const void *object) {
     agx_lock *l = agx_lock_for_mode(mode, site, has_stream, key, object);
-    switch (agx_entry_admit(l)) {
+    switch (admit(t, l)) {
     case AGX_ADMIT_WAIT:
         agx_acquire_native(l);
         break;
@@ -188,7 +193,7 @@ void agx_entry_enter_native(agx_entry *e, int mode, agx_site site, int has_strea
     default:
         l = NULL;
     }
-    agx_entry_push(e, mode, l);
+    push(t, e, mode, l);
 }
 
 int agx_region_depth(void) { return T.depth; }

@@ -64,23 +64,24 @@ typedef struct {
  * the thread's bound mode when it holds locks of nested entries, else the
  * current one; a throttle slot only for a thread's first entry. */
 static int region_enter(GuardObject *g) {
-    int mode = agx_entry_mode();
+    agx_thread_entries *t = agx_entries();
+    int mode = agx_entry_mode_in(t);
     uint64_t key = g->key;
     /* the stream is resolved only where the mode uses it (it may call Python) */
     if (mode == AGX_MODE_STREAM && !g->has_key && current_stream(&key) < 0) return -1;
     agx_lock *lock = agx_lock_for_mode(mode, g->site, 1, key, NULL);
-    agx_held h = {{NULL, NULL}, 0};
-    if (g->site == AGX_SITE_REGION && agx_entry_depth() == 0 &&
+    agx_held h = {{NULL, NULL, NULL}, 0};
+    if (g->site == AGX_SITE_REGION && t->entries == 0 &&
         atomic_load_explicit(&agx_throttle()->limit, memory_order_relaxed) > 0) {
         if (agx_throttle_acquire_py() < 0) return -1;
         h.throttled = 1;
     }
-    agx_admit admit = agx_entry_admit(lock);
+    agx_admit admit = agx_entry_admit(t, lock);
     if (admit == AGX_ADMIT_WAIT && agx_acquire_py(lock) < 0) {
         if (h.throttled) agx_sem_release(agx_throttle());
         return -1;
     }
-    agx_entry_push(&h.entry, mode, admit == AGX_ADMIT_NONE ? NULL : lock);
+    agx_entry_push(t, &h.entry, mode, admit == AGX_ADMIT_NONE ? NULL : lock);
     if (agx_region_push(&h) < 0) {
         agx_entry_pop(&h.entry);
         if (h.throttled) agx_sem_release(agx_throttle());

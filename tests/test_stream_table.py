@@ -9,6 +9,7 @@ is ``AGXGUARD_STREAM_TABLE_RUNS=200``."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -126,3 +127,18 @@ def test_the_table_grows_past_any_fixed_size_and_forgets_cleared_objects():
         _C.swizzle_clear_stream(base + 8 + 16 * i)
     with pytest.raises(ValueError, match="not an object address"):
         _C.swizzle_set_stream(1, 5)
+
+
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("gcc") is None, reason="needs make and gcc")
+def test_the_table_and_stream_mode_run_clean_under_thread_sanitizer():
+    """The table's lock-free reads against inserts, clears, grows and rehashes,
+    and stream-mode model runs (hooked calls reading the table), under TSan."""
+    subprocess.run(["make", "-s", "-f", "csrc/tests/tsan_model.mk", "csrc/tests/tsan_model.bin"], cwd=ROOT,
+                   check=True, timeout=300, capture_output=True)
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=0 exitcode=66")
+    binary = os.path.join(ROOT, "csrc", "tests", "tsan_model.bin")
+    for args in (["table", "10", "4"], ["stream", "30", "4"]):
+        p = subprocess.run([binary, *args], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0 and "ThreadSanitizer" not in p.stderr, (args, p.stdout, p.stderr[-3000:])
+    assert "failures 0" in subprocess.run([binary, "table", "3", "2"], capture_output=True, text=True,
+                                          env=env, timeout=300).stdout

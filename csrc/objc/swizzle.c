@@ -47,10 +47,11 @@ static inline int agx_hook_enter(agx_hook_slot *s, id self, IMP *orig, int *kind
     if (!atomic_load_explicit(&s->active, memory_order_acquire)) return 0;
     *kind = atomic_load_explicit(&s->kind, memory_order_relaxed);
     atomic_fetch_add_explicit(&s->calls, 1, memory_order_relaxed);
-    int mode = agx_entry_mode();
+    agx_thread_entries *t = agx_entries();
+    int mode = agx_entry_mode_in(t);
     uint64_t key = 0;
     int has = mode == AGX_MODE_STREAM && agx_swizzle_stream_of(self, &key); /* only stream mode uses it */
-    agx_entry_enter_native(e, mode, AGX_SITE_CALL, has, key, (const void *)self);
+    agx_entry_enter_native(t, e, mode, AGX_SITE_CALL, has, key, (const void *)self);
     return 1;
 }
 
@@ -700,9 +701,13 @@ static int agx_st_rebuild(agx_st_shard *sh, size_t cap) {
     return 0;
 }
 
+static int agx_st_lookup(uintptr_t o, uint64_t *key);
+
 int agx_swizzle_set_stream(const void *object, uint64_t key) {
     uintptr_t o = (uintptr_t)object;
     if (o <= AGX_ST_TOMB) return -1; /* not an object */
+    uint64_t had;
+    if (agx_st_lookup(o, &had) && had == key) return 0; /* a pooled object back from its own queue: no write */
     pthread_once(&agx_st_once, agx_st_init);
     uint64_t h = agx_st_hash(o);
     agx_st_shard *sh = agx_st_shard_of(h);

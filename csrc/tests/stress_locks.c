@@ -199,9 +199,11 @@ static void *nested_worker(void *arg) {
     for (int i = 0; i < iterations; i++) {
         int k1 = (int)((id + i) % KEYS), k2 = (int)((id * 7 + i * 3) % KEYS);
         agx_entry outer, inner, call;
-        agx_entry_enter_native(&outer, agx_entry_mode(), AGX_SITE_REGION, 1, 2000 + (uint64_t)k1, NULL);
-        agx_entry_enter_native(&inner, agx_entry_mode(), AGX_SITE_REGION, 1, 2000 + (uint64_t)k2, NULL);
-        agx_entry_enter_native(&call, agx_entry_mode(), AGX_SITE_CALL, i & 1, 2000 + (uint64_t)k2, &objects[i & 3]);
+        agx_thread_entries *t = agx_entries();
+        agx_entry_enter_native(t, &outer, agx_entry_mode_in(t), AGX_SITE_REGION, 1, 2000 + (uint64_t)k1, NULL);
+        agx_entry_enter_native(t, &inner, agx_entry_mode_in(t), AGX_SITE_REGION, 1, 2000 + (uint64_t)k2, NULL);
+        agx_entry_enter_native(t, &call, agx_entry_mode_in(t), AGX_SITE_CALL, i & 1, 2000 + (uint64_t)k2,
+                               &objects[i & 3]);
         agx_entry *es[3] = {&outer, &inner, &call};
         for (int j = 0; j < 3; j++) {
             agx_lock *l = es[j]->lock;
