@@ -485,7 +485,8 @@ static PyObject *mod_stats(PyObject *m, PyObject *unused) {
         Py_XDECREF(inuse);
         if (bad) goto done;
     }
-    out = Py_BuildValue("{s:s,s:O,s:O}", "mode", agx_mode_names[agx_mode_get()], "domains", domains, "throttle", thr);
+    out = Py_BuildValue("{s:s,s:O,s:O,s:K}", "mode", agx_mode_names[agx_mode_get()], "domains", domains, "throttle",
+                        thr, "nested_skips", (unsigned long long)agx_nesting_skips());
 done:
     Py_XDECREF(d);
     Py_XDECREF(thr);

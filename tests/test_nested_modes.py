@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -185,3 +187,85 @@ def test_ctrl_c_ends_a_hooked_wait_on_the_main_thread():
     assert "CALLING" in p.stdout and "RETURNED" not in p.stdout, p.stdout
     assert p.returncode == -2, (p.returncode, p.stderr[-2000:])
     assert "was interrupted (KeyboardInterrupt)" in p.stderr
+
+
+# ---- the rule, entry by entry (in process: nothing here can hang if the rule holds;
+# each wait that the rule forbids is bounded by the holder's own timer)
+
+def _lock_address(lock) -> int:
+    return int(repr(lock).rsplit(" at ", 1)[1].rstrip(">"), 16)
+
+
+def test_a_nested_region_keeps_the_mode_its_thread_is_bound_to():
+    """Entered under `global`, a region's nested regions take the global lock
+    again after set_mode('stream'), not a stream lock (today they take the
+    stream lock: the other half of the deadlock)."""
+    agxguard.set_mode("global")
+    with agxguard.guard():
+        agxguard.set_mode("stream")
+        with agxguard.guard(stream=5):
+            assert agxguard.global_lock().owned()
+            assert not agxguard._C.stream_lock(5).locked()
+            assert agxguard._C.region_depth() == 2
+    assert not agxguard.global_lock().locked()
+
+
+def test_a_thread_that_holds_no_lock_reads_the_mode_again():
+    """An `off` region holds nothing, so a nested region reads the current mode
+    (nothing held: its wait cannot close a cycle)."""
+    with agxguard.guard():
+        agxguard.set_mode("global")
+        with agxguard.guard():
+            assert agxguard.global_lock().owned()
+        assert not agxguard.global_lock().locked()
+
+
+def _keys_in_lock_order():
+    """Two stream keys whose locks lie low and high in the lock order."""
+    by_addr = sorted((_lock_address(agxguard._C.stream_lock(k)), k) for k in range(900, 940))
+    return by_addr[0][1], by_addr[-1][1]
+
+
+def _hold(lock, seconds, taken):
+    def run():
+        lock.acquire()
+        taken.set()
+        time.sleep(seconds)
+        lock.release()
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_a_nested_region_waits_only_up_the_lock_order():
+    """In `stream` mode a nested region on another stream waits for that stream's
+    lock when it comes later in the lock order, and when it comes earlier and is
+    busy runs under the outer region's lock instead, counted in nested_skips."""
+    low, high = _keys_in_lock_order()
+    agxguard.set_mode("stream")
+    taken = threading.Event()
+    holder = _hold(agxguard._C.stream_lock(high), 0.3, taken)
+    taken.wait()
+    t0 = time.monotonic()
+    with agxguard.guard(stream=low):
+        with agxguard.guard(stream=high):  # up the order: waits for the holder
+            assert agxguard._C.stream_lock(high).owned()
+    assert time.monotonic() - t0 >= 0.25
+    holder.join()
+
+    taken.clear()
+    holder = _hold(agxguard._C.stream_lock(low), 0.5, taken)
+    taken.wait()
+    before = agxguard.stats()["nested_skips"]
+    t0 = time.monotonic()
+    with agxguard.guard(stream=high):
+        with agxguard.guard(stream=low):  # down the order and busy: no wait
+            assert not agxguard._C.stream_lock(low).owned()
+            assert agxguard._C.stream_lock(high).owned()
+    assert time.monotonic() - t0 < 0.25
+    assert agxguard.stats()["nested_skips"] == before + 1
+    holder.join()
+
+    with agxguard.guard(stream=high):
+        with agxguard.guard(stream=low):  # down the order but free: taken
+            assert agxguard._C.stream_lock(low).owned()
