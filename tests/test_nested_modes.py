@@ -107,7 +107,7 @@ def test_nested_regions_survive_mode_switches(start, throttle):
     every thread keeps finishing regions (today a thread in `stream` holding its
     stream lock waits for the global lock that a thread entered under `global`
     holds while it waits for that stream lock)."""
-    r = _run_child(timeout=60 + 4 * HAMMER_S, threads=32, throttle=throttle, start=start, model=False,
+    r = _run_child(timeout=30 + 4 * HAMMER_S, threads=32, throttle=throttle, start=start, model=False,
                    seconds=HAMMER_S / 2, native_iterations=0)
     assert r["errors"] == []
     assert min(r["done"]) > 0, r["done"]
@@ -123,7 +123,7 @@ def test_hooked_calls_inside_regions_survive_mode_switches(throttle):
     region holding the global lock makes a hooked call that waits for a stream
     lock, while a region holding that stream lock makes one that waits for the
     global lock)."""
-    r = _run_child(timeout=90 + 4 * HAMMER_S, threads=32, throttle=throttle, start="stream", model=True,
+    r = _run_child(timeout=45 + 4 * HAMMER_S, threads=32, throttle=throttle, start="stream", model=True,
                    seconds=HAMMER_S, native_iterations=400)
     assert r["errors"] == []
     assert min(r["done"]) > 0, r["done"]
