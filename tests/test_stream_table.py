@@ -37,10 +37,10 @@ _CHILD = textwrap.dedent(r"""
     _C.set_mode("stream")
     model.configure(context_race=True, encoder_recycle=True, buffer_recycle=True, bypass=True, window_yields=1)
     model.hook()
-    def run():
-        r = model.run_threads(8, iterations, shared_queue=True, region=True, hooks=False)
+    def run():  # the speed: the best of 3 region runs (one slow run is the machine, not the table)
+        rs = [model.run_threads(8, iterations, shared_queue=True, region=True, hooks=False) for _ in range(3)]
         calls = model.run_threads(8, iterations, shared_queue=True, region=False, internal_every=0, hooks=False)
-        return r["ops_per_s"], r["result_ok"] and calls["result_ok"]
+        return max(r["ops_per_s"] for r in rs), all(r["result_ok"] for r in rs) and calls["result_ok"]
     before, ok_before = run()
     failed = 0
     for i in range(fill):
@@ -71,7 +71,8 @@ def _child(fill: int, iterations: int):
 
 def test_stream_mode_keeps_protection_and_speed_after_100000_objects():
     """0 crashes in RUNS child runs, and the speed after the fill at least half
-    the speed before it (each ratio measured in one child). Today inserts past
+    the speed before it (each ratio measured in one child, best of 3 runs each
+    side; the median ratio over the children). Today inserts past
     16,384 fail, calls fall back to per-object locks and the model crashes, and
     every lookup of an unknown object probes the whole table."""
     results = [_child(100_000, 40) for _ in range(RUNS)]
