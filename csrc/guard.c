@@ -15,11 +15,11 @@ typedef struct stream_slot {
     agx_lock lock;
 } stream_slot;
 
-/* The field order is the lock order of rule 2 (guard.h): stream slots come
- * before object stripes, so a hooked call on an object with no stream, inside
- * a region on a stream, waits up the order. */
 _Atomic int agx_mode_value;
 
+/* The field order is the lock order of rule 2 (guard.h): stream slots come
+ * before object stripes (the order is by address), so a hooked call on an
+ * object with no stream, inside a region on a stream, waits up the order. */
 static struct {
     agx_lock global, op;
     stream_slot streams[STREAM_SLOTS];
