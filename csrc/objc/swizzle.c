@@ -598,11 +598,10 @@ typedef struct agx_st_shard {
     _Atomic(agx_st_table *) tab;     /* NULL until the first insert */
     pthread_mutex_t mu;              /* writers */
     size_t live, tombs;              /* under mu */
+    uint64_t removed;                /* under mu: entries cleared at dealloc */
 } __attribute__((aligned(64))) agx_st_shard;
 
 static agx_st_shard agx_st[AGX_ST_SHARDS];
-static _Atomic int64_t agx_st_live;       /* entries in all shards: 0 skips a removal's search */
-static _Atomic uint64_t agx_st_removed;   /* entries removed since start */
 static _Atomic uint64_t agx_st_rehashes, agx_st_grows;
 static pthread_once_t agx_st_once = PTHREAD_ONCE_INIT;
 static _Atomic uintptr_t agx_resolver;
@@ -736,7 +735,6 @@ int agx_swizzle_set_stream(const void *object, uint64_t key) {
     atomic_store_explicit(&t->e[tomb].key, key, memory_order_relaxed);
     atomic_store_explicit(&t->e[tomb].obj, o, memory_order_release);
     sh->live++;
-    atomic_fetch_add_explicit(&agx_st_live, 1, memory_order_relaxed);
     size_t cap = t->mask + 1;
     if ((sh->live + sh->tombs) * 4 > cap * 3) /* over 3/4 used: double when live > 1/2, else clear tombstones */
         agx_st_rebuild(sh, sh->live * 2 > cap ? cap * 2 : cap); /* on failure: fill further */
@@ -746,9 +744,10 @@ int agx_swizzle_set_stream(const void *object, uint64_t key) {
 
 void agx_swizzle_clear_stream(const void *object) {
     uintptr_t o = (uintptr_t)object;
-    if (o <= AGX_ST_TOMB || atomic_load_explicit(&agx_st_live, memory_order_relaxed) == 0) return;
+    if (o <= AGX_ST_TOMB) return;
     uint64_t h = agx_st_hash(o);
     agx_st_shard *sh = agx_st_shard_of(h);
+    if (!atomic_load_explicit(&sh->tab, memory_order_acquire)) return; /* nothing ever inserted here */
     pthread_mutex_lock(&sh->mu);
     agx_st_table *t = atomic_load_explicit(&sh->tab, memory_order_relaxed);
     for (size_t i = t ? h & t->mask : 0, n = 0; t && n <= t->mask; i = (i + 1) & t->mask, n++) {
@@ -758,8 +757,7 @@ void agx_swizzle_clear_stream(const void *object) {
             atomic_store_explicit(&t->e[i].obj, AGX_ST_TOMB, memory_order_release);
             sh->live--;
             sh->tombs++;
-            atomic_fetch_sub_explicit(&agx_st_live, 1, memory_order_relaxed);
-            atomic_fetch_add_explicit(&agx_st_removed, 1, memory_order_relaxed);
+            sh->removed++;
             break;
         }
     }
@@ -825,11 +823,11 @@ void agx_swizzle_stream_table(agx_stream_table_info *out) {
         agx_st_table *t = atomic_load_explicit(&agx_st[i].tab, memory_order_relaxed);
         out->entries += agx_st[i].live;
         out->tombstones += agx_st[i].tombs;
+        out->removed += agx_st[i].removed;
         if (t) out->capacity += t->mask + 1;
         for (; t; t = t->retired) out->bytes += sizeof *t + (t->mask + 1) * sizeof(agx_st_entry);
         pthread_mutex_unlock(&agx_st[i].mu);
     }
-    out->removed = atomic_load(&agx_st_removed);
     out->grows = atomic_load(&agx_st_grows);
     out->rehashes = atomic_load(&agx_st_rehashes);
 }
