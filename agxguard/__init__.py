@@ -230,7 +230,9 @@ def stream_lock(stream: Any) -> Lock:
 def stats() -> Dict[str, Any]:
     """Counters since the last reset: per domain (global, op, stream, object)
     acquisitions, reentries, contentions, timeouts, wait/hold/max-wait ns; the
-    throttle; the current mode."""
+    throttle; the current mode; nested_skips (nested entries that ran under their
+    thread's stream locks because the lock of their own stream was busy and came
+    before those in the lock order: README, "Modes")."""
     return _C.stats()
 
 

@@ -2,6 +2,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -132,19 +133,71 @@ int agx_acquire_py(agx_lock *l) { return block_py(l, l->name, &LOCK_OPS); }
 
 int agx_throttle_acquire_py(void) { return block_py(agx_throttle(), "throttle", &SEM_OPS); }
 
+#if PY_VERSION_HEX >= 0x030D0000
+#define AGX_FINALIZING() Py_IsFinalizing()
+#else
+#define AGX_FINALIZING() _Py_IsFinalizing()
+#endif
+
+/* A hooked driver call cannot fail (many are void Objective-C methods) and
+ * must not run without its lock, so a native wait ends only by taking the lock
+ * or by ending the process: past the timeout under either action (a driver
+ * call has no way to raise), and when Python's signal handlers raise (Ctrl-C)
+ * while the main thread waits in a driver call: KeyboardInterrupt ends the
+ * process as SIGINT does, anything else with abort(). */
+static void end_native_wait(const char *name, int64_t waited_ns, const char *why, int sigint) {
+    fprintf(stderr,
+            "agxguard: a driver call waited %lld ms for the '%s' lock and %s; a driver call cannot "
+            "raise and must not run unlocked, so the process ends here\n",
+            (long long)(waited_ns / 1000000), name, why);
+    fflush(stderr);
+    if (sigint) {
+        signal(SIGINT, SIG_DFL);
+        raise(SIGINT);
+    }
+    abort();
+}
+
+/* Between slices of a native wait: run Python's signal handlers if this is
+ * the main thread (the only one that runs them). Returns 0 once the thread is
+ * known not to be the main one (no more checks needed), else 1. */
+static int native_check_signals(PyThreadState **ts, agx_lock *l, int64_t start) {
+    if (AGX_FINALIZING()) return 0;
+    PyGILState_STATE g = PyGILState_UNLOCKED;
+    if (*ts)
+        PyEval_RestoreThread(*ts);
+    else
+        g = PyGILState_Ensure();
+    int main_thread = _PyOS_IsMainThread();
+    if (main_thread && PyErr_CheckSignals() < 0) {
+        int kbd = PyErr_ExceptionMatches(PyExc_KeyboardInterrupt);
+        end_native_wait(l->name, agx_now_ns() - start,
+                        kbd ? "was interrupted (KeyboardInterrupt)" : "a signal handler raised", kbd);
+    }
+    if (*ts)
+        *ts = PyEval_SaveThread();
+    else
+        PyGILState_Release(g);
+    return main_thread;
+}
+
 void agx_acquire_native(agx_lock *l) {
     if (agx_lock_try(l)) return;
     PyThreadState *ts = NULL;
-    if (Py_IsInitialized() && PyGILState_Check()) ts = PyEval_SaveThread();
+    int reachable = 0; /* a thread of Python's, which may run its signal handlers */
+    if (Py_IsInitialized() && !AGX_FINALIZING()) {
+        if (PyGILState_Check())
+            ts = PyEval_SaveThread();
+        reachable = ts != NULL || PyGILState_GetThisThreadState() != NULL;
+    }
     int64_t start = agx_now_ns();
     int64_t warn = atomic_load(&agx_wait.warn_ns);
     int64_t timeout = atomic_load(&agx_wait.timeout_ns);
-    int warned = 0, timed_out = 0;
+    int warned = 0;
     for (;;) {
-        int64_t deadline = -1;
-        if (warn > 0 && !warned) deadline = start + warn;
-        if (timeout > 0 && !timed_out && (deadline < 0 || start + timeout < deadline))
-            deadline = start + timeout;
+        int64_t deadline = reachable ? agx_now_ns() + AGX_SLICE_NS : -1;
+        if (warn > 0 && !warned && (deadline < 0 || start + warn < deadline)) deadline = start + warn;
+        if (timeout > 0 && (deadline < 0 || start + timeout < deadline)) deadline = start + timeout;
         if (agx_lock_wait_until(l, deadline)) break;
         int64_t waited = agx_now_ns() - start;
         if (warn > 0 && !warned && waited >= warn) {
@@ -152,13 +205,16 @@ void agx_acquire_native(agx_lock *l) {
             fprintf(stderr, "agxguard: a driver call waited %lld ms for the '%s' lock\n",
                     (long long)(waited / 1000000), l->name);
         }
-        if (timeout > 0 && !timed_out && waited >= timeout) {
-            timed_out = 1; /* a driver call cannot raise: report, then abort or keep waiting */
+        if (timeout > 0 && waited >= timeout) {
             agx_lock_note_timeout(l);
-            if (atomic_load(&agx_wait.timeout_aborts)) abort_on_timeout(l->name, waited);
-            fprintf(stderr, "agxguard: a driver call is past the %lld ms timeout on the '%s' lock; still waiting\n",
-                    (long long)(timeout / 1000000), l->name);
+            end_native_wait(l->name, waited,
+                            atomic_load(&agx_wait.timeout_aborts)
+                                ? "passed the timeout (AGXGUARD_LOCK_TIMEOUT_MS, action 'abort')"
+                                : "passed the timeout (AGXGUARD_LOCK_TIMEOUT_MS; action 'raise' cannot raise "
+                                  "from a driver call)",
+                            0);
         }
+        if (reachable) reachable = native_check_signals(&ts, l, start);
     }
     agx_lock_note_wait(l, agx_now_ns() - start);
     if (ts) PyEval_RestoreThread(ts);

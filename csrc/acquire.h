@@ -16,8 +16,12 @@
 int agx_acquire_py(agx_lock *l);
 
 /* Take `l` for a native caller that cannot raise (a driver hook). If the
- * calling thread holds the GIL, it is released while waiting. Past the timeout
- * it prints to stderr and aborts when so configured, else keeps waiting. */
+ * calling thread holds the GIL, it is released while waiting. A driver call
+ * has no error to return and must not run unlocked, so the wait ends only with
+ * the lock or with the process: past the timeout (either action: 'raise'
+ * cannot raise here) it prints why and aborts; on Python's main thread it runs
+ * the signal handlers between slices, and Ctrl-C (KeyboardInterrupt) ends the
+ * process as SIGINT does. */
 void agx_acquire_native(agx_lock *l);
 
 /* Whether Python waiters queue for the heir seat (lock.h); on by default. Off

@@ -15,12 +15,17 @@ typedef struct stream_slot {
     agx_lock lock;
 } stream_slot;
 
+_Atomic int agx_mode_value;
+
+/* The field order is the lock order of rule 2 (guard.h): stream slots come
+ * before object stripes (the order is by address), so a hooked call on an
+ * object with no stream, inside a region on a stream, waits up the order. */
 static struct {
-    _Atomic int mode;
     agx_lock global, op;
-    agx_lock objects[OBJECT_STRIPES];
     stream_slot streams[STREAM_SLOTS];
+    agx_lock objects[OBJECT_STRIPES];
     _Atomic int n_streams;
+    _Atomic uint64_t nesting_skips;
     pthread_mutex_t streams_mu; /* serializes inserts only */
     agx_sem throttle;
 } G;
@@ -30,10 +35,11 @@ static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 agx_wait_config agx_wait;
 
 static _Thread_local struct {
-    int depth;
+    int depth; /* Python regions */
     agx_held items[AGX_MAX_REGION_DEPTH];
     int has_stream;
     uint64_t stream;
+    agx_thread_entries e;
 } T;
 
 static void fork_prepare(void) { pthread_mutex_lock(&G.streams_mu); }
@@ -56,7 +62,7 @@ static void init_all(void) {
     for (int i = 0; i < OBJECT_STRIPES; i++) agx_lock_init(&G.objects[i], "object");
     pthread_mutex_init(&G.streams_mu, NULL);
     agx_sem_init(&G.throttle, 0);
-    atomic_store(&G.mode, AGX_MODE_OFF);
+    atomic_store(&agx_mode_value, AGX_MODE_OFF);
     pthread_atfork(fork_prepare, fork_parent, fork_child);
 }
 
@@ -68,8 +74,7 @@ int agx_mode_from_name(const char *name) {
     return -1;
 }
 
-int agx_mode_get(void) { return atomic_load_explicit(&G.mode, memory_order_relaxed); }
-void agx_mode_set(int mode) { atomic_store(&G.mode, mode); }
+void agx_mode_set(int mode) { atomic_store(&agx_mode_value, mode); }
 
 agx_lock *agx_global_lock(void) { return &G.global; }
 agx_lock *agx_op_lock(void) { return &G.op; }
@@ -134,13 +139,68 @@ agx_lock *agx_lock_for_mode(int mode, agx_site site, int has_stream, uint64_t st
     }
 }
 
+agx_thread_entries *agx_entries(void) { return &T.e; }
+
+int agx_entry_mode(void) { return agx_entry_mode_in(&T.e); }
+
+int agx_entry_depth(void) { return T.e.entries; }
+
+uint64_t agx_nesting_skips(void) { return atomic_load_explicit(&G.nesting_skips, memory_order_relaxed); }
+
+static inline agx_admit admit(agx_thread_entries *t, agx_lock *want) {
+    if (want == NULL) return AGX_ADMIT_NONE;
+    /* nothing held, or up the order: a wait cannot close a cycle */
+    if (t->locked == 0 || (uintptr_t)want > (uintptr_t)t->top) return AGX_ADMIT_WAIT;
+    if (agx_lock_try(want)) return AGX_ADMIT_HELD; /* re-entry, or free right now */
+    atomic_fetch_add_explicit(&G.nesting_skips, 1, memory_order_relaxed);
+    return AGX_ADMIT_NONE;
+}
+
+static inline void push(agx_thread_entries *t, agx_entry *e, int mode, agx_lock *lock) {
+    e->t = t;
+    e->lock = lock;
+    e->prev_top = t->top;
+    t->entries++;
+    if (lock == NULL) return;
+    if (t->locked++ == 0) t->bound_mode = mode;
+    if ((uintptr_t)lock > (uintptr_t)t->top) t->top = lock;
+}
+
+agx_admit agx_entry_admit(agx_thread_entries *t, agx_lock *want) { return admit(t, want); }
+
+void agx_entry_push(agx_thread_entries *t, agx_entry *e, int mode, agx_lock *lock) { push(t, e, mode, lock); }
+
+void agx_entry_pop(agx_entry *e) {
+    agx_thread_entries *t = e->t;
+    t->entries--;
+    t->top = e->prev_top;
+    if (e->lock == NULL) return;
+    t->locked--;
+    agx_lock_release(e->lock);
+}
+
+void agx_acquire_native(agx_lock *l); /* acquire.h; the C-only tests bring their own */
+
+void agx_entry_enter_native(agx_thread_entries *t, agx_entry *e, int mode, agx_site site, int has_stream,
+                            uint64_t key, const void *object) {
+    agx_lock *l = agx_lock_for_mode(mode, site, has_stream, key, object);
+    switch (admit(t, l)) {
+    case AGX_ADMIT_WAIT:
+        agx_acquire_native(l);
+        break;
+    case AGX_ADMIT_HELD:
+        break;
+    default:
+        l = NULL;
+    }
+    push(t, e, mode, l);
+}
+
 int agx_region_depth(void) { return T.depth; }
 
-int agx_region_push(agx_lock *lock, int throttled) {
+int agx_region_push(const agx_held *h) {
     if (T.depth >= AGX_MAX_REGION_DEPTH) return -1;
-    T.items[T.depth].lock = lock;
-    T.items[T.depth].throttled = throttled;
-    T.depth++;
+    T.items[T.depth++] = *h;
     return 0;
 }
 
@@ -211,4 +271,5 @@ void agx_stats_reset(void) {
         if (atomic_load_explicit(&G.streams[i].ready, memory_order_acquire))
             agx_lock_reset_counters(&G.streams[i].lock);
     agx_sem_reset_counters(&G.throttle);
+    atomic_store(&G.nesting_skips, 0);
 }

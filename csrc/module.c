@@ -60,25 +60,31 @@ typedef struct {
     uint64_t key;
 } GuardObject;
 
+/* Enter a region or call site under the nesting rule (guard.h): the mode is
+ * the thread's bound mode when it holds locks of nested entries, else the
+ * current one; a throttle slot only for a thread's first entry. */
 static int region_enter(GuardObject *g) {
-    int mode = agx_mode_get();
+    agx_thread_entries *t = agx_entries();
+    int mode = agx_entry_mode_in(t);
     uint64_t key = g->key;
     /* the stream is resolved only where the mode uses it (it may call Python) */
     if (mode == AGX_MODE_STREAM && !g->has_key && current_stream(&key) < 0) return -1;
     agx_lock *lock = agx_lock_for_mode(mode, g->site, 1, key, NULL);
-    int throttled = 0;
-    if (g->site == AGX_SITE_REGION && agx_region_depth() == 0 &&
+    agx_held h = {{NULL, NULL, NULL}, 0};
+    if (g->site == AGX_SITE_REGION && t->entries == 0 &&
         atomic_load_explicit(&agx_throttle()->limit, memory_order_relaxed) > 0) {
         if (agx_throttle_acquire_py() < 0) return -1;
-        throttled = 1;
+        h.throttled = 1;
     }
-    if (lock && agx_acquire_py(lock) < 0) {
-        if (throttled) agx_sem_release(agx_throttle());
+    agx_admit admit = agx_entry_admit(t, lock);
+    if (admit == AGX_ADMIT_WAIT && agx_acquire_py(lock) < 0) {
+        if (h.throttled) agx_sem_release(agx_throttle());
         return -1;
     }
-    if (agx_region_push(lock, throttled) < 0) {
-        if (lock) agx_lock_release(lock);
-        if (throttled) agx_sem_release(agx_throttle());
+    agx_entry_push(t, &h.entry, mode, admit == AGX_ADMIT_NONE ? NULL : lock);
+    if (agx_region_push(&h) < 0) {
+        agx_entry_pop(&h.entry);
+        if (h.throttled) agx_sem_release(agx_throttle());
         PyErr_Format(PyExc_RecursionError, "agxguard regions nested deeper than %d", AGX_MAX_REGION_DEPTH);
         return -1;
     }
@@ -91,7 +97,7 @@ static int region_exit(void) {
         PyErr_SetString(PyExc_RuntimeError, "agxguard: leaving a guarded region that was never entered");
         return -1;
     }
-    if (h.lock) agx_lock_release(h.lock);
+    agx_entry_pop(&h.entry);
     if (h.throttled) agx_sem_release(agx_throttle());
     return 0;
 }
@@ -479,7 +485,8 @@ static PyObject *mod_stats(PyObject *m, PyObject *unused) {
         Py_XDECREF(inuse);
         if (bad) goto done;
     }
-    out = Py_BuildValue("{s:s,s:O,s:O}", "mode", agx_mode_names[agx_mode_get()], "domains", domains, "throttle", thr);
+    out = Py_BuildValue("{s:s,s:O,s:O,s:K}", "mode", agx_mode_names[agx_mode_get()], "domains", domains, "throttle",
+                        thr, "nested_skips", (unsigned long long)agx_nesting_skips());
 done:
     Py_XDECREF(d);
     Py_XDECREF(thr);

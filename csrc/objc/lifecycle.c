@@ -145,6 +145,7 @@ static void observe(int kind, int phase, id self, uint64_t ret) {
         break;
     case AGX_KIND_DEALLOC: {
         int retained;
+        if (phase == AGX_SWZ_BEFORE) agx_swizzle_clear_stream(self); /* before the address can be reused */
         if (phase == AGX_SWZ_BEFORE && take_open(self, &retained)) atomic_fetch_add(&c_freed_open, 1);
         break;
     }

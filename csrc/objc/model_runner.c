@@ -95,13 +95,13 @@ static void *worker_main(void *arg) {
     w->t_start = now_s();
     for (int it = 0; it < o->iterations; it++) {
         int internal = o->internal_every > 0 && it % o->internal_every == o->internal_every - 1;
-        agx_lock *region = NULL;
+        agx_entry region; /* a region as guard() takes it, under the nesting rule (guard.h) */
         if (o->region) {
-            region = agx_lock_for(AGX_SITE_REGION, 1, w->key, NULL);
-            if (region) agx_acquire_native(region);
+            agx_thread_entries *t = agx_entries();
+            agx_entry_enter_native(t, &region, agx_entry_mode_in(t), AGX_SITE_REGION, 1, w->key, NULL);
         }
         one_op(w->queue, w->pipe, w->x, w->y, 1.0f, o->length, internal, 1);
-        if (region) agx_lock_release(region);
+        if (o->region) agx_entry_pop(&region);
         w->internal_ops += internal;
     }
     w->t_end = now_s();

@@ -125,10 +125,34 @@ static PyObject *py_set_stream(PyObject *self, PyObject *args) {
     unsigned long long obj, key;
     if (!PyArg_ParseTuple(args, "KK:swizzle_set_stream", &obj, &key)) return NULL;
     if (agx_swizzle_set_stream((const void *)(uintptr_t)obj, key) < 0) {
-        PyErr_SetString(PyExc_RuntimeError, "the stream table is full");
+        PyErr_Format(PyExc_ValueError, "swizzle_set_stream: %llu is not an object address (0 and 1 are not)", obj);
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+static PyObject *py_stream_of(PyObject *self, PyObject *args) {
+    unsigned long long obj;
+    uint64_t key;
+    if (!PyArg_ParseTuple(args, "K:swizzle_stream_of", &obj)) return NULL;
+    if (!agx_swizzle_stream_entry((const void *)(uintptr_t)obj, &key)) Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(key);
+}
+
+static PyObject *py_clear_stream(PyObject *self, PyObject *args) {
+    unsigned long long obj;
+    if (!PyArg_ParseTuple(args, "K:swizzle_clear_stream", &obj)) return NULL;
+    agx_swizzle_clear_stream((const void *)(uintptr_t)obj);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_stream_table(PyObject *self, PyObject *unused) {
+    agx_stream_table_info t;
+    agx_swizzle_stream_table(&t);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "entries", (unsigned long long)t.entries, "tombstones",
+                         (unsigned long long)t.tombstones, "capacity", (unsigned long long)t.capacity, "bytes",
+                         (unsigned long long)t.bytes, "removed", (unsigned long long)t.removed, "grows",
+                         (unsigned long long)t.grows, "rehashes", (unsigned long long)t.rehashes);
 }
 
 /* ------------------------------------------------- race classes (tests) */
@@ -460,6 +484,13 @@ static PyMethodDef objc_methods[] = {
      "swizzle_probes() -> [(shape_key, selector)] of class AGXShapeProbe, one per shape."},
     {"swizzle_probe_call", py_swizzle_probe_call, METH_VARARGS,
      "swizzle_probe_call(i) -> None if shape i forwarded exactly, else the error text."},
+    {"swizzle_stream_of", py_stream_of, METH_VARARGS,
+     "swizzle_stream_of(object_address) -> the key the stream table has for it, or None."},
+    {"swizzle_clear_stream", py_clear_stream, METH_VARARGS,
+     "swizzle_clear_stream(object_address): forget its key (as its dealloc does)."},
+    {"swizzle_stream_table", py_stream_table, METH_NOARGS,
+     "swizzle_stream_table() -> the object-to-stream table's entries, tombstones, capacity, bytes,\n"
+     "removed (entries cleared at dealloc), grows and rehashes."},
     {"swizzle_set_stream", py_set_stream, METH_VARARGS,
      "swizzle_set_stream(object_address, key): the stream key a receiver's hooked calls use."},
     {"objc_method_imp", py_objc_method_imp, METH_VARARGS,

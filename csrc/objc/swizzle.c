@@ -4,6 +4,7 @@
 #include "swizzle.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,27 +34,29 @@ typedef struct agx_hook_slot {
 static _Atomic uintptr_t agx_observer;
 
 /* Lock (or not) and count one call; *orig gets the implementation to call,
- * *kind the hook's kind (0 when inactive or plain). Not-active slots forward
- * untouched: a thread that looked the wrapper up just before uninstall still
- * runs the original. */
-static inline agx_lock *agx_hook_enter(agx_hook_slot *s, id self, IMP *orig, int *kind) {
+ * *kind the hook's kind (0 when inactive or plain). Returns 1 when it opened
+ * an entry (guard.h: the nesting rule) that agx_hook_exit closes. Not-active
+ * slots forward untouched: a thread that looked the wrapper up just before
+ * uninstall still runs the original. */
+static inline int agx_hook_enter(agx_hook_slot *s, id self, IMP *orig, int *kind, agx_entry *e) {
     *kind = 0;
     if (s->added)
         *orig = class_getMethodImplementation(s->super, s->sel);
     else
         *orig = (IMP)atomic_load_explicit(&s->orig, memory_order_acquire);
-    if (!atomic_load_explicit(&s->active, memory_order_acquire)) return NULL;
+    if (!atomic_load_explicit(&s->active, memory_order_acquire)) return 0;
     *kind = atomic_load_explicit(&s->kind, memory_order_relaxed);
     atomic_fetch_add_explicit(&s->calls, 1, memory_order_relaxed);
+    agx_thread_entries *t = agx_entries();
+    int mode = agx_entry_mode_in(t);
     uint64_t key = 0;
-    int has = agx_swizzle_stream_of(self, &key);
-    agx_lock *l = agx_lock_for(AGX_SITE_CALL, has, key, (const void *)self);
-    if (l) agx_acquire_native(l);
-    return l;
+    int has = mode == AGX_MODE_STREAM && agx_swizzle_stream_of(self, &key); /* only stream mode uses it */
+    agx_entry_enter_native(t, e, mode, AGX_SITE_CALL, has, key, (const void *)self);
+    return 1;
 }
 
-static inline void agx_hook_exit(agx_lock *l) {
-    if (l) agx_lock_release(l);
+static inline void agx_hook_exit(int entered, agx_entry *e) {
+    if (entered) agx_entry_pop(e);
 }
 
 static inline void agx_hook_event(int kind, int phase, id self, uint64_t ret) {
@@ -91,22 +94,24 @@ void agx_swizzle_set_observer(agx_swizzle_observer fn) {
     static void agx_w_##name##_##k(id self, SEL cmd AGX_CAT(AGX_P, N) ARGS) {                 \
         IMP o;                                                                                \
         int kind;                                                                             \
-        agx_lock *l = agx_hook_enter(&agx_slots_##name[k], self, &o, &kind);                  \
+        agx_entry e;                                                                          \
+        int in = agx_hook_enter(&agx_slots_##name[k], self, &o, &kind, &e);                   \
         if (kind) agx_hook_event(kind, AGX_SWZ_BEFORE, self, 0);                              \
         ((void (*)(id, SEL AGX_CAT(AGX_T, N) ARGS))o)(self, cmd AGX_CAT(AGX_A, N) ARGS);      \
         if (kind) agx_hook_event(kind, AGX_SWZ_AFTER, self, 0);                               \
-        agx_hook_exit(l);                                                                     \
+        agx_hook_exit(in, &e);                                                                \
     }
 #define AGX_WRAP_VAL(name, RTOK, N, ARGS, k)                                                  \
     static agx_t_##RTOK agx_w_##name##_##k(id self, SEL cmd AGX_CAT(AGX_P, N) ARGS) {         \
         IMP o;                                                                                \
         int kind;                                                                             \
-        agx_lock *l = agx_hook_enter(&agx_slots_##name[k], self, &o, &kind);                  \
+        agx_entry e;                                                                          \
+        int in = agx_hook_enter(&agx_slots_##name[k], self, &o, &kind, &e);                   \
         if (kind) agx_hook_event(kind, AGX_SWZ_BEFORE, self, 0);                              \
         agx_t_##RTOK r = ((agx_t_##RTOK(*)(id, SEL AGX_CAT(AGX_T, N) ARGS))o)(                \
             self, cmd AGX_CAT(AGX_A, N) ARGS);                                                \
         if (kind) agx_hook_event(kind, AGX_SWZ_AFTER, self, AGX_RBITS_##RTOK(r));             \
-        agx_hook_exit(l);                                                                     \
+        agx_hook_exit(in, &e);                                                                \
         return r;                                                                             \
     }
 #define AGX_WRAP_ONE(name, RTOK, N, ARGS, k) AGX_CAT(AGX_WRAP_, AGX_RK_##RTOK)(name, RTOK, N, ARGS, k)
@@ -597,75 +602,282 @@ void agx_swizzle_reset_counts(void) {
 }
 
 /* -------------------------------------------------------------- streams */
-/* Open addressing, entries never removed (a cleared one keeps its object with
- * has = 0), so lookups need no lock and always terminate. */
+/* The object-to-stream table: no fixed ceiling, entries removed when their
+ * object is deallocated (lifecycle.c), O(1) expected lookups that take no lock.
+ *
+ * 64 shards (picked by the top bits of the address's hash), each an
+ * open-addressing table (linear probing) that grows by doubling. Writers
+ * (factories, dealloc, set_stream) take the shard's mutex. Readers (every
+ * hooked call in `stream` mode) take nothing: they read the shard's sequence
+ * number, probe, and read it again; a writer makes it odd while it restructures
+ * the shard (a rehash in place, or publishing a doubled table), and a reader
+ * that saw it change probes again. Inserting into or removing from a table
+ * that stays in place needs no odd phase: an entry's key is written before its
+ * object (release), a removed entry becomes a tombstone, and a reader sees the
+ * entry either whole or not at all.
+ *
+ * A doubled table replaces the old one, which is kept (a reader may still be
+ * probing it): the kept tables of a shard add up to less than its current one.
+ * Tombstones are cleared by rehashing in place (under the odd phase), so a
+ * table of steady size is never reallocated. When memory for a doubled table
+ * cannot be had, the shard fills further (probes get longer); only a shard
+ * with no free slot left ends the process with a message: an object without
+ * its stream key would take a weaker lock, and protection is never weakened. */
 
-#define AGX_STREAM_TABLE 16384
-static struct {
-    _Atomic uintptr_t obj;
+#define AGX_ST_SHARD_BITS 6
+#define AGX_ST_SHARDS (1u << AGX_ST_SHARD_BITS)
+#define AGX_ST_MIN_CAP 64 /* slots of a shard's first table (power of two) */
+#define AGX_ST_EMPTY ((uintptr_t)0)
+#define AGX_ST_TOMB ((uintptr_t)1) /* no object lives at address 1 */
+
+typedef struct agx_st_entry {
+    _Atomic uintptr_t obj; /* AGX_ST_EMPTY, AGX_ST_TOMB or the object */
     _Atomic uint64_t key;
-    _Atomic int has;
-} agx_streams[AGX_STREAM_TABLE];
-static _Atomic int agx_streams_used;
+} agx_st_entry;
+
+typedef struct agx_st_table {
+    size_t mask; /* capacity - 1 */
+    struct agx_st_table *retired; /* the table it replaced (kept for readers) */
+    agx_st_entry e[];
+} agx_st_table;
+
+typedef struct agx_st_shard {
+    _Atomic uint32_t seq;            /* odd while the shard is restructured */
+    _Atomic(agx_st_table *) tab;     /* NULL until the first insert */
+    pthread_mutex_t mu;              /* writers */
+    size_t live, tombs;              /* under mu */
+    uint64_t removed;                /* under mu: entries cleared at dealloc */
+} __attribute__((aligned(64))) agx_st_shard;
+
+static agx_st_shard agx_st[AGX_ST_SHARDS];
+static _Atomic uint64_t agx_st_rehashes, agx_st_grows;
+static pthread_once_t agx_st_once = PTHREAD_ONCE_INIT;
 static _Atomic uintptr_t agx_resolver;
 
-static inline size_t agx_ptr_hash(uintptr_t p) {
-    p ^= p >> 33;
-    p *= 0xff51afd7ed558ccdull;
-    p ^= p >> 33;
-    return (size_t)p & (AGX_STREAM_TABLE - 1);
+static void agx_st_fork_prepare(void) {
+    for (unsigned i = 0; i < AGX_ST_SHARDS; i++) pthread_mutex_lock(&agx_st[i].mu);
 }
+static void agx_st_fork_parent(void) {
+    for (unsigned i = 0; i < AGX_ST_SHARDS; i++) pthread_mutex_unlock(&agx_st[i].mu);
+}
+static void agx_st_fork_child(void) {
+    for (unsigned i = 0; i < AGX_ST_SHARDS; i++) pthread_mutex_init(&agx_st[i].mu, NULL);
+}
+static void agx_st_init(void) {
+    for (unsigned i = 0; i < AGX_ST_SHARDS; i++) pthread_mutex_init(&agx_st[i].mu, NULL);
+    pthread_atfork(agx_st_fork_prepare, agx_st_fork_parent, agx_st_fork_child);
+}
+
+static inline uint64_t agx_st_hash(uintptr_t p) {
+    uint64_t x = (uint64_t)p;
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return x;
+}
+static inline agx_st_shard *agx_st_shard_of(uint64_t h) { return &agx_st[h >> (64 - AGX_ST_SHARD_BITS)]; }
+
+static void agx_st_fatal(const char *what, size_t cap) {
+    fprintf(stderr,
+            "agxguard: the stream table %s (a shard of %zu slots); stream mode cannot keep its "
+            "protection without it, so the process ends here\n",
+            what, cap);
+    fflush(stderr);
+    abort();
+}
+
+/* Writer, under mu: put (o, key) into t, which has a free slot. */
+static void agx_st_place(agx_st_table *t, uintptr_t o, uint64_t key, uint64_t h) {
+    for (size_t i = h & t->mask;; i = (i + 1) & t->mask) {
+        if (atomic_load_explicit(&t->e[i].obj, memory_order_relaxed) == AGX_ST_EMPTY) {
+            atomic_store_explicit(&t->e[i].key, key, memory_order_relaxed);
+            atomic_store_explicit(&t->e[i].obj, o, memory_order_release);
+            return;
+        }
+    }
+}
+
+/* Writer, under mu: rehash the shard into a table of `cap` slots (a new one
+ * when it differs from the current, else in place). Returns 0, or -1 when a
+ * new table (or the scratch copy) could not be allocated. */
+static int agx_st_rebuild(agx_st_shard *sh, size_t cap) {
+    agx_st_table *old = atomic_load_explicit(&sh->tab, memory_order_relaxed);
+    size_t n = 0;
+    agx_st_entry *live = NULL;
+    if (old) {
+        live = malloc((sh->live ? sh->live : 1) * sizeof *live);
+        if (!live) return -1;
+        for (size_t i = 0; i <= old->mask; i++) {
+            uintptr_t o = atomic_load_explicit(&old->e[i].obj, memory_order_relaxed);
+            if (o > AGX_ST_TOMB) {
+                atomic_store_explicit(&live[n].obj, o, memory_order_relaxed);
+                atomic_store_explicit(&live[n].key, atomic_load_explicit(&old->e[i].key, memory_order_relaxed),
+                                      memory_order_relaxed);
+                n++;
+            }
+        }
+    }
+    agx_st_table *t = old;
+    int fresh = !old || old->mask + 1 != cap;
+    if (fresh) {
+        t = calloc(1, sizeof *t + cap * sizeof(agx_st_entry));
+        if (!t) {
+            free(live);
+            return -1;
+        }
+        t->mask = cap - 1;
+        t->retired = old;
+    }
+    /* readers that overlap this retry (a new table: they may have probed the
+     * old one and missed a later change; in place: entries move) */
+    atomic_fetch_add_explicit(&sh->seq, 1, memory_order_relaxed);
+    atomic_thread_fence(memory_order_release);
+    if (!fresh)
+        for (size_t i = 0; i <= t->mask; i++) atomic_store_explicit(&t->e[i].obj, AGX_ST_EMPTY, memory_order_relaxed);
+    for (size_t j = 0; j < n; j++)
+        agx_st_place(t, atomic_load_explicit(&live[j].obj, memory_order_relaxed),
+                     atomic_load_explicit(&live[j].key, memory_order_relaxed),
+                     agx_st_hash(atomic_load_explicit(&live[j].obj, memory_order_relaxed)));
+    if (fresh) atomic_store_explicit(&sh->tab, t, memory_order_release);
+    atomic_fetch_add_explicit(&sh->seq, 1, memory_order_release);
+    sh->tombs = 0;
+    free(live);
+    atomic_fetch_add(fresh ? &agx_st_grows : &agx_st_rehashes, 1);
+    return 0;
+}
+
+static int agx_st_lookup(uintptr_t o, uint64_t *key);
 
 int agx_swizzle_set_stream(const void *object, uint64_t key) {
     uintptr_t o = (uintptr_t)object;
-    size_t h = agx_ptr_hash(o);
-    for (size_t i = 0; i < AGX_STREAM_TABLE; i++) {
-        size_t j = (h + i) & (AGX_STREAM_TABLE - 1);
-        uintptr_t cur = atomic_load_explicit(&agx_streams[j].obj, memory_order_acquire);
-        if (cur == 0) {
-            uintptr_t expect = 0;
-            if (atomic_compare_exchange_strong(&agx_streams[j].obj, &expect, o)) {
-                atomic_fetch_add(&agx_streams_used, 1);
-                cur = o;
-            } else {
-                cur = expect;
-            }
-        }
-        if (cur == o) {
-            atomic_store_explicit(&agx_streams[j].key, key, memory_order_relaxed);
-            atomic_store_explicit(&agx_streams[j].has, 1, memory_order_release);
+    if (o <= AGX_ST_TOMB) return -1; /* not an object */
+    uint64_t had;
+    if (agx_st_lookup(o, &had) && had == key) return 0; /* a pooled object back from its own queue: no write */
+    pthread_once(&agx_st_once, agx_st_init);
+    uint64_t h = agx_st_hash(o);
+    agx_st_shard *sh = agx_st_shard_of(h);
+    pthread_mutex_lock(&sh->mu);
+    agx_st_table *t = atomic_load_explicit(&sh->tab, memory_order_relaxed);
+    if (!t) {
+        if (agx_st_rebuild(sh, AGX_ST_MIN_CAP) < 0) agx_st_fatal("could not be allocated", 0);
+        t = atomic_load_explicit(&sh->tab, memory_order_relaxed);
+    }
+    size_t tomb = SIZE_MAX;
+    for (size_t i = h & t->mask, n = 0; n <= t->mask; i = (i + 1) & t->mask, n++) {
+        uintptr_t cur = atomic_load_explicit(&t->e[i].obj, memory_order_relaxed);
+        if (cur == o) { /* known: a new key (an address reused by a new object) */
+            atomic_store_explicit(&t->e[i].key, key, memory_order_relaxed);
+            pthread_mutex_unlock(&sh->mu);
             return 0;
         }
+        if (cur == AGX_ST_TOMB && tomb == SIZE_MAX) tomb = i;
+        if (cur == AGX_ST_EMPTY) {
+            if (tomb == SIZE_MAX) tomb = i;
+            break;
+        }
     }
-    return -1;
-}
-
-static int agx_stream_slot(uintptr_t o) {
-    size_t h = agx_ptr_hash(o);
-    for (size_t i = 0; i < AGX_STREAM_TABLE; i++) {
-        size_t j = (h + i) & (AGX_STREAM_TABLE - 1);
-        uintptr_t cur = atomic_load_explicit(&agx_streams[j].obj, memory_order_acquire);
-        if (cur == o) return (int)j;
-        if (cur == 0) return -1;
-    }
-    return -1;
+    if (tomb == SIZE_MAX) agx_st_fatal("is full and could not grow", t->mask + 1); /* no free slot at all */
+    if (atomic_load_explicit(&t->e[tomb].obj, memory_order_relaxed) == AGX_ST_TOMB) sh->tombs--;
+    atomic_store_explicit(&t->e[tomb].key, key, memory_order_relaxed);
+    atomic_store_explicit(&t->e[tomb].obj, o, memory_order_release);
+    sh->live++;
+    size_t cap = t->mask + 1;
+    if ((sh->live + sh->tombs) * 4 > cap * 3) /* over 3/4 used: double when live > 1/2, else clear tombstones */
+        agx_st_rebuild(sh, sh->live * 2 > cap ? cap * 2 : cap); /* on failure: fill further */
+    pthread_mutex_unlock(&sh->mu);
+    return 0;
 }
 
 void agx_swizzle_clear_stream(const void *object) {
-    int j = agx_stream_slot((uintptr_t)object);
-    if (j >= 0) atomic_store_explicit(&agx_streams[j].has, 0, memory_order_release);
-}
-
-int agx_swizzle_stream_of(const void *object, uint64_t *key) {
-    if (atomic_load_explicit(&agx_streams_used, memory_order_relaxed)) {
-        int j = agx_stream_slot((uintptr_t)object);
-        if (j >= 0 && atomic_load_explicit(&agx_streams[j].has, memory_order_acquire)) {
-            *key = atomic_load_explicit(&agx_streams[j].key, memory_order_relaxed);
-            return 1;
+    uintptr_t o = (uintptr_t)object;
+    if (o <= AGX_ST_TOMB) return;
+    uint64_t h = agx_st_hash(o);
+    agx_st_shard *sh = agx_st_shard_of(h);
+    if (!atomic_load_explicit(&sh->tab, memory_order_acquire)) return; /* nothing ever inserted here */
+    pthread_mutex_lock(&sh->mu);
+    agx_st_table *t = atomic_load_explicit(&sh->tab, memory_order_relaxed);
+    for (size_t i = t ? h & t->mask : 0, n = 0; t && n <= t->mask; i = (i + 1) & t->mask, n++) {
+        uintptr_t cur = atomic_load_explicit(&t->e[i].obj, memory_order_relaxed);
+        if (cur == AGX_ST_EMPTY) break;
+        if (cur == o) {
+            atomic_store_explicit(&t->e[i].obj, AGX_ST_TOMB, memory_order_release);
+            sh->live--;
+            sh->tombs++;
+            sh->removed++;
+            break;
         }
     }
+    pthread_mutex_unlock(&sh->mu);
+}
+
+static inline void agx_st_relax(unsigned spins) {
+    if (spins < 64) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        __asm__ volatile("yield");
+#endif
+    } else {
+        sched_yield(); /* the writer may be descheduled: let it run */
+    }
+}
+
+/* Reader: 1 and *key when the object has an entry. Takes no lock. */
+static int agx_st_lookup(uintptr_t o, uint64_t *key) {
+    uint64_t h = agx_st_hash(o);
+    agx_st_shard *sh = agx_st_shard_of(h);
+    for (unsigned spins = 0;; spins++) {
+        uint32_t s1 = atomic_load_explicit(&sh->seq, memory_order_acquire);
+        if (s1 & 1) {
+            agx_st_relax(spins);
+            continue;
+        }
+        agx_st_table *t = atomic_load_explicit(&sh->tab, memory_order_acquire);
+        int found = 0;
+        uint64_t k = 0;
+        for (size_t i = t ? h & t->mask : 0, n = 0; t && n <= t->mask; i = (i + 1) & t->mask, n++) {
+            uintptr_t cur = atomic_load_explicit(&t->e[i].obj, memory_order_acquire);
+            if (cur == o) {
+                k = atomic_load_explicit(&t->e[i].key, memory_order_relaxed);
+                found = 1;
+                break;
+            }
+            if (cur == AGX_ST_EMPTY) break;
+        }
+        atomic_thread_fence(memory_order_acquire);
+        if (atomic_load_explicit(&sh->seq, memory_order_relaxed) == s1) {
+            if (found) *key = k;
+            return found;
+        }
+        agx_st_relax(spins);
+    }
+}
+
+int agx_swizzle_stream_entry(const void *object, uint64_t *key) { return agx_st_lookup((uintptr_t)object, key); }
+
+int agx_swizzle_stream_of(const void *object, uint64_t *key) {
+    if (agx_st_lookup((uintptr_t)object, key)) return 1;
     agx_stream_resolver fn = (agx_stream_resolver)atomic_load_explicit(&agx_resolver, memory_order_acquire);
     return fn ? fn(object, key) : 0;
+}
+
+void agx_swizzle_stream_table(agx_stream_table_info *out) {
+    memset(out, 0, sizeof *out);
+    pthread_once(&agx_st_once, agx_st_init);
+    for (unsigned i = 0; i < AGX_ST_SHARDS; i++) {
+        pthread_mutex_lock(&agx_st[i].mu);
+        agx_st_table *t = atomic_load_explicit(&agx_st[i].tab, memory_order_relaxed);
+        out->entries += agx_st[i].live;
+        out->tombstones += agx_st[i].tombs;
+        out->removed += agx_st[i].removed;
+        if (t) out->capacity += t->mask + 1;
+        for (; t; t = t->retired) out->bytes += sizeof *t + (t->mask + 1) * sizeof(agx_st_entry);
+        pthread_mutex_unlock(&agx_st[i].mu);
+    }
+    out->grows = atomic_load(&agx_st_grows);
+    out->rehashes = atomic_load(&agx_st_rehashes);
 }
 
 void agx_swizzle_set_stream_resolver(agx_stream_resolver fn) {

@@ -59,10 +59,20 @@ const char *agx_swizzle_shape_for_abi(const char *types, const char *abi, char *
 const char *agx_swizzle_host_abi(void);
 
 /* Streams: the lock key a receiver's calls use in `stream` mode. A receiver
- * with no registered key (and none from the resolver) uses its object lock. */
-int agx_swizzle_set_stream(const void *object, uint64_t key); /* -1 when full */
+ * with no registered key (and none from the resolver) uses its object lock.
+ * The table has no fixed size (see swizzle.c); set_stream returns -1 only for
+ * an address that cannot be an object (0, 1), and ends the process if memory
+ * runs out with a shard full (a missing key would weaken stream mode). */
+int agx_swizzle_set_stream(const void *object, uint64_t key);
+/* Forget the object's key: called when it is deallocated (lifecycle.c). */
 void agx_swizzle_clear_stream(const void *object);
 int agx_swizzle_stream_of(const void *object, uint64_t *key);
+/* The table's entry alone (no resolver, which would message the object). */
+int agx_swizzle_stream_entry(const void *object, uint64_t *key);
+typedef struct agx_stream_table_info {
+    uint64_t entries, tombstones, capacity, bytes, removed, grows, rehashes;
+} agx_stream_table_info;
+void agx_swizzle_stream_table(agx_stream_table_info *out);
 typedef int (*agx_stream_resolver)(const void *object, uint64_t *key);
 /* Consulted when a receiver has no registered key (issue 4: encoder -> queue). */
 void agx_swizzle_set_stream_resolver(agx_stream_resolver fn);

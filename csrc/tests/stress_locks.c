@@ -9,12 +9,28 @@
  *   stress_locks [threads] [iterations] [unlocked]
  *
  * With "unlocked" the global section runs without its lock: ThreadSanitizer
- * must then report a race (the check that the check can fail). */
+ * must then report a race (the check that the check can fail).
+ *
+ * Then the nesting rule (guard.h): threads open entries three deep (a region
+ * on one stream, a region on another, a call on an object) through the same
+ * agx_entry_* path the hooks and guard() use, while a thread switches modes
+ * at random; an alarm ends a run that deadlocks. */
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "guard.h"
+
+/* The native wait of acquire.c, without Python. */
+void agx_acquire_native(agx_lock *l) {
+    if (!agx_lock_try(l)) {
+        int64_t t0 = agx_now_ns();
+        agx_lock_wait_until(l, -1);
+        agx_lock_note_wait(l, agx_now_ns() - t0);
+    }
+}
 
 static int threads = 8, iterations = 2000;
 static long global_counter;          /* guarded by the global lock */
@@ -161,6 +177,71 @@ static void ring_test(void) {
     CHECK(ring_hops == n * RING_ROUNDS, "event ring: %ld hops, expected %ld", ring_hops, n * RING_ROUNDS);
 }
 
+/* ---- nested entries under mode switches ---- */
+static _Atomic int stop_switcher;
+static long nested_global; /* plain data, written only while holding the global lock */
+static long nested_stream[KEYS]; /* written only while holding stream key 2000+k's lock */
+static _Atomic long nested_done;
+
+static void *mode_switcher(void *arg) {
+    unsigned r = 12345;
+    (void)arg;
+    while (!atomic_load(&stop_switcher)) {
+        r = r * 1103515245u + 12345u;
+        agx_mode_set((int)((r >> 16) % AGX_MODE_COUNT));
+    }
+    return NULL;
+}
+
+static void *nested_worker(void *arg) {
+    long id = (long)arg;
+    int objects[4];
+    for (int i = 0; i < iterations; i++) {
+        int k1 = (int)((id + i) % KEYS), k2 = (int)((id * 7 + i * 3) % KEYS);
+        agx_entry outer, inner, call;
+        agx_thread_entries *t = agx_entries();
+        agx_entry_enter_native(t, &outer, agx_entry_mode_in(t), AGX_SITE_REGION, 1, 2000 + (uint64_t)k1, NULL);
+        agx_entry_enter_native(t, &inner, agx_entry_mode_in(t), AGX_SITE_REGION, 1, 2000 + (uint64_t)k2, NULL);
+        agx_entry_enter_native(t, &call, agx_entry_mode_in(t), AGX_SITE_CALL, i & 1, 2000 + (uint64_t)k2,
+                               &objects[i & 3]);
+        agx_entry *es[3] = {&outer, &inner, &call};
+        for (int j = 0; j < 3; j++) {
+            agx_lock *l = es[j]->lock;
+            if (!l) continue;
+            CHECK(agx_lock_owned(l), "an entry's lock is not held by its thread");
+            if (l == agx_global_lock()) nested_global++;
+            for (int k = 0; k < KEYS; k++)
+                if (l == agx_stream_lock(2000 + (uint64_t)k)) nested_stream[k]++;
+        }
+        agx_entry_pop(&call);
+        agx_entry_pop(&inner);
+        agx_entry_pop(&outer);
+        CHECK(agx_entry_depth() == 0, "entries left open");
+        atomic_fetch_add(&nested_done, 1);
+    }
+    return NULL;
+}
+
+/* switching: a thread switches modes at random; else stream mode throughout
+ * (where nested entries on other streams meet the lock order most often). */
+static void nested_test(int switching) {
+    pthread_t sw, *tids = calloc((size_t)threads, sizeof *tids);
+    atomic_store(&nested_done, 0);
+    atomic_store(&stop_switcher, !switching);
+    agx_mode_set(AGX_MODE_STREAM);
+    pthread_create(&sw, NULL, mode_switcher, NULL);
+    for (long i = 0; i < threads; i++) pthread_create(&tids[i], NULL, nested_worker, (void *)i);
+    for (int i = 0; i < threads; i++) pthread_join(tids[i], NULL);
+    atomic_store(&stop_switcher, 1);
+    pthread_join(sw, NULL);
+    free(tids);
+    CHECK(atomic_load(&nested_done) == (long)threads * iterations, "nested: %ld of %ld done",
+          atomic_load(&nested_done), (long)threads * iterations);
+    printf("nested (%s): %ld entries three deep, %llu nested skips so far\n",
+           switching ? "mode switches" : "stream mode", atomic_load(&nested_done),
+           (unsigned long long)agx_nesting_skips());
+}
+
 int main(int argc, char **argv) {
     if (argc > 1) threads = atoi(argv[1]);
     if (argc > 2) iterations = atoi(argv[2]);
@@ -196,6 +277,10 @@ int main(int argc, char **argv) {
     CHECK(op_counter == total, "op counter %ld, expected %ld", op_counter, total);
     CHECK(op.c.acquisitions == (uint64_t)total, "op acquisitions %llu", (unsigned long long)op.c.acquisitions);
     CHECK(threads < 2 || atomic_load(&throttle_max) >= 1, "throttle never admitted");
+    alarm(120); /* a deadlock ends the run (SIGALRM), not the test session */
+    nested_test(1);
+    nested_test(0);
+    alarm(0);
     printf("stress_locks: %d threads x %d iterations, global contentions %llu, throttle max %d, failures %d\n",
            threads, iterations, (unsigned long long)g.c.contentions, atomic_load(&throttle_max),
            atomic_load(&failures));

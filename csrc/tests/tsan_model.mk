@@ -15,3 +15,7 @@ tsan-model: csrc/tests/tsan_model.bin
 	-TSAN_OPTIONS="halt_on_error=0 exitcode=66" ./csrc/tests/tsan_model.bin off 30 4
 	@echo "== global (expect no reports) =="
 	TSAN_OPTIONS="halt_on_error=0 exitcode=66" ./csrc/tests/tsan_model.bin global 30 4
+	@echo "== stream, one shared queue (expect no reports: the stream table's lock-free reads) =="
+	TSAN_OPTIONS="halt_on_error=0 exitcode=66" ./csrc/tests/tsan_model.bin stream 30 4
+	@echo "== the stream table alone: inserts, reads, clears, grows and rehashes at once (expect no reports) =="
+	TSAN_OPTIONS="halt_on_error=0 exitcode=66" ./csrc/tests/tsan_model.bin table 20 4
