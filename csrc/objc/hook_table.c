@@ -24,12 +24,14 @@ const agx_hook_row agx_hook_rows[] = {
     {BUFFERS, "computeCommandEncoderWithDescriptor:", AGX_KIND_MAKE_ENCODER, 0},
     {BUFFERS, "computeCommandEncoderWithDispatchType:", AGX_KIND_MAKE_ENCODER, 0},
     {BUFFERS, "blitCommandEncoder", AGX_KIND_MAKE_ENCODER, 0},
+    {BUFFERS, "blitCommandEncoderWithDescriptor:", AGX_KIND_MAKE_ENCODER, 0},
     {BUFFERS, "commit", AGX_KIND_COMMIT, 0},
     {BUFFERS, "encodeSignalEvent:value:", AGX_KIND_CALL, 0},
     {BUFFERS, "encodeWaitForEvent:value:", AGX_KIND_CALL, 0},
-    /* a driver's own release returns the buffer to its queue's pool (the
-     * model's does); NSObject's is not the driver's and is left alone */
-    {ROLE(COMMAND_BUFFER), "release", AGX_KIND_CALL, AGX_ROW_OWN},
+    /* a driver's own release frees the buffer's queue slot (the model's
+     * does, on its completion thread): counted, never locked; NSObject's is
+     * not the driver's and is left alone */
+    {ROLE(COMMAND_BUFFER), "release", AGX_KIND_CALL, AGX_ROW_OWN | AGX_ROW_UNLOCKED},
     /* compute encoder: state, bindings, residency, barriers, fences, dispatch */
     {COMPUTE, "setComputePipelineState:", AGX_KIND_CALL, 0},
     {COMPUTE, "setBuffer:offset:atIndex:", AGX_KIND_CALL, 0},
@@ -46,18 +48,18 @@ const agx_hook_row agx_hook_rows[] = {
     {COMPUTE, "dispatchThreads:threadsPerThreadgroup:", AGX_KIND_CALL, 0},
     {COMPUTE, "dispatchThreadgroups:threadsPerThreadgroup:", AGX_KIND_CALL, 0},
     {COMPUTE, "dispatchThreadgroupsWithIndirectBuffer:indirectBufferOffset:threadsPerThreadgroup:", AGX_KIND_CALL, 0},
-    {COMPUTE, "deferredEndEncoding", AGX_KIND_END_ENCODER, 0},
     /* blit encoder: fill, copies, synchronize */
     {BLIT, "fillBuffer:range:value:", AGX_KIND_CALL, 0},
     {BLIT, "copyFromBuffer:sourceOffset:toBuffer:destinationOffset:size:", AGX_KIND_CALL, 0},
     {BLIT, "copyFromTexture:sourceSlice:sourceLevel:sourceOrigin:sourceSize:toTexture:destinationSlice:"
            "destinationLevel:destinationOrigin:", AGX_KIND_CALL, 0},
     {BLIT, "synchronizeResource:", AGX_KIND_CALL, 0},
-    /* both encoders: fences, end, destruction */
+    /* both encoders: fences, every end, destruction (on the completion path) */
     {ENCODERS, "updateFence:", AGX_KIND_CALL, 0},
     {ENCODERS, "waitForFence:", AGX_KIND_CALL, 0},
     {ENCODERS, "endEncoding", AGX_KIND_END_ENCODER, 0},
-    {ENCODERS, "dealloc", AGX_KIND_DEALLOC, AGX_ROW_OWN},
+    {ENCODERS, "deferredEndEncoding", AGX_KIND_END_ENCODER, 0},
+    {ENCODERS, "dealloc", AGX_KIND_DEALLOC, AGX_ROW_OWN | AGX_ROW_UNLOCKED},
 };
 const size_t agx_hook_row_count = sizeof agx_hook_rows / sizeof agx_hook_rows[0];
 
@@ -148,7 +150,8 @@ int agx_hooks_install(int driver, char *err, size_t errlen) {
                     continue;
                 }
                 char ierr[512];
-                int res = agx_swizzle_install_kind(e->class_name, row->selector, row->kind, ierr, sizeof ierr);
+                int kind = row->kind | ((row->flags & AGX_ROW_UNLOCKED) ? AGX_SWZ_NO_LOCK : 0);
+                int res = agx_swizzle_install_kind(e->class_name, row->selector, kind, ierr, sizeof ierr);
                 if (res < 0) {
                     snprintf(e->skipped, sizeof e->skipped, "%.150s", ierr);
                     continue;

@@ -43,8 +43,10 @@ static inline agx_lock *agx_hook_enter(agx_hook_slot *s, id self, IMP *orig, int
     else
         *orig = (IMP)atomic_load_explicit(&s->orig, memory_order_acquire);
     if (!atomic_load_explicit(&s->active, memory_order_acquire)) return NULL;
-    *kind = atomic_load_explicit(&s->kind, memory_order_relaxed);
+    int k = atomic_load_explicit(&s->kind, memory_order_relaxed);
+    *kind = k & ~AGX_SWZ_NO_LOCK;
     atomic_fetch_add_explicit(&s->calls, 1, memory_order_relaxed);
+    if (k & AGX_SWZ_NO_LOCK) return NULL; /* the completion path: never waits for a mode lock */
     uint64_t key = 0;
     int has = agx_swizzle_stream_of(self, &key);
     agx_lock *l = agx_lock_for(AGX_SITE_CALL, has, key, (const void *)self);
