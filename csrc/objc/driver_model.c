@@ -32,10 +32,10 @@
  *                         (-> dealloc) and the buffer's (-> release, which
  *                         frees its slot). Objects released there go back
  *                         through freed lists under a driver mutex; only the
- *                         encoding side (the factories) moves them into the
- *                         racy pools above, so the pools race between
- *                         encoding threads, as the seeds show, never with
- *                         the completion thread.
+ *                         encoding side moves them into the racy pools above
+ *                         (commit for encoders, commandBuffer for buffers),
+ *                         so the pools race between encoding threads, as the
+ *                         seeds show, never with the completion thread.
  * Ending an encoder twice is a driver assertion, as in Metal. */
 #include "driver_model.h"
 
@@ -319,9 +319,11 @@ static id volatile *cmdbuf_next(id o) { return &IV(cmdbuf_ivars, o)->next_free; 
 static id volatile *enc_next(id o) { return &IV(enc_ivars, o)->next_free; }
 
 /* Moves a freed list (taken under the driver's mutex) into a pool, with the
- * pool's own (racy or not) push: the encoding side's half of recycling. */
+ * pool's own (racy or not) push: the encoding side's half of recycling. A
+ * list that a double hand-back made circular is cut after MAX_REFILL. */
+#define MAX_REFILL 4096
 static void pool_refill(id volatile *head, pthread_mutex_t *mu, int racy, id volatile *(*next_of)(id), id freed) {
-    while (freed) {
+    for (int i = 0; freed && i < MAX_REFILL; i++) {
         id next = *next_of(freed);
         pool_push(head, mu, racy, next_of, freed);
         freed = next;
@@ -371,13 +373,7 @@ static id make_encoder(id cb, int blit) {
         driver_assert(blit ? "AGXModelG16XFamilyCommandBuffer blitCommandEncoder"
                            : "AGXModelG16XFamilyCommandBuffer computeCommandEncoder",
                       "A command encoder is already encoding to this command buffer");
-    pthread_mutex_lock(&di->freed_mu);
-    id freed = blit ? di->freed_blits : di->freed_encoders;
-    if (blit) di->freed_blits = NULL; else di->freed_encoders = NULL;
-    pthread_mutex_unlock(&di->freed_mu);
-    id volatile *pool = blit ? &di->blit_pool : &di->encoder_pool;
-    pool_refill(pool, &di->pool_mu, cfg.encoder_recycle, enc_next, freed);
-    id enc = pool_pop(pool, &di->pool_mu, cfg.encoder_recycle, enc_next);
+    id enc = pool_pop(blit ? &di->blit_pool : &di->encoder_pool, &di->pool_mu, cfg.encoder_recycle, enc_next);
     if (!enc) enc = new_instance(blit ? c_blit : c_compute, sizeof(enc_ivars));
     enc_ivars *ei = IV(enc_ivars, enc);
     ei->device = dev;
@@ -474,6 +470,8 @@ static void *completion_main(void *arg) {
         int n = ci->list.count;
         if (n > MAX_CMDS) n = MAX_CMDS;
         for (int i = 0; i < n; i++) run_cmd(&ci->list.cmds[i]);
+        /* Completed, then the driver's references go: the encoders' (the
+         * last one deallocs) and the buffer's (freeing its slot). */
         int made = ci->n_made;
         if (made > MAX_ENCODERS_PER_BUFFER) made = MAX_ENCODERS_PER_BUFFER;
         id encoders[MAX_ENCODERS_PER_BUFFER];
@@ -512,6 +510,14 @@ static void cmdbuf_commit(id self, SEL cmd) {
     ci->status = CB_COMMITTED;
     atomic_fetch_add(&ci->refs, 1); /* the driver's, until completion */
     dev_ivars *di = IV(dev_ivars, IV(queue_ivars, ci->queue)->device);
+    /* Encoders dealloc'd since go back to the device's pools here, on the
+     * committing thread (the pools' racy half stays on the encoding side). */
+    pthread_mutex_lock(&di->freed_mu);
+    id freed_enc = di->freed_encoders, freed_blit = di->freed_blits;
+    di->freed_encoders = di->freed_blits = NULL;
+    pthread_mutex_unlock(&di->freed_mu);
+    pool_refill(&di->encoder_pool, &di->pool_mu, cfg.encoder_recycle, enc_next, freed_enc);
+    pool_refill(&di->blit_pool, &di->pool_mu, cfg.encoder_recycle, enc_next, freed_blit);
     pthread_mutex_lock(&di->done_mu);
     if (!di->completer_started) {
         pthread_t t;
@@ -531,30 +537,36 @@ static void cmdbuf_commit(id self, SEL cmd) {
     pthread_mutex_unlock(&di->done_mu);
 }
 
+/* Polls with sched_yield, as the model always has: the caller stays
+ * runnable, so encoding threads keep overlapping as they do on the real
+ * machine's many cores (a blocking wait would serialize them behind the one
+ * completion thread and hide the races). */
 static void cmdbuf_waitUntilCompleted(id self, SEL cmd) {
     (void)cmd;
     cmdbuf_ivars *ci = IV(cmdbuf_ivars, self);
-    dev_ivars *di = IV(dev_ivars, IV(queue_ivars, ci->queue)->device);
-    pthread_mutex_lock(&di->done_mu);
-    struct timespec until = deadline_in(HANG_SECONDS);
-    while (ci->status != CB_COMPLETED)
-        if (pthread_cond_timedwait(&di->completed_cv, &di->done_mu, &until) == ETIMEDOUT && ci->status != CB_COMPLETED)
-            model_hang("waitUntilCompleted");
-    pthread_mutex_unlock(&di->done_mu);
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (ci->status != CB_COMPLETED) {
+        sched_yield();
+        clock_gettime(CLOCK_MONOTONIC, &t);
+        if (t.tv_sec - t0.tv_sec > HANG_SECONDS) model_hang("waitUntilCompleted");
+    }
 }
 
 static uint64_t cmdbuf_status(id self, SEL cmd) { (void)cmd; return (uint64_t)IV(cmdbuf_ivars, self)->status; }
 
 /* Drops one reference. The slot frees once the buffer has completed (or at
  * its last release, for one never committed); the last release hands the
- * buffer back to its queue (the freed list; commandBuffer moves it into the pool). */
+ * buffer back to its queue (the freed list; commandBuffer moves it into the
+ * pool). A buffer two threads were handed (buffer_recycle) is over-released:
+ * each extra release hands it back again, so it sits in the pool twice, as
+ * a double free would leave it. */
 static void cmdbuf_release(id self, SEL cmd) {
     (void)cmd;
     cmdbuf_ivars *ci = IV(cmdbuf_ivars, self);
     queue_ivars *qi = IV(queue_ivars, ci->queue);
     int was = atomic_fetch_sub(&ci->refs, 1);
-    if (was <= 0) driver_assert("AGXModelG16XFamilyCommandBuffer release", "over-release of a command buffer");
-    int last = was == 1;
+    int last = was <= 1;
     int free_slot = (last || ci->status == CB_COMPLETED) && atomic_exchange(&ci->holds_slot, 0);
     if (!free_slot && !last) return;
     pthread_mutex_lock(&qi->slot_mu);
@@ -722,7 +734,7 @@ static void enc_release(id self, SEL cmd) {
         ((void (*)(id, SEL))agx_objc_lookup(self, s_dealloc))(self, s_dealloc);
 }
 /* Onto the device's freed list (a driver mutex: dealloc runs on the
- * completion thread); the next factory moves it into the pool. */
+ * completion thread); the next commit moves it into the pool. */
 static void enc_dealloc(id self, SEL cmd) {
     (void)cmd;
     enc_ivars *ei = IV(enc_ivars, self);
