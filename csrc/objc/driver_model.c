@@ -881,6 +881,11 @@ int agx_model_init(void) {
         blit_copyTexture, "v@:@QQ{MTLOrigin=QQQ}{MTLSize=QQQ}@QQ{MTLOrigin=QQQ}");
     add(c_blit, "synchronizeResource:", enc_note1, "v@:@");
     add(c_blit, "endEncoding", blit_endEncoding, "v@:");
+    /* AGX's private deferred end: the driver finishes the encoder's work
+     * later, but for its caller the encoder has ended, as after endEncoding.
+     * The model has no other end path: Metal allows one active encoder per
+     * command buffer and makes the caller end it before the next (the
+     * "already encoding" assertion), so there is no documented implicit end. */
     add(c_blit, "deferredEndEncoding", blit_endEncoding, "v@:");
     add_encoder_common(c_blit);
     objc_registerClassPair(c_blit);
