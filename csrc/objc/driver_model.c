@@ -129,7 +129,7 @@ typedef struct queue_ivars {
 
 typedef struct cmdbuf_ivars {
     id queue;
-    volatile int status;
+    _Atomic int status;                  /* atomic: the completion thread publishes COMPLETED (and the results) */
     id volatile open_encoder;
     id volatile next_free;
     id next_work;                        /* the completion FIFO */
