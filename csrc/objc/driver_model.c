@@ -110,7 +110,6 @@ typedef struct dev_ivars {
     /* the completion thread and its FIFO of committed buffers */
     pthread_mutex_t done_mu;
     pthread_cond_t work_cv;              /* a buffer was committed */
-    pthread_cond_t completed_cv;         /* a buffer completed */
     id work_head, work_tail;
     int completer_started;
 } dev_ivars;
@@ -477,10 +476,7 @@ static void *completion_main(void *arg) {
         id encoders[MAX_ENCODERS_PER_BUFFER];
         memcpy(encoders, ci->made, sizeof(id) * (size_t)made);
         ci->n_made = 0;
-        pthread_mutex_lock(&di->done_mu);
-        ci->status = CB_COMPLETED;
-        pthread_cond_broadcast(&di->completed_cv);
-        pthread_mutex_unlock(&di->done_mu);
+        ci->status = CB_COMPLETED; /* atomic: publishes the results to waitUntilCompleted */
         for (int i = 0; i < made; i++) ((void (*)(id, SEL))agx_objc_lookup(encoders[i], s_release))(encoders[i], s_release);
         ((void (*)(id, SEL))agx_objc_lookup(cb, s_release))(cb, s_release);
     }
@@ -493,7 +489,6 @@ static void completion_after_fork(void) {
     dev_ivars *di = IV(dev_ivars, the_device);
     pthread_mutex_init(&di->done_mu, NULL);
     pthread_cond_init(&di->work_cv, NULL);
-    pthread_cond_init(&di->completed_cv, NULL);
     di->work_head = di->work_tail = NULL;
     di->completer_started = 0;
 }
@@ -923,7 +918,6 @@ int agx_model_init(void) {
     pthread_mutex_init(&di->freed_mu, NULL);
     pthread_mutex_init(&di->done_mu, NULL);
     pthread_cond_init(&di->work_cv, NULL);
-    pthread_cond_init(&di->completed_cv, NULL);
     pthread_atfork(NULL, NULL, completion_after_fork);
     if ((void *)object_getIndexedIvars(the_device) == (void *)the_device) goto out; /* no isa slot */
     atomic_store(&inited, 1);
