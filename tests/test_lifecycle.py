@@ -66,6 +66,16 @@ def test_the_model_aborts_on_a_second_end_of_an_encoder():
             "`endEncoding on an encoder that has already ended'") in p.stderr
 
 
+def test_the_model_reports_a_call_on_an_encoder_after_its_end():
+    # the other half of the detector: any other call after the end reads the freed table (a fault)
+    p = child("""
+        q = S(dev, "newCommandQueue"); cb = S(q, "commandBuffer"); enc = S(cb, "computeCommandEncoder")
+        S(enc, "endEncoding"); S(enc, "setBuffer:offset:atIndex:", 0, 0, 0)
+    """, driver="none")
+    assert p.returncode < 0 and "AGXModelG16XFamilyComputeContext]: encoder used after endEncoding" in p.stderr, (
+        p.returncode, p.stderr)
+
+
 def test_the_model_has_every_factory_and_end_path_on_both_encoders():
     C.model_device()  # the classes exist once the model does
     classes = model.classes()
