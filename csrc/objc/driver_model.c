@@ -110,6 +110,7 @@ typedef struct dev_ivars {
     /* the completion thread and its FIFO of committed buffers */
     pthread_mutex_t done_mu;
     pthread_cond_t work_cv;              /* a buffer was committed */
+    pthread_cond_t completed_cv;         /* a buffer completed */
     id work_head, work_tail;
     int completer_started;
 } dev_ivars;
@@ -476,7 +477,10 @@ static void *completion_main(void *arg) {
         id encoders[MAX_ENCODERS_PER_BUFFER];
         memcpy(encoders, ci->made, sizeof(id) * (size_t)made);
         ci->n_made = 0;
+        pthread_mutex_lock(&di->done_mu);
         ci->status = CB_COMPLETED; /* atomic: publishes the results to waitUntilCompleted */
+        pthread_cond_broadcast(&di->completed_cv);
+        pthread_mutex_unlock(&di->done_mu);
         for (int i = 0; i < made; i++) ((void (*)(id, SEL))agx_objc_lookup(encoders[i], s_release))(encoders[i], s_release);
         ((void (*)(id, SEL))agx_objc_lookup(cb, s_release))(cb, s_release);
     }
@@ -489,6 +493,7 @@ static void completion_after_fork(void) {
     dev_ivars *di = IV(dev_ivars, the_device);
     pthread_mutex_init(&di->done_mu, NULL);
     pthread_cond_init(&di->work_cv, NULL);
+    pthread_cond_init(&di->completed_cv, NULL);
     di->work_head = di->work_tail = NULL;
     di->completer_started = 0;
 }
@@ -532,20 +537,17 @@ static void cmdbuf_commit(id self, SEL cmd) {
     pthread_mutex_unlock(&di->done_mu);
 }
 
-/* Polls with sched_yield, as the model always has: the caller stays
- * runnable, so encoding threads keep overlapping as they do on the real
- * machine's many cores (a blocking wait would serialize them behind the one
- * completion thread and hide the races). */
+/* Blocks until the completion thread has completed the buffer (as Metal's does). */
 static void cmdbuf_waitUntilCompleted(id self, SEL cmd) {
     (void)cmd;
     cmdbuf_ivars *ci = IV(cmdbuf_ivars, self);
-    struct timespec t0, t;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    while (ci->status != CB_COMPLETED) {
-        sched_yield();
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        if (t.tv_sec - t0.tv_sec > HANG_SECONDS) model_hang("waitUntilCompleted");
-    }
+    dev_ivars *di = IV(dev_ivars, IV(queue_ivars, ci->queue)->device);
+    pthread_mutex_lock(&di->done_mu);
+    struct timespec until = deadline_in(HANG_SECONDS);
+    while (ci->status != CB_COMPLETED)
+        if (pthread_cond_timedwait(&di->completed_cv, &di->done_mu, &until) == ETIMEDOUT && ci->status != CB_COMPLETED)
+            model_hang("waitUntilCompleted");
+    pthread_mutex_unlock(&di->done_mu);
 }
 
 static uint64_t cmdbuf_status(id self, SEL cmd) { (void)cmd; return (uint64_t)IV(cmdbuf_ivars, self)->status; }
@@ -918,6 +920,7 @@ int agx_model_init(void) {
     pthread_mutex_init(&di->freed_mu, NULL);
     pthread_mutex_init(&di->done_mu, NULL);
     pthread_cond_init(&di->work_cv, NULL);
+    pthread_cond_init(&di->completed_cv, NULL);
     pthread_atfork(NULL, NULL, completion_after_fork);
     if ((void *)object_getIndexedIvars(the_device) == (void *)the_device) goto out; /* no isa slot */
     atomic_store(&inited, 1);
