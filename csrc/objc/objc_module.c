@@ -492,8 +492,9 @@ static PyMethodDef objc_methods[] = {
     {"model_stream_key", py_model_stream_key, METH_VARARGS, "model_stream_key(queue) -> the runner's key."},
     {"model_device", py_model_device, METH_NOARGS, "model_device() -> int: the driver model's device (its address)."},
     {"model_send", py_model_send, METH_VARARGS,
-     "model_send(receiver, selector, *args) -> int: one message to a driver-model object (objects and integers "
-     "only, GIL released); ValueError when the method does not exist or has another shape."},
+     "model_send(receiver, selector, *args) -> int: one message to a driver-model object (an address from "
+     "model_device() or an earlier model_send; anything else is undefined), objects and integers only, GIL "
+     "released; ValueError when the method does not exist or has another shape."},
     {NULL, NULL, 0, NULL},
 };
 
