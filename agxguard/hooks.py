@@ -104,7 +104,7 @@ def hooks() -> List[Dict[str, Any]]:
 
 
 def table() -> List[Dict[str, Any]]:
-    """The hook set itself: selector, roles, kind, own_only, one row each."""
+    """The hook set itself: selector, roles, kind, own_only, unlocked, one row each."""
     return [dict(r) for r in _C.hooks_table()] if _have_objc() else []
 
 

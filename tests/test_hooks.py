@@ -115,7 +115,9 @@ def test_a_build_without_objc_runtime_reports_why(monkeypatch):
 # ---------------------------------------------------------------- race classes, children
 
 def test_recycled_encoder_crashes_without_protection_and_not_under_op():
-    off, outs = race("off", encoder_recycle=True)
+    # 12 runs: the off-side rate falls with the box's load (about a third of the runs at a load
+    # of 5 on 2 cores, before and after issue 10's asynchronous completion)
+    off, outs = race("off", runs=12, encoder_recycle=True)
     assert off > 0, [o["outcome"] for o in outs]
     op, outs = race("op", encoder_recycle=True)
     assert op == 0, [o["message"] for o in outs if o["outcome"] != "ok"]
@@ -168,9 +170,11 @@ def test_no_encoder_is_used_after_its_end_with_8_threads_and_every_one_ends():
 
 
 def test_the_model_reports_an_encoder_used_after_its_end():
-    # the detector behind the test above: without protection a recycled encoder is caught
-    _, outs = race("off", runs=12, encoder_recycle=True)
-    assert any("encoder used after endEncoding" in o["message"] for o in outs), [o["message"] for o in outs]
+    # the detector behind the test above: without protection a recycled encoder is caught, by a
+    # call on it after its end or by a second end (a driver assertion since issue 10)
+    caught = ("encoder used after endEncoding", "endEncoding on an encoder that has already ended")
+    _, outs = race("off", runs=24, encoder_recycle=True)
+    assert any(c in o["message"] for o in outs for c in caught), [o["message"] for o in outs]
 
 
 def test_stream_mode_locks_encoder_calls_by_their_queue(model_hooks):

@@ -16,9 +16,30 @@
  *                         "already encoding", "already committed" or
  *                         "uncommitted encoder" aborts.
  *   cached IMPs           taken at class creation; the internal dispatch path
- *                         calls them when bypass is on. */
+ *                         calls them when bypass is on.
+ * What is not a bug (Metal documents it thread-safe, so the model does it
+ * right, each with its own mutex):
+ *   queue slots           at most max_buffers uncompleted command buffers per
+ *                         queue (newCommandQueueWithMaxCommandBufferCount:,
+ *                         64 for newCommandQueue); commandBuffer blocks until
+ *                         a completion frees one ("This method blocks the
+ *                         calling CPU thread when the queue doesn't have any
+ *                         free command buffers", MTLCommandQueue docs).
+ *   completion            commit hands the buffer to the device's completion
+ *                         thread, which runs its commands (waiting on shared
+ *                         events as the GPU does), marks it completed, and
+ *                         drops the driver's references: each encoder's
+ *                         (-> dealloc) and the buffer's (-> release, which
+ *                         frees its slot). Objects released there go back
+ *                         through freed lists under a driver mutex; only the
+ *                         encoding side moves them into the racy pools above
+ *                         (commit for encoders, commandBuffer for buffers),
+ *                         so the pools race between encoding threads, as the
+ *                         seeds show, never with the completion thread.
+ * Ending an encoder twice is a driver assertion, as in Metal. */
 #include "driver_model.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
@@ -37,13 +58,14 @@ const char *const agx_model_compute_class = "AGXModelG16XFamilyComputeContext";
 const char *const agx_model_blit_class = "AGXModelG16XFamilyBlitContext";
 const char *const agx_model_buffer_class = "AGXModelG16XBuffer";
 const char *const agx_model_pipeline_class = "AGXModelG16XComputePipelineState";
+const char *const agx_model_event_class = "AGXModelG16XSharedEvent";
 
 #define MAX_BINDINGS 8
 #define MAX_CMDS 32
 #define MAX_ENCODERS_PER_BUFFER 8
 
 enum { KERNEL_SAXPY = 1 };
-enum { CMD_DISPATCH = 1, CMD_FILL, CMD_COPY };
+enum { CMD_DISPATCH = 1, CMD_FILL, CMD_COPY, CMD_WAIT_EVENT, CMD_SIGNAL_EVENT };
 enum { CB_NOT_ENQUEUED = 0, CB_COMMITTED = 2, CB_COMPLETED = 4 };
 
 typedef struct model_cmd {
@@ -55,6 +77,8 @@ typedef struct model_cmd {
     unsigned char *dst, *src;
     uint64_t len;
     unsigned char value;
+    id event;          /* CMD_WAIT_EVENT / CMD_SIGNAL_EVENT */
+    uint64_t event_value;
 } model_cmd;
 
 typedef struct model_cmd_list {
@@ -83,6 +107,15 @@ typedef struct dev_ivars {
     id volatile blit_pool;
     pthread_mutex_t pool_mu;
     _Atomic int queues;
+    /* encoders dealloc'd (on the completion thread), not yet back in a pool */
+    pthread_mutex_t freed_mu;
+    id freed_encoders, freed_blits;
+    /* the completion thread and its FIFO of committed buffers */
+    pthread_mutex_t done_mu;
+    pthread_cond_t work_cv;              /* a buffer was committed */
+    pthread_cond_t completed_cv;         /* a buffer completed */
+    id work_head, work_tail;
+    int completer_started;
 } dev_ivars;
 
 typedef struct queue_ivars {
@@ -90,17 +123,31 @@ typedef struct queue_ivars {
     int index;
     id volatile buffer_pool;
     pthread_mutex_t pool_mu;
+    /* slots: at most max_buffers uncompleted buffers (thread-safe, as Metal's) */
+    pthread_mutex_t slot_mu;
+    pthread_cond_t slot_cv;
+    uint64_t max_buffers, in_use;
+    id freed_buffers;                    /* released buffers, not yet back in the pool */
 } queue_ivars;
 
 typedef struct cmdbuf_ivars {
     id queue;
-    volatile int status;
+    _Atomic int status;                  /* atomic: the completion thread publishes COMPLETED (and the results) */
     id volatile open_encoder;
     id volatile next_free;
+    id next_work;                        /* the completion FIFO */
+    _Atomic int refs;                    /* the caller's, plus the driver's from commit to completion */
+    _Atomic int holds_slot;              /* until completed and released, or its last release */
     int n_made;                          /* encoders it holds a reference to */
     id made[MAX_ENCODERS_PER_BUFFER];
     model_cmd_list list;
 } cmdbuf_ivars;
+
+typedef struct event_ivars {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    uint64_t value;
+} event_ivars;
 
 typedef struct enc_ivars {
     id device;
@@ -125,7 +172,7 @@ typedef struct pipeline_ivars {
 static agx_model_config cfg;
 static pthread_mutex_t init_mu = PTHREAD_MUTEX_INITIALIZER;
 static _Atomic int inited;
-static Class c_device, c_queue, c_cmdbuf, c_compute, c_blit, c_buffer, c_pipeline;
+static Class c_device, c_queue, c_cmdbuf, c_compute, c_blit, c_buffer, c_pipeline, c_event;
 static id the_device;
 
 static SEL s_setPipeline, s_setBuffer, s_setBytes, s_dispatchThreads, s_endEncoding, s_release, s_dealloc;
@@ -167,19 +214,77 @@ static uint64_t pipeline_max_threads(id self, SEL cmd) { (void)self; (void)cmd; 
 
 /* -------------------------------------------------------------- device */
 
-static id device_newCommandQueue(id self, SEL cmd) {
-    (void)cmd;
+/* Metal's default: "up to 64 uncompleted command buffers at a time". */
+#define DEFAULT_MAX_BUFFERS 64
+/* How long commandBuffer, waitUntilCompleted and an event wait on the GPU
+ * wait before the model calls it the hang it is (the real driver waits forever). */
+#define HANG_SECONDS 5
+
+static id new_queue(id dev, uint64_t max_buffers) {
+    if (max_buffers < 1) return NULL; /* Metal returns nil for a queue it cannot make */
     id q = new_instance(c_queue, sizeof(queue_ivars));
     queue_ivars *qi = IV(queue_ivars, q);
-    qi->device = self;
-    qi->index = atomic_fetch_add(&IV(dev_ivars, self)->queues, 1);
+    qi->device = dev;
+    qi->index = atomic_fetch_add(&IV(dev_ivars, dev)->queues, 1);
     pthread_mutex_init(&qi->pool_mu, NULL);
+    pthread_mutex_init(&qi->slot_mu, NULL);
+    pthread_cond_init(&qi->slot_cv, NULL);
+    qi->max_buffers = max_buffers;
     agx_model_live_add(AGX_LIVE_QUEUE, 1);
     return q;
 }
 
 /* The owner's release (the model never frees a queue: it is counted dead). */
 static void queue_release(id self, SEL cmd) { (void)self; (void)cmd; agx_model_live_add(AGX_LIVE_QUEUE, -1); }
+
+static id device_newCommandQueue(id self, SEL cmd) { (void)cmd; return new_queue(self, DEFAULT_MAX_BUFFERS); }
+
+static id device_newCommandQueueWithMax(id self, SEL cmd, uint64_t max_buffers) {
+    (void)cmd;
+    return new_queue(self, max_buffers);
+}
+
+static id device_newSharedEvent(id self, SEL cmd) {
+    (void)self; (void)cmd;
+    id e = new_instance(c_event, sizeof(event_ivars));
+    pthread_mutex_init(&IV(event_ivars, e)->mu, NULL);
+    pthread_cond_init(&IV(event_ivars, e)->cv, NULL);
+    return e;
+}
+
+/* --------------------------------------------------------------- events */
+
+static uint64_t event_signaledValue(id self, SEL cmd) {
+    (void)cmd;
+    event_ivars *ev = IV(event_ivars, self);
+    pthread_mutex_lock(&ev->mu);
+    uint64_t v = ev->value;
+    pthread_mutex_unlock(&ev->mu);
+    return v;
+}
+
+static void event_setSignaledValue(id self, SEL cmd, uint64_t value) {
+    (void)cmd;
+    event_ivars *ev = IV(event_ivars, self);
+    pthread_mutex_lock(&ev->mu);
+    if (value > ev->value) ev->value = value;
+    pthread_cond_broadcast(&ev->cv);
+    pthread_mutex_unlock(&ev->mu);
+}
+
+static struct timespec deadline_in(int seconds) {
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    t.tv_sec += seconds;
+    return t;
+}
+
+/* The model's hang detector: the real driver would wait forever. */
+__attribute__((noreturn)) static void model_hang(const char *where) {
+    fprintf(stderr, "AGXModel: %s: a command buffer never completes (hang)\n", where);
+    fflush(stderr);
+    abort();
+}
 
 static id device_newBuffer(id self, SEL cmd, uint64_t length, uint64_t options) {
     (void)self; (void)cmd; (void)options;
@@ -220,9 +325,32 @@ static void pool_push(id volatile *head, pthread_mutex_t *mu, int racy, id volat
 static id volatile *cmdbuf_next(id o) { return &IV(cmdbuf_ivars, o)->next_free; }
 static id volatile *enc_next(id o) { return &IV(enc_ivars, o)->next_free; }
 
+/* Moves a freed list (taken under the driver's mutex) into a pool, with the
+ * pool's own (racy or not) push: the encoding side's half of recycling. A
+ * list that a double hand-back made circular is cut after MAX_REFILL. */
+#define MAX_REFILL 4096
+static void pool_refill(id volatile *head, pthread_mutex_t *mu, int racy, id volatile *(*next_of)(id), id freed) {
+    for (int i = 0; freed && i < MAX_REFILL; i++) {
+        id next = *next_of(freed);
+        pool_push(head, mu, racy, next_of, freed);
+        freed = next;
+    }
+}
+
 static id queue_commandBuffer(id self, SEL cmd) {
     (void)cmd;
     queue_ivars *qi = IV(queue_ivars, self);
+    /* a slot first: block while max_buffers are uncompleted (Metal's queue does) */
+    pthread_mutex_lock(&qi->slot_mu);
+    struct timespec until = deadline_in(HANG_SECONDS);
+    while (qi->in_use >= qi->max_buffers)
+        if (pthread_cond_timedwait(&qi->slot_cv, &qi->slot_mu, &until) == ETIMEDOUT && qi->in_use >= qi->max_buffers)
+            model_hang("-[AGXModelG16XFamilyCommandQueue commandBuffer] waiting for a free command buffer");
+    qi->in_use++;
+    id freed = qi->freed_buffers;
+    qi->freed_buffers = NULL;
+    pthread_mutex_unlock(&qi->slot_mu);
+    pool_refill(&qi->buffer_pool, &qi->pool_mu, cfg.buffer_recycle, cmdbuf_next, freed);
     id cb = pool_pop(&qi->buffer_pool, &qi->pool_mu, cfg.buffer_recycle, cmdbuf_next);
     if (!cb) cb = new_instance(c_cmdbuf, sizeof(cmdbuf_ivars));
     cmdbuf_ivars *ci = IV(cmdbuf_ivars, cb);
@@ -230,6 +358,9 @@ static id queue_commandBuffer(id self, SEL cmd) {
     ci->status = CB_NOT_ENQUEUED;
     ci->open_encoder = NULL;
     ci->next_free = NULL;
+    ci->next_work = NULL;
+    atomic_store(&ci->refs, 1); /* the caller's */
+    atomic_store(&ci->holds_slot, 1);
     ci->n_made = 0;
     ci->list.count = 0;
     agx_model_live_add(AGX_LIVE_COMMAND_BUFFER, 1);
@@ -250,8 +381,7 @@ static id make_encoder(id cb, int blit) {
         driver_assert(blit ? "AGXModelG16XFamilyCommandBuffer blitCommandEncoder"
                            : "AGXModelG16XFamilyCommandBuffer computeCommandEncoder",
                       "A command encoder is already encoding to this command buffer");
-    id enc = blit ? pool_pop(&di->blit_pool, &di->pool_mu, cfg.encoder_recycle, enc_next)
-                  : pool_pop(&di->encoder_pool, &di->pool_mu, cfg.encoder_recycle, enc_next);
+    id enc = pool_pop(blit ? &di->blit_pool : &di->encoder_pool, &di->pool_mu, cfg.encoder_recycle, enc_next);
     if (!enc) enc = new_instance(blit ? c_blit : c_compute, sizeof(enc_ivars));
     enc_ivars *ei = IV(enc_ivars, enc);
     ei->device = dev;
@@ -274,6 +404,10 @@ static id make_encoder(id cb, int blit) {
 
 static id cmdbuf_computeCommandEncoder(id self, SEL cmd) { (void)cmd; return make_encoder(self, 0); }
 static id cmdbuf_blitCommandEncoder(id self, SEL cmd) { (void)cmd; return make_encoder(self, 1); }
+static id cmdbuf_blitCommandEncoderWithDescriptor(id self, SEL cmd, id descriptor) {
+    (void)cmd; (void)descriptor;
+    return make_encoder(self, 1);
+}
 /* The descriptor and the dispatch type change nothing in the model. */
 static id cmdbuf_computeCommandEncoderWithDescriptor(id self, SEL cmd, id descriptor) {
     (void)cmd; (void)descriptor;
@@ -285,12 +419,24 @@ static id cmdbuf_computeCommandEncoderWithDispatchType(id self, SEL cmd, uint64_
 }
 static id cmdbuf_commandQueue(id self, SEL cmd) { (void)cmd; return IV(cmdbuf_ivars, self)->queue; }
 
-/* Events order command buffers on the GPU; the model's GPU runs each buffer
- * at commit, so they only have to come before it. */
-static void cmdbuf_encodeEvent(id self, SEL cmd, id event, uint64_t value) {
-    (void)event; (void)value;
-    if (IV(cmdbuf_ivars, self)->status >= CB_COMMITTED)
-        driver_assert(sel_getName(cmd), "encoding an event into a committed command buffer");
+/* Events order command buffers on the GPU: the completion thread waits at a
+ * wait until the event reaches the value, and signals in command order. An
+ * event of another driver (or nil) is recorded as nothing. */
+static void encode_event(id self, SEL cmd, id event, uint64_t value, int type) {
+    cmdbuf_ivars *ci = IV(cmdbuf_ivars, self);
+    if (ci->status >= CB_COMMITTED) driver_assert(sel_getName(cmd), "encoding an event into a committed command buffer");
+    if (ci->open_encoder) driver_assert(sel_getName(cmd), "A command encoder is already encoding to this command buffer");
+    if (!event || object_getClass(event) != c_event) return;
+    int i = ci->list.count;
+    if (i >= MAX_CMDS) driver_assert(sel_getName(cmd), "command list overflow");
+    ci->list.cmds[i] = (model_cmd){.type = type, .event = event, .event_value = value};
+    ci->list.count = i + 1;
+}
+static void cmdbuf_encodeSignalEvent(id self, SEL cmd, id event, uint64_t value) {
+    encode_event(self, cmd, event, value, CMD_SIGNAL_EVENT);
+}
+static void cmdbuf_encodeWaitForEvent(id self, SEL cmd, id event, uint64_t value) {
+    encode_event(self, cmd, event, value, CMD_WAIT_EVENT);
 }
 
 static void run_cmd(const model_cmd *c) {
@@ -301,7 +447,64 @@ static void run_cmd(const model_cmd *c) {
         break;
     case CMD_FILL: memset(c->dst, c->value, c->len); break;
     case CMD_COPY: memmove(c->dst, c->src, c->len); break;
+    case CMD_WAIT_EVENT: {
+        event_ivars *ev = IV(event_ivars, c->event);
+        pthread_mutex_lock(&ev->mu);
+        struct timespec until = deadline_in(HANG_SECONDS);
+        while (ev->value < c->event_value)
+            if (pthread_cond_timedwait(&ev->cv, &ev->mu, &until) == ETIMEDOUT && ev->value < c->event_value)
+                model_hang("the GPU waiting for an event that is never signaled");
+        pthread_mutex_unlock(&ev->mu);
+        break;
     }
+    case CMD_SIGNAL_EVENT: event_setSignaledValue(c->event, NULL, c->event_value); break;
+    }
+}
+
+/* The device's completion thread: runs each committed buffer in commit
+ * order, marks it completed, then drops the driver's references (messages,
+ * as the real driver's are: they reach any hook on release and dealloc). */
+static void *completion_main(void *arg) {
+    id dev = arg;
+    dev_ivars *di = IV(dev_ivars, dev);
+    for (;;) {
+        pthread_mutex_lock(&di->done_mu);
+        while (!di->work_head) pthread_cond_wait(&di->work_cv, &di->done_mu);
+        id cb = di->work_head;
+        cmdbuf_ivars *ci = IV(cmdbuf_ivars, cb);
+        di->work_head = ci->next_work;
+        if (!di->work_head) di->work_tail = NULL;
+        pthread_mutex_unlock(&di->done_mu);
+        /* The "GPU": runs the recorded commands for real. */
+        int n = ci->list.count;
+        if (n > MAX_CMDS) n = MAX_CMDS;
+        for (int i = 0; i < n; i++) run_cmd(&ci->list.cmds[i]);
+        /* Completed, then the driver's references go: the encoders' (the
+         * last one deallocs) and the buffer's (freeing its slot). */
+        int made = ci->n_made;
+        if (made > MAX_ENCODERS_PER_BUFFER) made = MAX_ENCODERS_PER_BUFFER;
+        id encoders[MAX_ENCODERS_PER_BUFFER];
+        memcpy(encoders, ci->made, sizeof(id) * (size_t)made);
+        ci->n_made = 0;
+        pthread_mutex_lock(&di->done_mu);
+        ci->status = CB_COMPLETED; /* atomic: publishes the results to waitUntilCompleted */
+        pthread_cond_broadcast(&di->completed_cv);
+        pthread_mutex_unlock(&di->done_mu);
+        for (int i = 0; i < made; i++) ((void (*)(id, SEL))agx_objc_lookup(encoders[i], s_release))(encoders[i], s_release);
+        ((void (*)(id, SEL))agx_objc_lookup(cb, s_release))(cb, s_release);
+    }
+    return NULL;
+}
+
+/* A forked child has no completion thread: the next commit starts one. */
+static void completion_after_fork(void) {
+    if (!the_device) return;
+    dev_ivars *di = IV(dev_ivars, the_device);
+    pthread_mutex_init(&di->done_mu, NULL);
+    pthread_cond_init(&di->work_cv, NULL);
+    pthread_cond_init(&di->completed_cv, NULL);
+    di->work_head = di->work_tail = NULL;
+    di->completer_started = 0;
 }
 
 static void cmdbuf_commit(id self, SEL cmd) {
@@ -314,47 +517,75 @@ static void cmdbuf_commit(id self, SEL cmd) {
     if (ci->open_encoder)
         driver_assert("AGXModelG16XFamilyCommandBuffer commit", "commit command buffer with uncommitted encoder");
     ci->status = CB_COMMITTED;
-    /* The "GPU": runs the recorded commands for real. */
-    int n = ci->list.count;
-    if (n > MAX_CMDS) n = MAX_CMDS;
-    for (int i = 0; i < n; i++) run_cmd(&ci->list.cmds[i]);
-    ci->status = CB_COMPLETED;
-    /* Completion drops the buffer's references to its encoders. */
-    int made = ci->n_made;
-    if (made > MAX_ENCODERS_PER_BUFFER) made = MAX_ENCODERS_PER_BUFFER;
-    ci->n_made = 0;
-    for (int i = 0; i < made; i++) {
-        id e = ci->made[i];
-        ((void (*)(id, SEL))agx_objc_lookup(e, s_release))(e, s_release);
+    atomic_fetch_add(&ci->refs, 1); /* the driver's, until completion */
+    dev_ivars *di = IV(dev_ivars, IV(queue_ivars, ci->queue)->device);
+    /* Encoders dealloc'd since go back to the device's pools here, on the
+     * committing thread (the pools' racy half stays on the encoding side). */
+    pthread_mutex_lock(&di->freed_mu);
+    id freed_enc = di->freed_encoders, freed_blit = di->freed_blits;
+    di->freed_encoders = di->freed_blits = NULL;
+    pthread_mutex_unlock(&di->freed_mu);
+    pool_refill(&di->encoder_pool, &di->pool_mu, cfg.encoder_recycle, enc_next, freed_enc);
+    pool_refill(&di->blit_pool, &di->pool_mu, cfg.encoder_recycle, enc_next, freed_blit);
+    pthread_mutex_lock(&di->done_mu);
+    if (!di->completer_started) {
+        pthread_t t;
+        pthread_attr_t a;
+        pthread_attr_init(&a);
+        pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&t, &a, completion_main, IV(queue_ivars, ci->queue)->device) != 0)
+            driver_assert("AGXModelG16XFamilyCommandBuffer commit", "could not start the completion thread");
+        pthread_attr_destroy(&a);
+        di->completer_started = 1;
     }
+    ci->next_work = NULL;
+    if (di->work_tail) IV(cmdbuf_ivars, di->work_tail)->next_work = self;
+    else di->work_head = self;
+    di->work_tail = self;
+    pthread_cond_signal(&di->work_cv);
+    pthread_mutex_unlock(&di->done_mu);
 }
 
+/* Blocks until the completion thread has completed the buffer (as Metal's does). */
 static void cmdbuf_waitUntilCompleted(id self, SEL cmd) {
     (void)cmd;
     cmdbuf_ivars *ci = IV(cmdbuf_ivars, self);
-    struct timespec t0, t;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    while (ci->status != CB_COMPLETED) {
-        sched_yield();
-        clock_gettime(CLOCK_MONOTONIC, &t);
-        if (t.tv_sec - t0.tv_sec > 2) {
-            /* The real driver hangs here; the model says so and stops. */
-            fprintf(stderr, "AGXModel: waitUntilCompleted: command buffer never completes (hang)\n");
-            fflush(stderr);
-            abort();
-        }
-    }
+    dev_ivars *di = IV(dev_ivars, IV(queue_ivars, ci->queue)->device);
+    pthread_mutex_lock(&di->done_mu);
+    struct timespec until = deadline_in(HANG_SECONDS);
+    while (ci->status != CB_COMPLETED)
+        if (pthread_cond_timedwait(&di->completed_cv, &di->done_mu, &until) == ETIMEDOUT && ci->status != CB_COMPLETED)
+            model_hang("waitUntilCompleted");
+    pthread_mutex_unlock(&di->done_mu);
 }
 
 static uint64_t cmdbuf_status(id self, SEL cmd) { (void)cmd; return (uint64_t)IV(cmdbuf_ivars, self)->status; }
 
-/* Gives the buffer back to its queue's pool (the model's last release). */
+/* Drops one reference. The slot frees once the buffer has completed (or at
+ * its last release, for one never committed); the last release hands the
+ * buffer back to its queue (the freed list; commandBuffer moves it into the
+ * pool). A buffer two threads were handed (buffer_recycle) is over-released:
+ * each extra release hands it back again, so it sits in the pool twice, as
+ * a double free would leave it. */
 static void cmdbuf_release(id self, SEL cmd) {
     (void)cmd;
     cmdbuf_ivars *ci = IV(cmdbuf_ivars, self);
     queue_ivars *qi = IV(queue_ivars, ci->queue);
-    pool_push(&qi->buffer_pool, &qi->pool_mu, cfg.buffer_recycle, cmdbuf_next, self);
-    agx_model_live_add(AGX_LIVE_COMMAND_BUFFER, -1);
+    int was = atomic_fetch_sub(&ci->refs, 1);
+    int last = was <= 1;
+    int free_slot = (last || ci->status == CB_COMPLETED) && atomic_exchange(&ci->holds_slot, 0);
+    if (!free_slot && !last) return;
+    pthread_mutex_lock(&qi->slot_mu);
+    if (free_slot) {
+        qi->in_use--;
+        pthread_cond_signal(&qi->slot_cv);
+    }
+    if (last) {
+        agx_model_live_add(AGX_LIVE_COMMAND_BUFFER, -1);
+        ci->next_free = qi->freed_buffers;
+        qi->freed_buffers = self;
+    }
+    pthread_mutex_unlock(&qi->slot_mu);
 }
 
 /* ----------------------------------------------------- compute encoder */
@@ -478,9 +709,15 @@ static void enc_note3(id self, SEL cmd, uint64_t a, uint64_t b, uint64_t c) {
     IV(enc_ivars, self)->resources++;
 }
 
-static void end_encoding(id self, int blit) {
+static void end_encoding(id self, SEL cmd, int blit) {
     enc_ivars *ei = IV(enc_ivars, self);
-    model_bindings *b = live_bindings(self);
+    model_bindings *b = ei->bindings;
+    if (!b) {
+        /* Metal asserts on a second end; the model names the encoder's class and selector. */
+        char where[160];
+        snprintf(where, sizeof where, "%s %s", class_getName(object_getClass(self)), sel_getName(cmd));
+        driver_assert(where, "endEncoding on an encoder that has already ended");
+    }
     dev_ivars *di = IV(dev_ivars, ei->device);
     if (!blit && cfg.context_race) di->current_ctx = NULL; /* clears whoever's context it is */
     id cb = ei->cmdbuf;
@@ -489,7 +726,7 @@ static void end_encoding(id self, int blit) {
     free(b);
 }
 
-static void enc_endEncoding(id self, SEL cmd) { (void)cmd; end_encoding(self, 0); }
+static void enc_endEncoding(id self, SEL cmd) { end_encoding(self, cmd, 0); }
 
 /* Reference counting, as the runtime's retain/release: the last release
  * deallocs, and dealloc gives the encoder back to the device's pool. */
@@ -503,11 +740,17 @@ static void enc_release(id self, SEL cmd) {
     if (atomic_fetch_sub(&IV(enc_ivars, self)->refs, 1) == 1)
         ((void (*)(id, SEL))agx_objc_lookup(self, s_dealloc))(self, s_dealloc);
 }
+/* Onto the device's freed list (a driver mutex: dealloc runs on the
+ * completion thread); the next commit moves it into the pool. */
 static void enc_dealloc(id self, SEL cmd) {
     (void)cmd;
     enc_ivars *ei = IV(enc_ivars, self);
     dev_ivars *di = IV(dev_ivars, ei->device);
-    pool_push(ei->is_blit ? &di->blit_pool : &di->encoder_pool, &di->pool_mu, cfg.encoder_recycle, enc_next, self);
+    pthread_mutex_lock(&di->freed_mu);
+    id *list = ei->is_blit ? &di->freed_blits : &di->freed_encoders;
+    ei->next_free = *list;
+    *list = self;
+    pthread_mutex_unlock(&di->freed_mu);
     agx_model_live_add(AGX_LIVE_ENCODER, -1);
 }
 
@@ -551,7 +794,7 @@ static void blit_copyTexture(id self, SEL cmd, id src, uint64_t slice, uint64_t 
     live_bindings(self);
 }
 
-static void blit_endEncoding(id self, SEL cmd) { (void)cmd; end_encoding(self, 1); }
+static void blit_endEncoding(id self, SEL cmd) { end_encoding(self, cmd, 1); }
 
 /* ---------------------------------------------------------------- setup */
 
@@ -585,6 +828,8 @@ int agx_model_init(void) {
 
     c_device = make_class(root, agx_model_device_class);
     add(c_device, "newCommandQueue", device_newCommandQueue, "@@:");
+    add(c_device, "newCommandQueueWithMaxCommandBufferCount:", device_newCommandQueueWithMax, "@@:Q");
+    add(c_device, "newSharedEvent", device_newSharedEvent, "@@:");
     add(c_device, "newBufferWithLength:options:", device_newBuffer, "@@:QQ");
     add(c_device, "newComputePipelineStateWithName:", device_newPipeline, "@@:r*");
     objc_registerClassPair(c_device);
@@ -599,10 +844,11 @@ int agx_model_init(void) {
     c_cmdbuf = make_class(root, agx_model_cmdbuf_class);
     add(c_cmdbuf, "computeCommandEncoder", cmdbuf_computeCommandEncoder, "@@:");
     add(c_cmdbuf, "blitCommandEncoder", cmdbuf_blitCommandEncoder, "@@:");
+    add(c_cmdbuf, "blitCommandEncoderWithDescriptor:", cmdbuf_blitCommandEncoderWithDescriptor, "@@:@");
     add(c_cmdbuf, "computeCommandEncoderWithDescriptor:", cmdbuf_computeCommandEncoderWithDescriptor, "@@:@");
     add(c_cmdbuf, "computeCommandEncoderWithDispatchType:", cmdbuf_computeCommandEncoderWithDispatchType, "@@:Q");
-    add(c_cmdbuf, "encodeSignalEvent:value:", cmdbuf_encodeEvent, "v@:@Q");
-    add(c_cmdbuf, "encodeWaitForEvent:value:", cmdbuf_encodeEvent, "v@:@Q");
+    add(c_cmdbuf, "encodeSignalEvent:value:", cmdbuf_encodeSignalEvent, "v@:@Q");
+    add(c_cmdbuf, "encodeWaitForEvent:value:", cmdbuf_encodeWaitForEvent, "v@:@Q");
     add(c_cmdbuf, "commandQueue", cmdbuf_commandQueue, "@@:");
     add(c_cmdbuf, "commit", cmdbuf_commit, "v@:");
     add(c_cmdbuf, "waitUntilCompleted", cmdbuf_waitUntilCompleted, "v@:");
@@ -642,6 +888,12 @@ int agx_model_init(void) {
         blit_copyTexture, "v@:@QQ{MTLOrigin=QQQ}{MTLSize=QQQ}@QQ{MTLOrigin=QQQ}");
     add(c_blit, "synchronizeResource:", enc_note1, "v@:@");
     add(c_blit, "endEncoding", blit_endEncoding, "v@:");
+    /* AGX's private deferred end: the driver finishes the encoder's work
+     * later, but for its caller the encoder has ended, as after endEncoding.
+     * The model has no other end path: Metal allows one active encoder per
+     * command buffer and makes the caller end it before the next (the
+     * "already encoding" assertion), so there is no documented implicit end. */
+    add(c_blit, "deferredEndEncoding", blit_endEncoding, "v@:");
     add_encoder_common(c_blit);
     objc_registerClassPair(c_blit);
 
@@ -653,6 +905,11 @@ int agx_model_init(void) {
     c_pipeline = make_class(root, agx_model_pipeline_class);
     add(c_pipeline, "maxTotalThreadsPerThreadgroup", pipeline_max_threads, "Q@:");
     objc_registerClassPair(c_pipeline);
+
+    c_event = make_class(root, agx_model_event_class);
+    add(c_event, "signaledValue", event_signaledValue, "Q@:");
+    add(c_event, "setSignaledValue:", event_setSignaledValue, "v@:Q");
+    objc_registerClassPair(c_event);
 
     s_setPipeline = sel_registerName("setComputePipelineState:");
     s_setBuffer = sel_registerName("setBuffer:offset:atIndex:");
@@ -668,7 +925,13 @@ int agx_model_init(void) {
     cached_dispatchThreads = class_getMethodImplementation(c_compute, s_dispatchThreads);
 
     the_device = new_instance(c_device, sizeof(dev_ivars));
-    pthread_mutex_init(&IV(dev_ivars, the_device)->pool_mu, NULL);
+    dev_ivars *di = IV(dev_ivars, the_device);
+    pthread_mutex_init(&di->pool_mu, NULL);
+    pthread_mutex_init(&di->freed_mu, NULL);
+    pthread_mutex_init(&di->done_mu, NULL);
+    pthread_cond_init(&di->work_cv, NULL);
+    pthread_cond_init(&di->completed_cv, NULL);
+    pthread_atfork(NULL, NULL, completion_after_fork);
     if ((void *)object_getIndexedIvars(the_device) == (void *)the_device) goto out; /* no isa slot */
     atomic_store(&inited, 1);
     rc = 0;

@@ -9,8 +9,18 @@
  * Classes (AGX family names): AGXModelG16XDevice, AGXModelG16XFamilyCommandQueue,
  * AGXModelG16XFamilyCommandBuffer, AGXModelG16XFamilyComputeContext (compute
  * encoder), AGXModelG16XFamilyBlitContext (blit encoder), AGXModelG16XBuffer,
- * AGXModelG16XComputePipelineState. Instances are made by the device and by
- * the selectors Metal uses; callers send messages through the runtime. */
+ * AGXModelG16XComputePipelineState, AGXModelG16XSharedEvent. Instances are
+ * made by the device and by the selectors Metal uses; callers send messages
+ * through the runtime.
+ *
+ * As Metal's: a queue has a fixed number of command buffer slots
+ * (newCommandQueueWithMaxCommandBufferCount:, 64 for newCommandQueue) and
+ * commandBuffer blocks while all are uncompleted; commit hands the buffer to
+ * the device's completion thread, which runs it (the GPU), marks it
+ * completed, and drops the driver's references by sending release to its
+ * encoders (the last one deallocs) and to the buffer (which frees its slot);
+ * encodeWaitForEvent:value: makes that thread wait for a shared event;
+ * ending an encoder twice is a driver assertion (abort). */
 #ifndef AGX_DRIVER_MODEL_H
 #define AGX_DRIVER_MODEL_H
 
@@ -48,6 +58,7 @@ extern const char *const agx_model_compute_class;
 extern const char *const agx_model_blit_class;
 extern const char *const agx_model_buffer_class;
 extern const char *const agx_model_pipeline_class;
+extern const char *const agx_model_event_class;
 
 /* The internal dispatch path (what MPS kernels do): set the pipeline, bind
  * x, y and the scalar a, dispatch n threads of y = a*x + y. With the bypass

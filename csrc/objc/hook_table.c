@@ -25,12 +25,14 @@ const agx_hook_row agx_hook_rows[] = {
     {BUFFERS, "computeCommandEncoderWithDescriptor:", AGX_KIND_MAKE_ENCODER, 0},
     {BUFFERS, "computeCommandEncoderWithDispatchType:", AGX_KIND_MAKE_ENCODER, 0},
     {BUFFERS, "blitCommandEncoder", AGX_KIND_MAKE_ENCODER, 0},
+    {BUFFERS, "blitCommandEncoderWithDescriptor:", AGX_KIND_MAKE_ENCODER, 0},
     {BUFFERS, "commit", AGX_KIND_COMMIT, 0},
     {BUFFERS, "encodeSignalEvent:value:", AGX_KIND_CALL, 0},
     {BUFFERS, "encodeWaitForEvent:value:", AGX_KIND_CALL, 0},
-    /* a driver's own release returns the buffer to its queue's pool (the
-     * model's does); NSObject's is not the driver's and is left alone */
-    {ROLE(COMMAND_BUFFER), "release", AGX_KIND_CALL, AGX_ROW_OWN},
+    /* a driver's own release frees the buffer's queue slot (the model's
+     * does, on its completion thread): counted, never locked; NSObject's is
+     * not the driver's and is left alone */
+    {ROLE(COMMAND_BUFFER), "release", AGX_KIND_CALL, AGX_ROW_OWN | AGX_ROW_UNLOCKED},
     /* compute encoder: state, bindings, residency, barriers, fences, dispatch */
     {COMPUTE, "setComputePipelineState:", AGX_KIND_CALL, 0},
     {COMPUTE, "setBuffer:offset:atIndex:", AGX_KIND_CALL, 0},
@@ -47,18 +49,18 @@ const agx_hook_row agx_hook_rows[] = {
     {COMPUTE, "dispatchThreads:threadsPerThreadgroup:", AGX_KIND_CALL, 0},
     {COMPUTE, "dispatchThreadgroups:threadsPerThreadgroup:", AGX_KIND_CALL, 0},
     {COMPUTE, "dispatchThreadgroupsWithIndirectBuffer:indirectBufferOffset:threadsPerThreadgroup:", AGX_KIND_CALL, 0},
-    {COMPUTE, "deferredEndEncoding", AGX_KIND_END_ENCODER, 0},
     /* blit encoder: fill, copies, synchronize */
     {BLIT, "fillBuffer:range:value:", AGX_KIND_CALL, 0},
     {BLIT, "copyFromBuffer:sourceOffset:toBuffer:destinationOffset:size:", AGX_KIND_CALL, 0},
     {BLIT, "copyFromTexture:sourceSlice:sourceLevel:sourceOrigin:sourceSize:toTexture:destinationSlice:"
            "destinationLevel:destinationOrigin:", AGX_KIND_CALL, 0},
     {BLIT, "synchronizeResource:", AGX_KIND_CALL, 0},
-    /* both encoders: fences, end, destruction */
+    /* both encoders: fences, every end, destruction (on the completion path) */
     {ENCODERS, "updateFence:", AGX_KIND_CALL, 0},
     {ENCODERS, "waitForFence:", AGX_KIND_CALL, 0},
     {ENCODERS, "endEncoding", AGX_KIND_END_ENCODER, 0},
-    {ENCODERS, "dealloc", AGX_KIND_DEALLOC, AGX_ROW_OWN},
+    {ENCODERS, "deferredEndEncoding", AGX_KIND_END_ENCODER, 0},
+    {ENCODERS, "dealloc", AGX_KIND_DEALLOC, AGX_ROW_OWN | AGX_ROW_UNLOCKED},
 };
 const size_t agx_hook_row_count = sizeof agx_hook_rows / sizeof agx_hook_rows[0];
 
@@ -133,7 +135,7 @@ static int apply_rows_locked(const agx_discovery *d) {
             if (!d->n[role] && n_report < AGX_MAX_REPORT) {
                 /* the role has no class here (MPSCommandBuffer not loaded): reported once per row */
                 agx_hook_report *e = &report[n_report++];
-                *e = (agx_hook_report){"", row->selector, role, row->kind, 0, ""};
+                *e = (agx_hook_report){"", row->selector, role, row->kind, 0, "", 0};
                 snprintf(e->skipped, sizeof e->skipped, "no %s class: %s", agx_role_names[role],
                          d->notes[role][0] ? d->notes[role] : "none found");
                 continue;
@@ -141,11 +143,12 @@ static int apply_rows_locked(const agx_discovery *d) {
             for (int k = 0; k < d->n[role] && n_report < AGX_MAX_REPORT; k++) {
                 Class cls = d->classes[role][k];
                 agx_hook_report *e = &report[n_report++];
-                *e = (agx_hook_report){class_getName(cls), row->selector, role, row->kind, 0, ""};
+                *e = (agx_hook_report){class_getName(cls), row->selector, role, row->kind, 0, "", 0};
                 char why[160];
                 const char *skip = skip_reason(cls, row, why, sizeof why);
                 if (skip) snprintf(e->skipped, sizeof e->skipped, "%s", skip);
                 else snprintf(e->skipped, sizeof e->skipped, "pending"); /* installed below */
+                e->unlocked = (row->flags & AGX_ROW_UNLOCKED) != 0;
             }
         }
     }
@@ -155,7 +158,8 @@ static int apply_rows_locked(const agx_discovery *d) {
             agx_hook_report *e = &report[i];
             if (!e->class_name[0] || makes_objects(e->kind) != pass || strcmp(e->skipped, "pending") != 0) continue;
             char ierr[512];
-            int res = agx_swizzle_install_kind(e->class_name, e->selector, e->kind, ierr, sizeof ierr);
+            int kind = e->kind | (e->unlocked ? AGX_SWZ_NO_LOCK : 0);
+            int res = agx_swizzle_install_kind(e->class_name, e->selector, kind, ierr, sizeof ierr);
             if (res < 0) {
                 snprintf(e->skipped, sizeof e->skipped, "%.150s", ierr);
                 continue;

@@ -6,7 +6,31 @@
  * factories, endEncoding, commit, dealloc). Installing applies every row to
  * every class discovery found for its role; a class that does not implement a
  * selector is skipped with the reason, never fatal. The same table serves
- * Metal and the driver model. */
+ * Metal and the driver model.
+ *
+ * Ends: every selector that ends an encoder (endEncoding, deferredEndEncoding)
+ * is an END_ENCODER row on both encoder roles, and every factory of those
+ * roles is a MAKE_ENCODER row, so lifecycle sees each end of each encoder it
+ * tracks; an encoder from a factory the table does not hook is never
+ * tracked, hence never ended by commit safety.
+ *
+ * Lock order (the rule every row follows):
+ *   1. A hooked call holds its mode lock across the original, and may block
+ *      inside it: commandBuffer waits for a free slot of its queue until a
+ *      command buffer completes; waitUntilCompleted waits for completion.
+ *   2. So nothing the driver runs to complete a command buffer may wait for a
+ *      mode or region lock: the rows on the completion path (the command
+ *      buffer's release, which frees its slot, and the encoders' dealloc) are
+ *      AGX_ROW_UNLOCKED. Their bookkeeping (lifecycle.c) takes only
+ *      lifecycle's own mutex, a leaf: held for a few loads and stores, never
+ *      across a message send or another lock.
+ *   3. This is safe for the encoders: lifecycle retains each tracked encoder
+ *      from its factory to its end, so no dealloc can overlap a call on an
+ *      encoder still in use. It relies on the driver's completion path being
+ *      thread-safe by itself (Metal documents the queue as thread-safe; the
+ *      driver model hands released objects back under its own mutex).
+ * With 1-3, a thread that blocks for a slot or a completion while holding a
+ * lock is always woken: the completion path it waits for takes no lock. */
 #ifndef AGX_HOOK_TABLE_H
 #define AGX_HOOK_TABLE_H
 
@@ -27,7 +51,8 @@ enum {
 };
 
 /* Row flags. */
-#define AGX_ROW_OWN 1 /* only where a driver class implements it, never the root class's (release, dealloc) */
+#define AGX_ROW_OWN 1      /* only where a driver class implements it, never the root class's (release, dealloc) */
+#define AGX_ROW_UNLOCKED 2 /* the driver's completion path: no mode lock (see "Lock order" above) */
 
 typedef struct agx_hook_row {
     unsigned roles; /* 1 << agx_role, may name several */
@@ -47,6 +72,7 @@ typedef struct agx_hook_report {
     int kind;
     int installed;          /* hooked now */
     char skipped[160];      /* why not, when not */
+    int unlocked;           /* AGX_ROW_UNLOCKED: the call takes no mode lock */
 } agx_hook_report;
 
 /* Discover the driver's classes (first call per driver; later calls add the

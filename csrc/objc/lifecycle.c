@@ -1,6 +1,8 @@
 /* lifecycle.c: see lifecycle.h. The open table is small (one entry per
- * encoder open right now) and guarded by its own mutex, never held across a
- * message send, so it adds no lock order to the mode's locks. */
+ * encoder open right now) and guarded by its own mutex, a leaf: never held
+ * across a message send or while taking another lock, so it adds no lock
+ * order to the mode's locks, and the completion path (dealloc, unlocked)
+ * can take it while any thread holds a mode lock. */
 #include "lifecycle.h"
 
 #include <pthread.h>
@@ -17,6 +19,7 @@ typedef struct open_encoder {
     id encoder;
     id buffer;
     int retained;
+    int ending; /* an end (the caller's or commit safety's) is under way: nobody else ends it */
 } open_encoder;
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -36,19 +39,30 @@ static void sels(void) {
 
 static int implements(id obj, SEL sel) { return class_getInstanceMethod(object_getClass(obj), sel) != NULL; }
 
+static int find_open(id enc) {
+    for (int i = 0; i < n_open; i++)
+        if (open_set[i].encoder == enc) return i;
+    return -1;
+}
+
 /* Removes `enc` from the open set; 1 and *retained if it was there. */
 static int take_open(id enc, int *retained) {
-    int found = 0;
     pthread_mutex_lock(&mu);
-    for (int i = 0; i < n_open; i++)
-        if (open_set[i].encoder == enc) {
-            *retained = open_set[i].retained;
-            open_set[i] = open_set[--n_open];
-            found = 1;
-            break;
-        }
+    int i = find_open(enc);
+    if (i >= 0) {
+        *retained = open_set[i].retained;
+        open_set[i] = open_set[--n_open];
+    }
     pthread_mutex_unlock(&mu);
-    return found;
+    return i >= 0;
+}
+
+/* An end of `enc` starts: it is claimed, so commit safety will not end it too. */
+static void claim_end(id enc) {
+    pthread_mutex_lock(&mu);
+    int i = find_open(enc);
+    if (i >= 0) open_set[i].ending = 1;
+    pthread_mutex_unlock(&mu);
 }
 
 /* The stream of a queue: its registered key, else its address (registered
@@ -94,7 +108,7 @@ static void encoder_made(id buffer, id enc) {
         return;
     }
     int retain = implements(enc, s_retain) && implements(enc, s_release);
-    open_set[n_open++] = (open_encoder){enc, buffer, retain};
+    open_set[n_open++] = (open_encoder){enc, buffer, retain, 0};
     pthread_mutex_unlock(&mu);
     if (retain) {
         ((id(*)(id, SEL))agx_objc_lookup(enc, s_retain))(enc, s_retain);
@@ -110,18 +124,27 @@ static void encoder_ended(id enc) {
     if (retained) ((void (*)(id, SEL))agx_objc_lookup(enc, s_release))(enc, s_release);
 }
 
-/* Commit safety: end what is still open on `buffer` before it commits. */
+/* Commit safety: end what is still open on `buffer` before it commits.
+ * Only encoders whose end has not been seen (by any END_ENCODER row) are
+ * in the set, and each is claimed before the message, so no encoder is
+ * ended twice: not by a caller's end under way, not by a second commit. */
 static void before_commit(id buffer) {
     id ends[AGX_MAX_OPEN];
     int n = 0;
     pthread_mutex_lock(&mu);
     for (int i = 0; i < n_open; i++)
-        if (open_set[i].buffer == buffer) ends[n++] = open_set[i].encoder;
+        if (open_set[i].buffer == buffer && !open_set[i].ending) {
+            open_set[i].ending = 1;
+            ends[n++] = open_set[i].encoder;
+        }
     pthread_mutex_unlock(&mu);
     for (int i = 0; i < n; i++) {
         atomic_fetch_add(&c_forced, 1);
-        /* A message, so it runs through the endEncoding hook (re-entrant lock). */
+        /* A message, so it runs through the endEncoding hook (re-entrant
+         * lock), whose AFTER untracks and releases it ... */
         ((void (*)(id, SEL))agx_objc_lookup(ends[i], s_end))(ends[i], s_end);
+        /* ... unless the class's endEncoding was not hooked: do it here. */
+        encoder_ended(ends[i]);
     }
 }
 
@@ -138,12 +161,13 @@ static void observe(int kind, int phase, id self, uint64_t ret) {
         if (!off) encoder_made(self, (id)(uintptr_t)ret);
         break;
     case AGX_KIND_END_ENCODER:
-        if (phase == AGX_SWZ_AFTER) encoder_ended(self);
+        if (phase == AGX_SWZ_BEFORE) claim_end(self);
+        else encoder_ended(self);
         break;
     case AGX_KIND_COMMIT:
         if (phase == AGX_SWZ_BEFORE && !off) before_commit(self);
         break;
-    case AGX_KIND_DEALLOC: {
+    case AGX_KIND_DEALLOC: { /* unlocked (completion path): lifecycle's mutex only */
         int retained;
         if (phase == AGX_SWZ_BEFORE) agx_swizzle_clear_stream(self); /* before the address can be reused */
         if (phase == AGX_SWZ_BEFORE && take_open(self, &retained)) atomic_fetch_add(&c_freed_open, 1);

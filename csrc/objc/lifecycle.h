@@ -5,10 +5,17 @@
  *                         registered key, else the queue's address)
  *   encoder made          it gets its buffer's stream key, is retained (when
  *                         its class implements retain), and is tracked open
- *   endEncoding           untracked, released, counted ended
- *   commit                encoders still open on the buffer are ended first
- *                         (commit safety), counted as forced ends
- *   dealloc               a tracked encoder is forgotten (counted)
+ *   end (endEncoding or   claimed before the original runs; untracked,
+ *   deferredEndEncoding)  released, counted ended after it
+ *   commit                encoders still open on the buffer, and not being
+ *                         ended, are claimed and ended first (commit safety),
+ *                         counted as forced ends; none is ended twice
+ *   dealloc               a tracked encoder is forgotten (counted); runs on
+ *                         the driver's completion path without a mode lock
+ *
+ * Lock order: lifecycle's mutex is a leaf (never held across a message send
+ * or another lock), so the unlocked dealloc row can take it while any thread
+ * holds a mode or region lock; see hook_table.h, "Lock order".
  *
  * In mode `off` nothing new is tracked and commit safety is off (off is
  * unprotected); an encoder tracked earlier is still released at its end.

@@ -201,3 +201,62 @@ int agx_model_run_op(int queue, float a, uint64_t length, int internal, int end,
      * (a recycled op might still point at them). */
     return ok;
 }
+
+/* ------------------------------------------------------------ one message */
+
+int agx_model_send(uint64_t receiver, const char *selector, const uint64_t *a, int n, uint64_t *ret, char *err,
+                   size_t errlen) {
+    *ret = 0;
+    id obj = (id)(uintptr_t)receiver;
+    if (!obj) { snprintf(err, errlen, "the receiver is nil"); return -1; }
+    SEL sel = sel_registerName(selector);
+    Method m = class_getInstanceMethod(object_getClass(obj), sel);
+    if (!m) {
+        snprintf(err, errlen, "-[%s %s]: no such method", class_getName(object_getClass(obj)), selector);
+        return -1;
+    }
+    char why[160];
+    const char *shape = agx_swizzle_shape_for(method_getTypeEncoding(m), why, sizeof why);
+    /* "v(u64,u64)" or "u64(...)": every argument and the return are words */
+    int words = 0, ok = shape != NULL;
+    const char *p = shape ? strchr(shape, '(') : NULL;
+    if (ok) ok = !strncmp(shape, "v(", 2) || !strncmp(shape, "u64(", 4);
+    for (p = p ? p + 1 : NULL; ok && p && *p != ')'; words++) {
+        if (strncmp(p, "u64", 3) != 0) ok = 0;
+        p += 3;
+        if (*p == ',') p++;
+    }
+    if (!ok) {
+        snprintf(err, errlen, "-[%s %s] takes or returns something other than objects and integers (%s)",
+                 class_getName(object_getClass(obj)), selector, shape ? shape : why);
+        return -1;
+    }
+    if (words != n) {
+        snprintf(err, errlen, "-[%s %s] takes %d arguments, not %d", class_getName(object_getClass(obj)), selector,
+                 words, n);
+        return -1;
+    }
+    IMP imp = agx_objc_lookup(obj, sel);
+    int is_void = shape[0] == 'v';
+    typedef uint64_t W;
+    W r = 0;
+    switch (n) {
+    case 0: if (is_void) ((void (*)(id, SEL))imp)(obj, sel); else r = ((W(*)(id, SEL))imp)(obj, sel); break;
+    case 1: if (is_void) ((void (*)(id, SEL, W))imp)(obj, sel, a[0]); else r = ((W(*)(id, SEL, W))imp)(obj, sel, a[0]); break;
+    case 2:
+        if (is_void) ((void (*)(id, SEL, W, W))imp)(obj, sel, a[0], a[1]);
+        else r = ((W(*)(id, SEL, W, W))imp)(obj, sel, a[0], a[1]);
+        break;
+    case 3:
+        if (is_void) ((void (*)(id, SEL, W, W, W))imp)(obj, sel, a[0], a[1], a[2]);
+        else r = ((W(*)(id, SEL, W, W, W))imp)(obj, sel, a[0], a[1], a[2]);
+        break;
+    case 4:
+        if (is_void) ((void (*)(id, SEL, W, W, W, W))imp)(obj, sel, a[0], a[1], a[2], a[3]);
+        else r = ((W(*)(id, SEL, W, W, W, W))imp)(obj, sel, a[0], a[1], a[2], a[3]);
+        break;
+    default: snprintf(err, errlen, "at most 4 arguments"); return -1;
+    }
+    *ret = r;
+    return 0;
+}

@@ -38,6 +38,16 @@ int agx_model_run(const agx_run_options *o, agx_run_result *r, char *err, size_t
  * Call without the GIL. */
 int agx_model_run_op(int queue, float a, uint64_t length, int internal, int end, char *err, size_t errlen);
 
+/* One message to a driver-model object, for tests that script the driver
+ * selector by selector: `receiver` is an object the model made (from
+ * agx_model_device() or an earlier send; anything else is undefined), the
+ * method's arguments and return must all be objects or integers (n <= 4).
+ * 0 and *ret (0 for a void method), or -1 with err (no such method, wrong
+ * argument count, a type that is not an object or integer). Goes through any
+ * hook. Call without the GIL: a driver call may block. */
+int agx_model_send(uint64_t receiver, const char *selector, const uint64_t *args, int n, uint64_t *ret, char *err,
+                   size_t errlen);
+
 /* The stream key the runner gives queue i. */
 uint64_t agx_model_stream_key(int queue);
 

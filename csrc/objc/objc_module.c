@@ -342,6 +342,36 @@ static PyObject *py_model_stream_key(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(agx_model_stream_key(q));
 }
 
+static PyObject *py_model_device(PyObject *self, PyObject *unused) {
+    if (model_ready() < 0) return NULL;
+    return PyLong_FromUnsignedLongLong((uint64_t)(uintptr_t)agx_model_device());
+}
+
+static PyObject *py_model_send(PyObject *self, PyObject *args) {
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    if (n < 2 || n > 6) {
+        PyErr_SetString(PyExc_TypeError, "model_send(receiver, selector, *args) takes 0..4 integer arguments");
+        return NULL;
+    }
+    unsigned long long receiver = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(args, 0));
+    if (PyErr_Occurred()) return NULL;
+    const char *sel = PyUnicode_AsUTF8(PyTuple_GET_ITEM(args, 1));
+    if (!sel) return NULL;
+    uint64_t a[4] = {0};
+    for (Py_ssize_t i = 2; i < n; i++) {
+        a[i - 2] = PyLong_AsUnsignedLongLongMask(PyTuple_GET_ITEM(args, i));
+        if (PyErr_Occurred()) return NULL;
+    }
+    if (model_ready() < 0) return NULL;
+    uint64_t ret;
+    char err[256];
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = agx_model_send(receiver, sel, a, (int)(n - 2), &ret, err, sizeof err);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) { PyErr_SetString(PyExc_ValueError, err); return NULL; }
+    return PyLong_FromUnsignedLongLong(ret);
+}
+
 /* ------------------------------------------------------------ hook set */
 
 static const char *const kind_names[] = {"call", "make_buffer", "make_encoder", "end_encoder", "commit", "dealloc"};
@@ -460,8 +490,9 @@ static PyObject *py_hooks_table(PyObject *self, PyObject *unused) {
             if (!n || PyList_Append(roles, n) < 0) { Py_XDECREF(n); Py_DECREF(roles); Py_DECREF(list); return NULL; }
             Py_DECREF(n);
         }
-        PyObject *d = Py_BuildValue("{s:s,s:N,s:s,s:O}", "selector", row->selector, "roles", roles, "kind",
-                                    kind_names[row->kind], "own_only", (row->flags & AGX_ROW_OWN) ? Py_True : Py_False);
+        PyObject *d = Py_BuildValue("{s:s,s:N,s:s,s:O,s:O}", "selector", row->selector, "roles", roles, "kind",
+                                    kind_names[row->kind], "own_only", (row->flags & AGX_ROW_OWN) ? Py_True : Py_False,
+                                    "unlocked", (row->flags & AGX_ROW_UNLOCKED) ? Py_True : Py_False);
         if (!d || PyList_Append(list, d) < 0) { Py_XDECREF(d); Py_DECREF(list); return NULL; }
         Py_DECREF(d);
     }
@@ -523,6 +554,11 @@ static PyMethodDef objc_methods[] = {
     {"hooks_table", py_hooks_table, METH_NOARGS, "hooks_table() -> the AGX hook set's rows."},
     {"model_classes", py_model_classes, METH_NOARGS, "model_classes() -> the model's class names."},
     {"model_stream_key", py_model_stream_key, METH_VARARGS, "model_stream_key(queue) -> the runner's key."},
+    {"model_device", py_model_device, METH_NOARGS, "model_device() -> int: the driver model's device (its address)."},
+    {"model_send", py_model_send, METH_VARARGS,
+     "model_send(receiver, selector, *args) -> int: one message to a driver-model object (an address from "
+     "model_device() or an earlier model_send; anything else is undefined), objects and integers only, GIL "
+     "released; ValueError when the method does not exist or has another shape."},
     {NULL, NULL, 0, NULL},
 };
 

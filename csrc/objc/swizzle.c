@@ -40,13 +40,21 @@ static _Atomic uintptr_t agx_observer;
  * uninstall still runs the original. */
 static inline int agx_hook_enter(agx_hook_slot *s, id self, IMP *orig, int *kind, agx_entry *e) {
     *kind = 0;
+    /* `active` first: its release store at install comes after the slot's
+     * plain fields, so this acquire orders the reads below after them (a
+     * thread can reach the wrapper through the runtime's method table, which
+     * is no C11 synchronization, e.g. the driver's completion thread while
+     * install is still under way). */
+    int active = atomic_load_explicit(&s->active, memory_order_acquire);
     if (s->added)
         *orig = class_getMethodImplementation(s->super, s->sel);
     else
         *orig = (IMP)atomic_load_explicit(&s->orig, memory_order_acquire);
-    if (!atomic_load_explicit(&s->active, memory_order_acquire)) return 0;
-    *kind = atomic_load_explicit(&s->kind, memory_order_relaxed);
+    if (!active) return 0;
+    int k = atomic_load_explicit(&s->kind, memory_order_relaxed);
+    *kind = k & ~AGX_SWZ_NO_LOCK;
     atomic_fetch_add_explicit(&s->calls, 1, memory_order_relaxed);
+    if (k & AGX_SWZ_NO_LOCK) return 0; /* the completion path: never waits for a mode lock */
     agx_thread_entries *t = agx_entries();
     int mode = agx_entry_mode_in(t);
     uint64_t key = 0;

@@ -33,6 +33,10 @@ int agx_swizzle_install(const char *class_name, const char *selector, char *err,
  * re-install sets the kind again. */
 int agx_swizzle_install_kind(const char *class_name, const char *selector, int kind, char *err, size_t errlen);
 enum { AGX_SWZ_BEFORE = 0, AGX_SWZ_AFTER = 1 };
+/* Or'ed into `kind`: the wrapper counts the call and reports it to the
+ * observer (with the flag cleared) but takes no mode lock, for methods on
+ * the driver's completion path (see hook_table.h, "Lock order"). */
+#define AGX_SWZ_NO_LOCK 0x10000
 typedef void (*agx_swizzle_observer)(int kind, int phase, id self, uint64_t ret);
 void agx_swizzle_set_observer(agx_swizzle_observer fn);
 
