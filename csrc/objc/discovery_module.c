@@ -76,6 +76,15 @@ static PyObject *py_model_debug_layer(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_model_live_objects(PyObject *self, PyObject *unused) {
+    /* counted once the model's GPU is idle: its completion thread releases
+     * encoders and buffers after waitUntilCompleted may have returned */
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = agx_model_wait_idle();
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "the driver model's completion thread did not go idle (a hang)");
+        return NULL;
+    }
     PyObject *d = PyDict_New();
     for (int k = 0; d && k < AGX_LIVE_KINDS; k++) {
         PyObject *v = PyLong_FromLong(atomic_load(&agx_model_live[k]));
@@ -113,7 +122,8 @@ static PyMethodDef methods[] = {
     {"model_debug_layer", py_model_debug_layer, METH_VARARGS,
      "model_debug_layer(on=None) -> bool: whether the model's debug layer was on; sets it when on is given."},
     {"model_live_objects", py_model_live_objects, METH_NOARGS,
-     "model_live_objects() -> {kind: count}: model objects handed out and not given back."},
+     "model_live_objects() -> {kind: count}: model objects handed out and not given back, once the model's\n"
+     "completion thread is idle."},
     {"model_mps_run_op", KW py_model_mps_run_op, METH_VARARGS | METH_KEYWORDS,
      "model_mps_run_op(queue=0, a=2.0, length=256) -> bool: one op through an MPS command buffer."},
     {NULL, NULL, 0, NULL},

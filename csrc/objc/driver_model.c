@@ -114,6 +114,7 @@ typedef struct dev_ivars {
     pthread_mutex_t done_mu;
     pthread_cond_t work_cv;              /* a buffer was committed */
     pthread_cond_t completed_cv;         /* a buffer completed */
+    int in_flight;                       /* committed, completion work not finished (under done_mu) */
     id work_head, work_tail;
     int completer_started;
 } dev_ivars;
@@ -492,6 +493,10 @@ static void *completion_main(void *arg) {
         pthread_mutex_unlock(&di->done_mu);
         for (int i = 0; i < made; i++) ((void (*)(id, SEL))agx_objc_lookup(encoders[i], s_release))(encoders[i], s_release);
         ((void (*)(id, SEL))agx_objc_lookup(cb, s_release))(cb, s_release);
+        pthread_mutex_lock(&di->done_mu);
+        di->in_flight--;
+        pthread_cond_broadcast(&di->completed_cv); /* agx_model_wait_idle */
+        pthread_mutex_unlock(&di->done_mu);
     }
     return NULL;
 }
@@ -505,6 +510,7 @@ static void completion_after_fork(void) {
     pthread_cond_init(&di->completed_cv, NULL);
     di->work_head = di->work_tail = NULL;
     di->completer_started = 0;
+    di->in_flight = 0;
 }
 
 static void cmdbuf_commit(id self, SEL cmd) {
@@ -542,8 +548,21 @@ static void cmdbuf_commit(id self, SEL cmd) {
     if (di->work_tail) IV(cmdbuf_ivars, di->work_tail)->next_work = self;
     else di->work_head = self;
     di->work_tail = self;
+    di->in_flight++;
     pthread_cond_signal(&di->work_cv);
     pthread_mutex_unlock(&di->done_mu);
+}
+
+int agx_model_wait_idle(void) {
+    if (!the_device) return 0;
+    dev_ivars *di = IV(dev_ivars, the_device);
+    pthread_mutex_lock(&di->done_mu);
+    struct timespec until = deadline_in(HANG_SECONDS);
+    int rc = 0;
+    while (di->in_flight > 0 && rc == 0)
+        if (pthread_cond_timedwait(&di->completed_cv, &di->done_mu, &until) == ETIMEDOUT && di->in_flight > 0) rc = -1;
+    pthread_mutex_unlock(&di->done_mu);
+    return rc;
 }
 
 /* Blocks until the completion thread has completed the buffer (as Metal's does). */

@@ -47,6 +47,11 @@ int agx_model_init(void);
 void agx_model_configure(const agx_model_config *c);
 void agx_model_get_config(agx_model_config *c);
 
+/* Waits until the completion thread has finished every committed buffer,
+ * its releases included (so object counts are settled). 0, or -1 after the
+ * model's hang limit. */
+int agx_model_wait_idle(void);
+
 /* MTLCreateSystemDefaultDevice(). */
 id agx_model_device(void);
 
