@@ -147,8 +147,8 @@ static PyObject *Guard_enter(GuardObject *self, PyObject *unused) {
 }
 
 static PyObject *Guard_exit(GuardObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    /* no need to clear the entry: every push (Guard_enter, call_in_region) marks its own */
     if (region_check_owner(self) < 0 || region_exit() < 0) return NULL;
-    region_entered_by[agx_region_depth()] = NULL;
     Py_RETURN_FALSE;
 }
 
@@ -300,7 +300,9 @@ static PyObject *Guard_repr(GuardObject *self) {
 
 static PyMethodDef Guard_methods[] = {
     {"__enter__", (PyCFunction)Guard_enter, METH_NOARGS, "Take the lock the current mode assigns."},
-    {"__exit__", (PyCFunction)(void (*)(void))Guard_exit, METH_FASTCALL, "Release what __enter__ took."},
+    {"__exit__", (PyCFunction)(void (*)(void))Guard_exit, METH_FASTCALL,
+     "Release what __enter__ took; RuntimeError unless this thread's innermost open region was entered "
+     "through this guard."},
     {"call", (PyCFunction)(void (*)(void))Guard_call_guarded, METH_FASTCALL,
      "call(func, args=(), kwargs=None): func(*args, **kwargs) inside the guard."},
     {NULL, NULL, 0, NULL},
@@ -705,7 +707,14 @@ static PyMethodDef module_methods[] = {
      "global: the one process-wide lock; stream: the lock of `stream`, or of the\n"
      "caller's current stream (use_stream(), torch's current CUDA stream, else 0);\n"
      "op/off: no region lock. Re-entrant. With a throttle set, at most N outermost\n"
-     "regions run at once."},
+     "regions run at once.\n\n"
+     "As a decorator (@guard()), the function's body runs inside the region. On a\n"
+     "generator function, async def or async generator the body runs under the lock\n"
+     "one step at a time: the lock is taken when the body resumes (on the thread that\n"
+     "resumes it) and given back at each yield and each await that suspends, so a\n"
+     "suspended generator or coroutine holds nothing.\n\n"
+     "A thread can only leave a region it entered itself, innermost first\n"
+     "(RuntimeError otherwise)."},
     {"region_depth", mod_region_depth, METH_NOARGS, "How many guarded regions this thread is inside."},
     {"global_lock", mod_global_lock, METH_NOARGS, "The process-wide region lock."},
     {"op_lock", mod_op_lock, METH_NOARGS, "The process-wide op (driver call) lock."},
