@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
-from typing import Any, Callable, Dict, Hashable, Iterator, Optional, TypeVar
+import types
+from typing import Any, Callable, Dict, Generator, Hashable, Iterator, Optional, TypeVar
 
 from . import _C, _config
 from ._C import Guard, Lock, LockTimeout, LockWaitWarning
@@ -53,11 +55,121 @@ MODES = _C.MODES
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _stepped(g: Guard, it: Any) -> Generator[Any, Any, Any]:
+    """Drive generator-like `it` (a generator, or a coroutine's ``__await__`` iterator)
+    one step at a time, each step inside `g` on the thread that takes the step: the
+    region is entered before the body resumes and left when it yields (or suspends),
+    so nothing is held while it is suspended, whichever thread resumes it next.
+    Values sent, exceptions thrown and close() reach `it` as with ``yield from``."""
+    send: Any = None
+    thrown: Optional[BaseException] = None
+    while True:
+        try:
+            with g:
+                value = it.send(send) if thrown is None else it.throw(thrown)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            send = thrown = None
+        try:
+            send = yield value
+        except GeneratorExit:
+            with g:
+                it.close()
+            raise
+        except BaseException as e:  # passed on to `it`, as yield from would
+            thrown = e
+
+
+class _SteppedAwaitable:
+    """An awaitable whose await runs an awaitable's steps each inside a guard."""
+
+    __slots__ = ("_steps",)
+
+    def __init__(self, g: Guard, awaitable: Any) -> None:
+        self._steps = _stepped(g, awaitable.__await__())
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return self._steps
+
+
+def _guard_generator(g: Guard, gen: Any) -> Generator[Any, Any, Any]:
+    """A generator that runs `gen`'s body inside `g`, step by step."""
+    return (yield from _stepped(g, gen))
+
+
+async def _guard_coroutine(g: Guard, coro: Any) -> Any:
+    """A coroutine that runs `coro`'s body inside `g`, step by step."""
+    return await _SteppedAwaitable(g, coro)
+
+
+def _async_generator_wrapper(g: Guard, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """An async generator function that runs the body of `fn`'s async generator
+    inside `g`: each step of each asend/athrow/aclose, so the lock is given back at
+    every await that suspends and at every yield."""
+    async def guarded_async_generator(*args: Any, **kwargs: Any) -> Any:
+        agen = fn(*args, **kwargs)
+        send: Any = None
+        thrown: Optional[BaseException] = None
+        while True:
+            try:
+                step = agen.asend(send) if thrown is None else agen.athrow(thrown)
+                send = thrown = None
+                value = await _SteppedAwaitable(g, step)
+            except StopAsyncIteration:
+                return
+            try:
+                send = yield value
+            except GeneratorExit:
+                await _SteppedAwaitable(g, agen.aclose())
+                raise
+            except BaseException as e:  # passed on to agen, as athrow would
+                thrown = e
+
+    return guarded_async_generator
+
+
+def _guard_result(g: Guard, result: Any) -> Any:
+    """A plain function's result: a generator, coroutine or async generator it
+    returned (a partial, a lambda, a factory) gets its body guarded too."""
+    if isinstance(result, types.GeneratorType):
+        return _guard_generator(g, result)
+    if isinstance(result, types.CoroutineType):
+        return _guard_coroutine(g, result)
+    if isinstance(result, types.AsyncGeneratorType):
+        return _async_generator_wrapper(g, lambda: result)()
+    return result
+
+
 def _decorate(g: Guard, fn: F) -> F:
+    """``@guard()``: `fn` runs inside guard `g`, its whole body under the lock.
+
+    A generator function, an ``async def`` and an async generator keep their kind,
+    and their body runs under the lock one step at a time: the lock is taken when
+    the body resumes and given back at each ``yield`` and at each ``await`` that
+    suspends (so a suspended generator or coroutine holds nothing, and the thread
+    that resumes it takes the lock). A function that returns one of these is
+    treated the same way for what it returns."""
+    if inspect.isasyncgenfunction(fn):
+        return functools.wraps(fn)(_async_generator_wrapper(g, fn))  # type: ignore[return-value]
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def guarded_generator(*args: Any, **kwargs: Any) -> Any:
+            return (yield from _stepped(g, fn(*args, **kwargs)))
+
+        return guarded_generator  # type: ignore[return-value]
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def guarded_coroutine(*args: Any, **kwargs: Any) -> Any:
+            return await _SteppedAwaitable(g, fn(*args, **kwargs))
+
+        return guarded_coroutine  # type: ignore[return-value]
+
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         with g:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+        return _guard_result(g, result)
 
     return guarded  # type: ignore[return-value]
 
@@ -88,7 +200,8 @@ _C.set_stream_resolver(_current_stream_key)
 def set_mode(name: str) -> str:
     """Switch the process-wide mode; returns the previous one.
 
-    Raises ValueError for a name not in MODES. Regions already open keep the
+    Raises TypeError for a non-str, ValueError for a name not in MODES (a name
+    with a NUL in it is not a mode). Regions already open keep the
     lock they took; the new mode applies to regions entered from now on."""
     return _C.set_mode(name)
 
@@ -110,13 +223,23 @@ def mode(name: str) -> Iterator[str]:
 
 # ---------------------------------------------------------------- streams
 
+_KEY_MIN, _KEY_MAX = -(1 << 63), (1 << 64) - 1
+
+
 def stream_key(stream: Any) -> int:
-    """The 64-bit lock key of a stream: an int as is, a torch CUDA stream by its
-    handle, an object with ``cuda_stream`` likewise, any other hashable by hash().
-    Distinct keys with equal hashes share a lock (more serialization, never less)."""
+    """The 64-bit lock key of a stream: an int from -2**63 to 2**64-1 as is (a
+    negative one in two's complement), a torch CUDA stream by its handle, an object
+    with ``cuda_stream`` likewise, any other hashable by hash(). Distinct keys with
+    equal hashes share a lock (more serialization, never less). None, a bool and an
+    int outside 64 bits are refused: None is no stream (see use_stream)."""
+    if stream is None:
+        raise TypeError("a stream key cannot be None (None means no stream: guard(stream=None) and "
+                        "use_stream(None) use the caller's current stream)")
     if isinstance(stream, bool):
         raise TypeError("a stream key cannot be a bool")
     if isinstance(stream, int):
+        if not _KEY_MIN <= stream <= _KEY_MAX:
+            raise ValueError(f"a stream key must be an int from -2**63 to 2**64-1 (64 bits), not {stream!r:.60}")
         return stream & 0xFFFFFFFFFFFFFFFF
     handle = getattr(stream, "cuda_stream", None)
     if isinstance(handle, int):
@@ -127,10 +250,14 @@ def stream_key(stream: Any) -> int:
 
 
 @contextlib.contextmanager
-def use_stream(stream: Any) -> Iterator[int]:
+def use_stream(stream: Any) -> Iterator[Optional[int]]:
     """Make `stream` this thread's current stream for ``stream`` mode regions and ops
-    (CPU threads and the driver model have no stream of their own)."""
-    key = stream_key(stream)
+    (CPU threads and the driver model have no stream of their own); yields its key.
+
+    ``use_stream(None)`` sets no stream for the block: an outer use_stream() does not
+    apply in it, and regions use the caller's current stream as guard(stream=None)
+    does (torch's current CUDA stream, else 0); it yields None."""
+    key = None if stream is None else stream_key(stream)
     previous = _C.set_thread_stream(key)
     try:
         yield key
@@ -176,8 +303,9 @@ def set_throttle(n: Optional[int]) -> int:
     if n is None:
         n = 0
     if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"throttle must be an int >= 0 or None, not {type(n).__name__}")
-    return _C.set_throttle(n)
+        raise TypeError(f"throttle must be None or an int from 0 (no limit) to {_config.THROTTLE_MAX}, "
+                        f"not {type(n).__name__}")
+    return _C.set_throttle(n)  # ValueError naming the range outside 0..THROTTLE_MAX
 
 
 def get_throttle() -> int:
@@ -198,7 +326,14 @@ def throttle(n: Optional[int]) -> Iterator[int]:
 def set_lock_timeout(timeout_ms: Optional[float] = None, warn_ms: Optional[float] = None,
                      action: str = "raise") -> None:
     """Warn once when a wait passes `warn_ms`; past `timeout_ms`, raise LockTimeout
-    (action="raise") or abort the process (action="abort"). None turns each off."""
+    (action="raise") or abort the process (action="abort"). None or 0 turns each off.
+
+    Each limit is a number of milliseconds from 0.001 (1 us) to 1e12: a positive
+    value below 0.001 is refused (ValueError) rather than rounded to no limit, and a
+    bool is refused (TypeError)."""
+    if not isinstance(action, str):
+        raise TypeError(f"timeout action must be a str, one of {', '.join(_config.TIMEOUT_ACTIONS)}; "
+                        f"not {type(action).__name__}")
     if action not in _config.TIMEOUT_ACTIONS:
         raise ValueError(f"unknown timeout action {action!r}; allowed: {', '.join(_config.TIMEOUT_ACTIONS)}")
     _C.set_wait(warn_ms=warn_ms, timeout_ms=timeout_ms, abort=(action == "abort"))

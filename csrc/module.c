@@ -25,14 +25,30 @@ static PyObject *decorate;        /* agxguard._decorate(guard, fn) */
 
 /* ---------------------------------------------------------------- keys */
 
-/* Any Python int becomes a 64-bit key (two's complement, wrapped). */
+/* A Python int from -2**63 to 2**64-1 becomes a 64-bit key (a negative one in two's
+ * complement); a bool, a non-int or an int outside 64 bits is refused. */
 static int key_from_object(PyObject *o, uint64_t *key) {
-    if (!PyLong_Check(o)) {
+    if (!PyLong_Check(o) || PyBool_Check(o)) {
         PyErr_Format(PyExc_TypeError, "a stream key must be an int, not %.100s", Py_TYPE(o)->tp_name);
         return -1;
     }
-    unsigned long long v = PyLong_AsUnsignedLongLongMask(o);
-    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    int overflow = 0;
+    long long v = PyLong_AsLongLongAndOverflow(o, &overflow);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (overflow > 0) { /* above 2**63-1: unsigned, if it fits */
+        unsigned long long u = PyLong_AsUnsignedLongLong(o);
+        if (u == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            overflow = 2;
+        } else {
+            *key = (uint64_t)u;
+            return 0;
+        }
+    }
+    if (overflow) {
+        PyErr_Format(PyExc_ValueError, "a stream key must be an int from -2**63 to 2**64-1 (64 bits), not %R", o);
+        return -1;
+    }
     *key = (uint64_t)v;
     return 0;
 }
@@ -102,14 +118,43 @@ static int region_exit(void) {
     return 0;
 }
 
+/* Which Guard entered each of this thread's open regions (by depth), so that a
+ * thread can only leave a region it entered itself, innermost first: a Guard is
+ * shared between threads, and its __exit__ called from a thread that did not
+ * enter it must not pop that thread's own region. Identity only, no reference. */
+static _Thread_local const GuardObject *region_entered_by[AGX_MAX_REGION_DEPTH];
+
+static void region_mark(const GuardObject *g) {
+    int depth = agx_region_depth();
+    if (depth > 0 && depth <= AGX_MAX_REGION_DEPTH) region_entered_by[depth - 1] = g;
+}
+
+/* 0 if this thread's innermost open region was entered through g; else a RuntimeError. */
+static int region_check_owner(const GuardObject *g) {
+    int depth = agx_region_depth();
+    if (depth <= 0) {
+        PyErr_SetString(PyExc_RuntimeError, "agxguard: leaving a guarded region that was never entered");
+        return -1;
+    }
+    if (depth <= AGX_MAX_REGION_DEPTH && region_entered_by[depth - 1] != g) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "agxguard: this thread did not enter this guard's region: a thread can only leave "
+                        "regions it entered itself, innermost first");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *Guard_enter(GuardObject *self, PyObject *unused) {
     if (region_enter(self) < 0) return NULL;
+    region_mark(self);
     Py_INCREF(self);
     return (PyObject *)self;
 }
 
 static PyObject *Guard_exit(GuardObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (region_exit() < 0) return NULL;
+    /* no need to clear the entry: every push (Guard_enter, call_in_region) marks its own */
+    if (region_check_owner(self) < 0 || region_exit() < 0) return NULL;
     Py_RETURN_FALSE;
 }
 
@@ -125,6 +170,7 @@ static PyObject *call_in_region(GuardObject *g, PyObject *func, PyObject *fargs,
     }
     if (fkw == Py_None || (fkw != NULL && PyDict_GET_SIZE(fkw) == 0)) fkw = NULL;
     if (region_enter(g) < 0) return NULL;
+    region_mark(g);
     PyObject *r = fargs ? PyObject_Call(func, fargs, fkw) : PyObject_CallNoArgs(func);
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
@@ -260,7 +306,9 @@ static PyObject *Guard_repr(GuardObject *self) {
 
 static PyMethodDef Guard_methods[] = {
     {"__enter__", (PyCFunction)Guard_enter, METH_NOARGS, "Take the lock the current mode assigns."},
-    {"__exit__", (PyCFunction)(void (*)(void))Guard_exit, METH_FASTCALL, "Release what __enter__ took."},
+    {"__exit__", (PyCFunction)(void (*)(void))Guard_exit, METH_FASTCALL,
+     "Release what __enter__ took; RuntimeError unless this thread's innermost open region was entered "
+     "through this guard."},
     {"call", (PyCFunction)(void (*)(void))Guard_call_guarded, METH_FASTCALL,
      "call(func, args=(), kwargs=None): func(*args, **kwargs) inside the guard."},
     {NULL, NULL, 0, NULL},
@@ -375,9 +423,11 @@ static PyObject *mod_set_mode(PyObject *m, PyObject *arg) {
                      Py_TYPE(arg)->tp_name);
         return NULL;
     }
-    const char *name = PyUnicode_AsUTF8(arg);
+    Py_ssize_t len;
+    const char *name = PyUnicode_AsUTF8AndSize(arg, &len);
     if (name == NULL) return NULL;
-    int mode = agx_mode_from_name(name);
+    /* a NUL would end the C string early: 'global\0junk' is not 'global' */
+    int mode = (size_t)len == strlen(name) ? agx_mode_from_name(name) : -1;
     if (mode < 0) {
         PyErr_Format(PyExc_ValueError, "unknown agxguard mode %R; allowed: 'off', 'op', 'stream', 'global'", arg);
         return NULL;
@@ -391,11 +441,20 @@ static PyObject *mod_get_mode(PyObject *m, PyObject *unused) {
     return PyUnicode_FromString(agx_mode_names[agx_mode_get()]);
 }
 
+#define AGX_THROTTLE_MAX 1000000 /* agxguard/_config.py THROTTLE_MAX */
+
 static PyObject *mod_set_throttle(PyObject *m, PyObject *arg) {
-    long n = PyLong_AsLong(arg);
+    if (!PyLong_Check(arg) || PyBool_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "throttle must be an int from 0 (no limit) to %d, not %.100s",
+                     AGX_THROTTLE_MAX, Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    int overflow = 0;
+    long n = PyLong_AsLongAndOverflow(arg, &overflow);
     if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 0 || n > 1000000) {
-        PyErr_Format(PyExc_ValueError, "throttle must be 0 (no limit) or a positive count of regions, not %ld", n);
+    if (overflow || n < 0 || n > AGX_THROTTLE_MAX) {
+        PyErr_Format(PyExc_ValueError, "throttle must be an int from 0 (no limit) to %d, not %R", AGX_THROTTLE_MAX,
+                     arg);
         return NULL;
     }
     int old = atomic_load(&agx_throttle()->limit);
@@ -407,18 +466,45 @@ static PyObject *mod_get_throttle(PyObject *m, PyObject *unused) {
     return PyLong_FromLong(atomic_load(&agx_throttle()->limit));
 }
 
+/* agxguard/_config.py WAIT_MS_MIN, WAIT_MS_MAX: below 1 us a limit would round to
+ * no limit at all, so a positive value under it is refused rather than turned off. */
+#define AGX_WAIT_MS_MIN 0.001
+#define AGX_WAIT_MS_MAX 1e12
+#define AGX_WAIT_MS_RANGE "None or 0 (off), or milliseconds from 0.001 to 1e+12"
+
+/* A wait limit: None or 0 is off (0 ns); a number from AGX_WAIT_MS_MIN to
+ * AGX_WAIT_MS_MAX ms; a bool, a non-number or anything else is refused. */
 static int ms_to_ns(PyObject *o, int64_t *out, const char *what) {
     if (o == Py_None) {
         *out = 0;
         return 0;
     }
-    double ms = PyFloat_AsDouble(o);
-    if (ms == -1.0 && PyErr_Occurred()) return -1;
-    if (!(ms >= 0) || ms > 1e12) {
-        PyErr_Format(PyExc_ValueError, "%s must be None (off) or milliseconds >= 0, not %R", what, o);
+    if (PyBool_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be %s, not a bool", what, AGX_WAIT_MS_RANGE);
         return -1;
     }
-    *out = (int64_t)(ms * 1e6);
+    double ms = PyFloat_AsDouble(o);
+    if (ms == -1.0 && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_TypeError, "%s must be %s, not %.100s", what, AGX_WAIT_MS_RANGE,
+                             Py_TYPE(o)->tp_name);
+            }
+            return -1;
+        }
+        PyErr_Clear();
+        ms = HUGE_VAL; /* an int too large for a double: out of range below */
+    }
+    if (ms == 0) {
+        *out = 0;
+        return 0;
+    }
+    if (!(ms >= AGX_WAIT_MS_MIN && ms <= AGX_WAIT_MS_MAX)) { /* NaN fails this too */
+        PyErr_Format(PyExc_ValueError, "%s must be %s, not %R", what, AGX_WAIT_MS_RANGE, o);
+        return -1;
+    }
+    *out = (int64_t)(ms * 1e6 + 0.5);
     return 0;
 }
 
@@ -500,15 +586,10 @@ static PyObject *mod_reset_stats(PyObject *m, PyObject *unused) {
 }
 
 static PyObject *mod_set_thread_stream(PyObject *m, PyObject *arg) {
-    uint64_t old;
+    uint64_t old, key = 0;
+    if (arg != Py_None && key_from_object(arg, &key) < 0) return NULL;
     int had = agx_thread_stream(&old);
-    if (arg == Py_None) {
-        agx_thread_stream_set(0, 0);
-    } else {
-        uint64_t key;
-        if (key_from_object(arg, &key) < 0) return NULL;
-        agx_thread_stream_set(1, key);
-    }
+    agx_thread_stream_set(arg != Py_None, key);
     if (!had) Py_RETURN_NONE;
     return PyLong_FromUnsignedLongLong(old);
 }
@@ -595,10 +676,11 @@ static PyObject *mod_object_lock(PyObject *m, PyObject *arg) {
 
 /* Nanoseconds per uncontended try+release of the global lock, in C alone. */
 static PyObject *mod_c_lock_ns(PyObject *m, PyObject *arg) {
-    long n = PyLong_AsLong(arg);
+    int overflow = 0;
+    long n = PyLong_AsLongAndOverflow(arg, &overflow);
     if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 1) {
-        PyErr_Format(PyExc_ValueError, "iterations must be >= 1, not %ld", n);
+    if (overflow || n < 1 || n > 1000000000L) {
+        PyErr_Format(PyExc_ValueError, "iterations must be an int from 1 to 1000000000, not %R", arg);
         return NULL;
     }
     agx_lock l;
@@ -632,7 +714,14 @@ static PyMethodDef module_methods[] = {
      "global: the one process-wide lock; stream: the lock of `stream`, or of the\n"
      "caller's current stream (use_stream(), torch's current CUDA stream, else 0);\n"
      "op/off: no region lock. Re-entrant. With a throttle set, at most N outermost\n"
-     "regions run at once."},
+     "regions run at once.\n\n"
+     "As a decorator (@guard()), the function's body runs inside the region. On a\n"
+     "generator function, async def or async generator the body runs under the lock\n"
+     "one step at a time: the lock is taken when the body resumes (on the thread that\n"
+     "resumes it) and given back at each yield and each await that suspends, so a\n"
+     "suspended generator or coroutine holds nothing.\n\n"
+     "A thread can only leave a region it entered itself, innermost first\n"
+     "(RuntimeError otherwise)."},
     {"region_depth", mod_region_depth, METH_NOARGS, "How many guarded regions this thread is inside."},
     {"global_lock", mod_global_lock, METH_NOARGS, "The process-wide region lock."},
     {"op_lock", mod_op_lock, METH_NOARGS, "The process-wide op (driver call) lock."},

@@ -37,10 +37,10 @@ def test_disable_forces_off_whatever_the_mode():
 @pytest.mark.parametrize("name,value,allowed", [
     ("AGXGUARD_MODE", "serial", "off, op, stream, global"),
     ("AGXGUARD_DISABLE", "maybe", "1/true/yes/on"),
-    ("AGXGUARD_LOCK_WARN_MS", "soon", "milliseconds >= 0"),
-    ("AGXGUARD_LOCK_TIMEOUT_MS", "-3", "milliseconds >= 0"),
+    ("AGXGUARD_LOCK_WARN_MS", "soon", "milliseconds from 0.001 to 1e+12"),
+    ("AGXGUARD_LOCK_TIMEOUT_MS", "-3", "milliseconds from 0.001 to 1e+12"),
     ("AGXGUARD_LOCK_TIMEOUT_ACTION", "explode", "raise, abort"),
-    ("AGXGUARD_THROTTLE", "two", "an integer >= 0"),
+    ("AGXGUARD_THROTTLE", "two", "an integer from 0 (no limit) to 1000000"),
     ("AGXGUARD_DRIVER", "cuda", "auto, metal, model, none"),
 ])
 def test_bad_value_warns_naming_it_and_uses_the_default(name, value, allowed):

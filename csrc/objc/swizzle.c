@@ -248,6 +248,10 @@ static const agx_shape agx_shapes[] = {AGX_SHAPES(AGX_SHAPE_ROW)};
 
 /* ------------------------------------------------------ type encodings */
 
+/* How deep structs may nest in a type encoding (Metal's are 2 or 3 deep); deeper
+ * input is refused with a clear error instead of recursing without bound. */
+#define AGX_TYPE_MAX_DEPTH 64 /* agxguard.swizzle.TYPE_ENCODING_MAX_DEPTH */
+
 static const char *agx_skip_offset(const char *p) {
     while (*p == '+' || *p == '-' || (*p >= '0' && *p <= '9')) p++;
     return p;
@@ -258,12 +262,13 @@ static const char *agx_skip_qualifiers(const char *p) {
     return p;
 }
 
-/* Skips one complete type; NULL on malformed input. */
+/* Skips one complete type; NULL on malformed input. Iterative (a pointer chain is
+ * a loop, an aggregate a bracket count), so no input can exhaust the stack. */
 static const char *agx_skip_type(const char *p) {
     p = agx_skip_qualifiers(p);
+    while (*p == '^') p = agx_skip_qualifiers(p + 1); /* a pointer: skip what it points to */
     switch (*p) {
     case 0: return NULL;
-    case '^': return agx_skip_type(p + 1);
     case '@':
         p++;
         if (*p == '?') return p + 1;
@@ -296,9 +301,16 @@ static int agx_int_size(char c) {
 }
 
 /* Flattens struct fields: counts 64-bit integer words and doubles; anything
- * else makes *other nonzero. Returns the position after '}' or NULL. */
-static const char *agx_struct_fields(const char *p, int *words, int *doubles, int *other) {
+ * else makes *other nonzero. Returns the position after '}' or NULL. Structs
+ * nested deeper than AGX_TYPE_MAX_DEPTH give NULL with *too_deep set (the
+ * recursion is bounded whatever the input). */
+static const char *agx_struct_fields(const char *p, int depth, int *words, int *doubles, int *other,
+                                     int *too_deep) {
     /* p at '{' */
+    if (depth > AGX_TYPE_MAX_DEPTH) {
+        *too_deep = 1;
+        return NULL;
+    }
     p++;
     while (*p && *p != '=' && *p != '}') p++;
     if (*p != '=') return NULL; /* opaque struct: layout unknown */
@@ -307,7 +319,7 @@ static const char *agx_struct_fields(const char *p, int *words, int *doubles, in
         if (*p == '"') { const char *q = strchr(p + 1, '"'); if (!q) return NULL; p = q + 1; continue; }
         p = agx_skip_qualifiers(p);
         if (*p == '{') {
-            p = agx_struct_fields(p, words, doubles, other);
+            p = agx_struct_fields(p, depth + 1, words, doubles, other, too_deep);
             if (!p) return NULL;
             continue;
         }
@@ -335,8 +347,11 @@ static const char *agx_canonical(const char **pp, int is_return, int *narrow, co
     } else if (*p == 'd') {
         tok = "f64";
     } else if (*p == '{') {
-        int w = 0, d = 0, o = 0;
-        if (!agx_struct_fields(p, &w, &d, &o)) { *why = "opaque or malformed struct"; return NULL; }
+        int w = 0, d = 0, o = 0, too_deep = 0;
+        if (!agx_struct_fields(p, 1, &w, &d, &o, &too_deep)) {
+            *why = too_deep ? "structs nested deeper than " AGX_STR(AGX_TYPE_MAX_DEPTH) : "opaque or malformed struct";
+            return NULL;
+        }
         if (o == 0 && d == 0 && (w == 2 || w == 3 || w == 4 || w == 6))
             tok = w == 2 ? "q2" : w == 3 ? "q3" : w == 4 ? "q4" : "q6";
         else if (o == 0 && w == 0 && (d == 2 || d == 4))
