@@ -252,14 +252,18 @@ def test_regions_are_left_innermost_first():
 def test_the_shared_guard_is_left_by_each_thread_that_entered_it():
     agxguard.set_mode("stream")
 
+    done = []
+
     def body(i):
         for _ in range(200):
             with agxguard.guard():
                 with agxguard.guard():
                     pass
+        done.append(agxguard._C.region_depth())  # each thread left every region it entered
 
     from conftest import run_threads
     run_threads(4, body)
+    assert done == [0, 0, 0, 0]
 
 
 def test_use_stream_none_means_no_explicit_stream():
