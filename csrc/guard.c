@@ -80,21 +80,12 @@ agx_lock *agx_global_lock(void) { return &G.global; }
 agx_lock *agx_op_lock(void) { return &G.op; }
 agx_sem *agx_throttle(void) { return &G.throttle; }
 
-static inline uint64_t mix64(uint64_t x) {
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdULL;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ULL;
-    x ^= x >> 33;
-    return x;
-}
-
 agx_lock *agx_object_lock(const void *object) {
-    return &G.objects[mix64((uint64_t)(uintptr_t)object) & (OBJECT_STRIPES - 1)];
+    return &G.objects[agx_mix64((uint64_t)(uintptr_t)object) & (OBJECT_STRIPES - 1)];
 }
 
 agx_lock *agx_stream_lock(uint64_t key) {
-    uint64_t h = mix64(key);
+    uint64_t h = agx_mix64(key);
     /* Lock-free lookup: slots are filled in probe order and never emptied. */
     for (unsigned i = 0; i < STREAM_SLOTS; i++) {
         stream_slot *s = &G.streams[(h + i) & (STREAM_SLOTS - 1)];

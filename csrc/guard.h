@@ -35,6 +35,17 @@ void agx_guard_init(void);
 int agx_mode_from_name(const char *name);
 /* The mode (agx_mode); read it with agx_mode_get(). */
 extern _Atomic int agx_mode_value;
+/* A 64-bit finalizer (murmur3's): spreads addresses and keys over table
+ * slots; the lock stripes and the stream table both hash with it. */
+static inline uint64_t agx_mix64(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return x;
+}
+
 static inline int agx_mode_get(void) { return atomic_load_explicit(&agx_mode_value, memory_order_relaxed); }
 void agx_mode_set(int mode);
 

@@ -59,6 +59,22 @@ class OverlapDetector:
             self._total -= 1
 
 
+def another_thread_can_take_the_global_lock(timeout: float = 10.0) -> bool:
+    """Whether a fresh thread gets the global lock at once (and gives it back)."""
+    got = []
+
+    def probe():
+        lock = agxguard.global_lock()
+        got.append(lock.acquire(blocking=False))
+        if got[-1]:
+            lock.release()
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join(timeout)
+    return got == [True]
+
+
 def run_threads(n: int, target, *args, timeout: float = 60.0):
     """Start n threads on target(index, *args) behind a barrier, join them, and
     re-raise the first exception any of them hit."""

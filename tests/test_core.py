@@ -15,7 +15,7 @@ import warnings
 import pytest
 
 import agxguard
-from conftest import run_threads
+from conftest import run_threads, another_thread_can_take_the_global_lock
 
 THREADS = 8
 ITERS = 40
@@ -131,18 +131,7 @@ def test_keyboard_interrupt_inside_region_releases_the_lock():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(5)  # the handler raises here
     assert not agxguard.global_lock().locked()
-    got = []
-
-    def probe():
-        lock = agxguard.global_lock()
-        got.append(lock.acquire(blocking=False))
-        if got[-1]:
-            lock.release()
-
-    t = threading.Thread(target=probe)
-    t.start()
-    t.join()
-    assert got == [True]
+    assert another_thread_can_take_the_global_lock()
 
 
 def _hold_in_thread(lock_factory, hold_s):

@@ -11,7 +11,7 @@ import threading
 import pytest
 
 import agxguard
-from conftest import run_threads
+from conftest import run_threads, another_thread_can_take_the_global_lock
 
 TIMEOUT = 30
 
@@ -133,18 +133,7 @@ def test_a_generator_resumed_on_another_thread_leaves_no_lock_held(global_mode):
     assert ident != threading.get_ident() and was_held and not locked_after
     assert not agxguard.global_lock().locked()
     # the lock is free for anyone: another thread can take it right away
-    grabbed = []
-
-    def grab():
-        lock = agxguard.global_lock()
-        grabbed.append(lock.acquire(blocking=False))
-        if grabbed[-1]:
-            lock.release()
-
-    t = threading.Thread(target=grab)
-    t.start()
-    t.join(TIMEOUT)
-    assert grabbed == [True]
+    assert another_thread_can_take_the_global_lock(TIMEOUT)
     it.close()
 
 

@@ -691,15 +691,7 @@ static void agx_st_init(void) {
     pthread_atfork(agx_st_fork_prepare, agx_st_fork_parent, agx_st_fork_child);
 }
 
-static inline uint64_t agx_st_hash(uintptr_t p) {
-    uint64_t x = (uint64_t)p;
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ull;
-    x ^= x >> 33;
-    return x;
-}
+static inline uint64_t agx_st_hash(uintptr_t p) { return agx_mix64((uint64_t)p); }
 static inline agx_st_shard *agx_st_shard_of(uint64_t h) { return &agx_st[h >> (64 - AGX_ST_SHARD_BITS)]; }
 
 static void agx_st_fatal(const char *what, size_t cap) {
