@@ -1,6 +1,8 @@
 # Developer targets. `make test` is the test command README.md gives (and .ci/run calls).
 PYTHON ?= python3
 CC ?= gcc
+# Every C folder but csrc/tests is an include directory (as setup.py has it).
+CSRC_INC = $(patsubst %,-I%,$(filter-out csrc/tests/,$(wildcard csrc/*/)))
 
 .PHONY: build test tsan bench story clean clock-cost macos-check
 build:
@@ -15,12 +17,12 @@ macos-check:
 	$(PYTHON) scripts/macos_check.py
 
 # The lock domains under ThreadSanitizer: must report nothing.
-csrc/tests/stress_locks.bin: csrc/tests/stress_locks.c csrc/lock.c csrc/guard.c csrc/lock.h csrc/guard.h
-	$(CC) -std=gnu11 -O1 -g -fsanitize=thread -Icsrc csrc/tests/stress_locks.c csrc/lock.c csrc/guard.c -o $@ -pthread
+csrc/tests/stress_locks.bin: csrc/tests/stress_locks.c csrc/sync/lock.c csrc/guard/guard.c csrc/sync/lock.h csrc/guard/guard.h
+	$(CC) -std=gnu11 -O1 -g -fsanitize=thread $(CSRC_INC) csrc/tests/stress_locks.c csrc/sync/lock.c csrc/guard/guard.c -o $@ -pthread
 
 # The same with the mutex/condvar sleep that macOS uses (Linux uses a futex).
-csrc/tests/stress_locks_portable.bin: csrc/tests/stress_locks.c csrc/lock.c csrc/guard.c csrc/lock.h csrc/guard.h
-	$(CC) -std=gnu11 -O1 -g -fsanitize=thread -DAGX_LOCK_PORTABLE -Icsrc csrc/tests/stress_locks.c csrc/lock.c csrc/guard.c -o $@ -pthread
+csrc/tests/stress_locks_portable.bin: csrc/tests/stress_locks.c csrc/sync/lock.c csrc/guard/guard.c csrc/sync/lock.h csrc/guard/guard.h
+	$(CC) -std=gnu11 -O1 -g -fsanitize=thread -DAGX_LOCK_PORTABLE $(CSRC_INC) csrc/tests/stress_locks.c csrc/sync/lock.c csrc/guard/guard.c -o $@ -pthread
 
 tsan: csrc/tests/stress_locks.bin csrc/tests/stress_locks_portable.bin
 	TSAN_OPTIONS="halt_on_error=1 exitcode=66" ./csrc/tests/stress_locks.bin 8 2000
@@ -39,6 +41,6 @@ clean:
 include csrc/tests/tsan_model.mk
 
 # What the uncontended lock path costs, piece by piece, on this machine.
-clock-cost: benchmarks/clock_cost.c csrc/lock.c csrc/lock.h
-	$(CC) -std=gnu11 -O2 -Icsrc benchmarks/clock_cost.c csrc/lock.c -o csrc/tests/clock_cost.bin -pthread
+clock-cost: benchmarks/clock_cost.c csrc/sync/lock.c csrc/sync/lock.h
+	$(CC) -std=gnu11 -O2 $(CSRC_INC) benchmarks/clock_cost.c csrc/sync/lock.c -o csrc/tests/clock_cost.bin -pthread
 	./csrc/tests/clock_cost.bin

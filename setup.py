@@ -38,13 +38,25 @@ def objc_runtime_flags():
     return {"compile": [], "link": ["-lobjc"]}
 
 
-sources = sorted(glob.glob("csrc/*.c"))
+# The product: lock primitives, guard domains and modes, the CPython module.
+CORE_DIRS = ["csrc/sync", "csrc/guard", "csrc/python"]
+# Built only with an Objective-C runtime: the swizzle engine, the AGX hook set
+# and discovery, the driver model.
+OBJC_DIRS = ["csrc/objc", "csrc/agx", "csrc/model"]
+INCLUDE_DIRS = CORE_DIRS + OBJC_DIRS
+
+
+def c_sources(dirs):
+    return sorted(f for d in dirs for f in glob.glob(os.path.join(d, "*.c")))
+
+
+sources = c_sources(CORE_DIRS)
 define_macros = []
 extra_compile = ["-std=gnu11", "-O2", "-Wall", "-Wno-missing-braces"]
 extra_link = ["-pthread"]
-objc = objc_runtime_flags() if os.path.exists("csrc/objc/objc_module.c") else None
+objc = objc_runtime_flags()
 if objc is not None:
-    sources += sorted(glob.glob("csrc/objc/*.c"))
+    sources += c_sources(OBJC_DIRS)
     define_macros.append(("AGX_HAVE_OBJC", "1"))
     extra_compile += objc["compile"]
     extra_link += objc["link"]
@@ -57,7 +69,7 @@ setup(
         Extension(
             "agxguard._C",
             sources=sources,
-            include_dirs=["csrc"],
+            include_dirs=INCLUDE_DIRS,
             # a changed header rebuilds every source (setuptools tracks no includes)
             depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),
             define_macros=define_macros,

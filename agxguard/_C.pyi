@@ -1,4 +1,4 @@
-"""Type stubs for agxguard._C, the C core (csrc/module.c; csrc/objc/objc_module.c
+"""Type stubs for agxguard._C, the C core (csrc/python/module.c; csrc/python/objc_module.c
 where the build has an Objective-C runtime)."""
 from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
 

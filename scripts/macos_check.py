@@ -1,7 +1,7 @@
 """Cross-build agxguard._C for macOS with Apple's headers, and check what it needs.
 
 For each of aarch64-macos and x86_64-macos: compile every C source that
-setup.py compiles on a Mac (csrc/*.c and csrc/objc/*.c, with AGX_HAVE_OBJC)
+setup.py compiles on a Mac (every csrc/<part>/*.c but csrc/tests, with AGX_HAVE_OBJC)
 with zig's clang against Apple's libc and Objective-C headers (the `ziglang`
 package from PyPI ships them), `-Wall -Werror`; link the objects as a bundle
 whose symbols resolve when it loads (`-undefined dynamic_lookup`, as CPython
@@ -59,7 +59,13 @@ def zig_root() -> str:
 
 
 def sources() -> List[str]:
-    return sorted(glob.glob(os.path.join(ROOT, "csrc", "*.c")) + glob.glob(os.path.join(ROOT, "csrc", "objc", "*.c")))
+    return sorted(f for f in glob.glob(os.path.join(ROOT, "csrc", "*", "*.c"))
+                  if os.path.basename(os.path.dirname(f)) != "tests")
+
+
+def include_dirs() -> List[str]:
+    return sorted(d for d in glob.glob(os.path.join(ROOT, "csrc", "*"))
+                  if os.path.isdir(d) and os.path.basename(d) != "tests")
 
 
 def zig_cc(arch: str, args: List[str]) -> subprocess.CompletedProcess:
@@ -69,7 +75,7 @@ def zig_cc(arch: str, args: List[str]) -> subprocess.CompletedProcess:
 
 def compile_all(arch: str, srcs: Iterable[str], out_dir: str, jobs: int) -> Tuple[List[str], List[str]]:
     """Objects, and compiler messages (empty when every file compiled silently)."""
-    inc = ["-I" + os.path.join(ROOT, "csrc"), "-I" + sysconfig.get_paths()["include"]]
+    inc = ["-I" + d for d in include_dirs()] + ["-I" + sysconfig.get_paths()["include"]]
 
     def one(src: str) -> Tuple[str, str]:
         obj = os.path.join(out_dir, os.path.relpath(src, ROOT).replace(os.sep, "_") + ".o")

@@ -14,9 +14,9 @@
 #include <string.h>
 
 #include "guard.h"
-#include "objc/driver_model.h"
-#include "objc/model_runner.h"
-#include "objc/swizzle.h"
+#include "driver_model.h"
+#include "model_runner.h"
+#include "swizzle.h"
 
 static int table_rounds = 20;
 static _Atomic long table_failures;

@@ -1,13 +1,13 @@
 # ---- tsan-model (issue 3: driver model under ThreadSanitizer) -------------
 # Include from the top Makefile, or run: make -f csrc/tests/tsan_model.mk tsan-model
-TSAN_MODEL_SRC = csrc/tests/tsan_model.c csrc/lock.c csrc/guard.c csrc/objc/swizzle.c \
-                 csrc/objc/driver_model.c csrc/objc/model_runner.c csrc/objc/discovery.c \
-                 csrc/objc/hook_table.c csrc/objc/lifecycle.c csrc/objc/model_images.c \
-                 csrc/objc/model_debug_layer.c
+TSAN_MODEL_SRC = csrc/tests/tsan_model.c csrc/sync/lock.c csrc/guard/guard.c csrc/objc/swizzle.c \
+                 csrc/agx/discovery.c csrc/agx/hook_table.c csrc/agx/lifecycle.c \
+                 $(wildcard csrc/model/*.c)
+TSAN_MODEL_INC = $(patsubst %,-I%,$(filter-out csrc/tests/,$(wildcard csrc/*/)))
 TSAN_CC ?= gcc
 
-csrc/tests/tsan_model.bin: $(TSAN_MODEL_SRC) csrc/objc/*.h csrc/*.h
-	$(TSAN_CC) -std=gnu11 -O1 -g -fsanitize=thread -Icsrc $(TSAN_MODEL_SRC) -o $@ -lobjc -pthread
+csrc/tests/tsan_model.bin: $(TSAN_MODEL_SRC) $(wildcard csrc/*/*.h)
+	$(TSAN_CC) -std=gnu11 -O1 -g -fsanitize=thread $(TSAN_MODEL_INC) $(TSAN_MODEL_SRC) -o $@ -lobjc -pthread
 
 .PHONY: tsan-model
 tsan-model: csrc/tests/tsan_model.bin

@@ -1,6 +1,7 @@
 /* objc_module.c: Python bindings for the swizzle engine and the driver model
  * (added to agxguard._C by agx_objc_add_to_module). Every native run releases
  * the GIL; hooked calls made with the GIL held release it while they wait. */
+#ifdef AGX_HAVE_OBJC /* the whole file: built only with an Objective-C runtime */
 #include "objc_module.h"
 #include "start_gate.h"
 
@@ -569,3 +570,5 @@ int agx_objc_add_to_module(PyObject *m) {
     if (PyModule_AddObjectRef(m, "METAL_SUPPORTED", agx_metal_supported() ? Py_True : Py_False) < 0) return -1;
     return 0;
 }
+
+#endif /* AGX_HAVE_OBJC */

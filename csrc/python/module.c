@@ -13,7 +13,7 @@
 #include "module_state.h"
 
 #ifdef AGX_HAVE_OBJC
-#include "objc/objc_module.h"
+#include "objc_module.h"
 #endif
 
 PyObject *agx_LockTimeout;

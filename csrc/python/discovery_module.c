@@ -1,6 +1,7 @@
 /* discovery_module.c: Python bindings for rediscovery, Metal's device list,
  * and the driver model's images, debug layer and live-object counts (added
  * to agxguard._C by agx_objc_add_to_module). */
+#ifdef AGX_HAVE_OBJC /* the whole file: built only with an Objective-C runtime */
 #include "discovery_module.h"
 
 #include <string.h>
@@ -130,3 +131,5 @@ static PyMethodDef methods[] = {
 };
 
 int agx_discovery_add_to_module(PyObject *m) { return PyModule_AddFunctions(m, methods); }
+
+#endif /* AGX_HAVE_OBJC */
