@@ -1,9 +1,13 @@
-"""Build agxguard._C from csrc/.
+"""Build agxguard._C (the product) and agxguard._model (the lab) from csrc/.
 
-The Objective-C parts (csrc/objc/) are compiled only where an Objective-C
-runtime is found: Apple's on macOS, GCC's GNU runtime on Linux (Debian:
-gobjc, libobjc-12-dev). Without one the module still builds and reports
-swizzling unavailable.
+The Objective-C parts (csrc/objc/, csrc/agx/) are compiled only where an
+Objective-C runtime is found: Apple's on macOS, GCC's GNU runtime on Linux
+(Debian: gobjc, libobjc-12-dev). Without one _C still builds and reports
+swizzling unavailable, and _model is not built.
+
+agxguard._model (csrc/model/: the driver model and the fixtures that measure
+the product) is a module of its own: _C neither includes nor links it, and
+_model reaches _C only through the capsule agxguard._C._capi (csrc/python/capi.h).
 """
 import glob
 import os
@@ -41,9 +45,12 @@ def objc_runtime_flags():
 # The product: lock primitives, guard domains and modes, the CPython module.
 CORE_DIRS = ["csrc/sync", "csrc/guard", "csrc/python"]
 # Built only with an Objective-C runtime: the swizzle engine, the AGX hook set
-# and discovery, the driver model.
-OBJC_DIRS = ["csrc/objc", "csrc/agx", "csrc/model"]
+# and discovery.
+OBJC_DIRS = ["csrc/objc", "csrc/agx"]
 INCLUDE_DIRS = CORE_DIRS + OBJC_DIRS
+# agxguard._model, the lab (only with an Objective-C runtime): the driver model
+# and the fixtures. It may include the product's headers; _C never sees csrc/model.
+MODEL_DIRS = ["csrc/model"]
 
 
 def c_sources(dirs):
@@ -64,17 +71,29 @@ if objc is not None:
 else:
     print("agxguard: no Objective-C runtime found; building without swizzling")
 
-setup(
-    ext_modules=[
+ext_modules = [
+    Extension(
+        "agxguard._C",
+        sources=sources,
+        include_dirs=INCLUDE_DIRS,
+        # a changed header rebuilds every source (setuptools tracks no includes)
+        depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),
+        define_macros=define_macros,
+        extra_compile_args=extra_compile,
+        extra_link_args=extra_link,
+    )
+]
+if objc is not None:
+    ext_modules.append(
         Extension(
-            "agxguard._C",
-            sources=sources,
-            include_dirs=INCLUDE_DIRS,
-            # a changed header rebuilds every source (setuptools tracks no includes)
+            "agxguard._model",
+            sources=c_sources(MODEL_DIRS),
+            include_dirs=INCLUDE_DIRS + MODEL_DIRS,
             depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),
             define_macros=define_macros,
             extra_compile_args=extra_compile,
             extra_link_args=extra_link,
         )
-    ],
-)
+    )
+
+setup(ext_modules=ext_modules)
