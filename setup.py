@@ -3,7 +3,7 @@
 The Objective-C parts (csrc/objc/, csrc/agx/) are compiled only where an
 Objective-C runtime is found: Apple's on macOS, GCC's GNU runtime on Linux
 (Debian: gobjc, libobjc-12-dev). Without one _C still builds and reports
-swizzling unavailable, and _model is not built.
+swizzling unavailable, and _model holds only the measuring fixtures.
 
 agxguard._model (csrc/model/: the driver model and the fixtures that measure
 the product) is a module of its own: _C neither includes nor links it, and
@@ -48,9 +48,11 @@ CORE_DIRS = ["csrc/sync", "csrc/guard", "csrc/python"]
 # and discovery.
 OBJC_DIRS = ["csrc/objc", "csrc/agx"]
 INCLUDE_DIRS = CORE_DIRS + OBJC_DIRS
-# agxguard._model, the lab (only with an Objective-C runtime): the driver model
-# and the fixtures. It may include the product's headers; _C never sees csrc/model.
+# agxguard._model, the lab: the driver model and the fixtures. It may include the
+# product's headers; _C never sees csrc/model. Without an Objective-C runtime only
+# MODEL_NATIVE is built (the measuring fixtures benchmarks need on any machine).
 MODEL_DIRS = ["csrc/model"]
+MODEL_NATIVE = ["csrc/model/measure.c", "csrc/model/model_capi.c", "csrc/model/model_module.c"]
 
 
 def c_sources(dirs):
@@ -71,6 +73,7 @@ if objc is not None:
 else:
     print("agxguard: no Objective-C runtime found; building without swizzling")
 
+model_sources = c_sources(MODEL_DIRS) if objc is not None else MODEL_NATIVE
 ext_modules = [
     Extension(
         "agxguard._C",
@@ -81,19 +84,16 @@ ext_modules = [
         define_macros=define_macros,
         extra_compile_args=extra_compile,
         extra_link_args=extra_link,
-    )
+    ),
+    Extension(
+        "agxguard._model",
+        sources=model_sources,
+        include_dirs=INCLUDE_DIRS + MODEL_DIRS,
+        depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),
+        define_macros=define_macros,
+        extra_compile_args=extra_compile,
+        extra_link_args=extra_link,
+    ),
 ]
-if objc is not None:
-    ext_modules.append(
-        Extension(
-            "agxguard._model",
-            sources=c_sources(MODEL_DIRS),
-            include_dirs=INCLUDE_DIRS + MODEL_DIRS,
-            depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),
-            define_macros=define_macros,
-            extra_compile_args=extra_compile,
-            extra_link_args=extra_link,
-        )
-    )
 
 setup(ext_modules=ext_modules)

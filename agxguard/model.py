@@ -38,7 +38,7 @@ _UNAVAILABLE = ("the driver model is unavailable in this build: agxguard._model 
 
 def available() -> bool:
     """Whether this build has the driver model (agxguard._model; it needs an Objective-C runtime)."""
-    return _model is not None
+    return _model is not None and bool(_model.HAVE_MODEL)
 
 
 def _need() -> None:

@@ -2,15 +2,18 @@
  * as functions of agxguard._model (the product module exports none of
  * them): the lock's uncontended cost and its heir-seat knobs, the usable
  * CPUs waits spin against, a thread's region depth and use_stream() key, and
- * the object-to-stream table of the swizzle engine. All through the C API
- * of agxguard._C (capi.h). */
+ * the object-to-stream table of the swizzle engine (with an Objective-C
+ * runtime). All through the C API of agxguard._C (capi.h). Built in every
+ * build, so that benchmarks reach the knobs where there is no runtime (the
+ * GPU machine builds with AGXGUARD_NO_OBJC=1). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include "model_capi.h"
 #include "model_module.h"
-#include "objc_compat.h"
+#ifdef AGX_HAVE_OBJC
 #include "swizzle.h"
+#endif
 
 /* ------------------------------------------------------------ the lock */
 
@@ -64,6 +67,7 @@ static PyObject *py_get_thread_stream(PyObject *m, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(key);
 }
 
+#ifdef AGX_HAVE_OBJC /* the swizzle engine's stream table */
 static PyObject *py_set_stream(PyObject *self, PyObject *args) {
     unsigned long long obj, key;
     if (!PyArg_ParseTuple(args, "KK:swizzle_set_stream", &obj, &key)) return NULL;
@@ -97,6 +101,7 @@ static PyObject *py_stream_table(PyObject *self, PyObject *unused) {
                          (unsigned long long)t.bytes, "removed", (unsigned long long)t.removed, "grows",
                          (unsigned long long)t.grows, "rehashes", (unsigned long long)t.rehashes);
 }
+#endif /* AGX_HAVE_OBJC */
 
 static PyMethodDef measure_methods[] = {
     {"c_lock_ns", py_c_lock_ns, METH_O, "c_lock_ns(n): ns per uncontended C try+release of the product's lock."},
@@ -108,6 +113,7 @@ static PyMethodDef measure_methods[] = {
      "only while fewer than this less two threads spin."},
     {"region_depth", py_region_depth, METH_NOARGS, "How many guarded regions this thread is inside."},
     {"get_thread_stream", py_get_thread_stream, METH_NOARGS, "This thread's use_stream() key, or None."},
+#ifdef AGX_HAVE_OBJC
     {"swizzle_stream_of", py_stream_of, METH_VARARGS,
      "swizzle_stream_of(object_address) -> the key the stream table has for it, or None."},
     {"swizzle_clear_stream", py_clear_stream, METH_VARARGS,
@@ -117,6 +123,7 @@ static PyMethodDef measure_methods[] = {
      "removed (entries cleared at dealloc), grows and rehashes."},
     {"swizzle_set_stream", py_set_stream, METH_VARARGS,
      "swizzle_set_stream(object_address, key): the stream key a receiver's hooked calls use."},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

@@ -14,8 +14,9 @@
 extern const agx_capi *agx_model_capi;
 
 /* Check `c` (its version and size against the ones this module was built
- * with), keep it, and register the driver model with the product's
- * discovery as the provider of the "model" driver. 0, or -1 with err. */
+ * with), keep it, and (with an Objective-C runtime) register the driver
+ * model with the product's discovery as the provider of the "model" driver.
+ * 0, or -1 with err. */
 int agx_model_use_capi(const agx_capi *c, char *err, size_t errlen);
 
 #endif

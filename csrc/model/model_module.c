@@ -10,15 +10,21 @@
  * "model" driver, so that agxguard.install("model") and AGXGUARD_DRIVER=model
  * find it. Each binding file adds its functions with one
  * `agx_*_add_to_module(PyObject *m)` call in PyInit__model below. Every
- * native run releases the GIL. */
+ * native run releases the GIL.
+ *
+ * Without an Objective-C runtime (AGXGUARD_NO_OBJC=1, or none found) only
+ * the measuring fixtures (measure.c) are built, HAVE_MODEL is False, and the
+ * model's own files are not compiled (setup.py MODEL_NATIVE). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "driver_model.h"
 #include "model_capi.h"
+#include "model_module.h"
+
+#ifdef AGX_HAVE_OBJC /* the driver model and the hooks' side of it */
+#include "driver_model.h"
 #include "model_debug_layer.h"
 #include "model_images.h"
-#include "model_module.h"
 #include "model_runner.h"
 
 static PyObject *config_dict(const agx_model_config *c) {
@@ -249,15 +255,8 @@ static PyMethodDef model_methods[] = {
 
 int agx_model_bindings_add_to_module(PyObject *m) { return PyModule_AddFunctions(m, model_methods); }
 
-static struct PyModuleDef model_module_def = {
-    PyModuleDef_HEAD_INIT, "agxguard._model",
-    "agxguard's lab in C: the driver model (a test double for Apple's AGX driver) and the fixtures that\n"
-    "measure the product. Not part of the product: import agxguard never loads it.",
-    -1, NULL,
-};
-
 /* After the model is registered: agxguard.hooks installs the hook set on it
- * now when AGXGUARD_DRIVER=model asked for it before the model had loaded. */
+ * now when AGXGUARD_DRIVER=model asked for that before the model had loaded. */
 static int tell_hooks(void) {
     PyObject *hooks = PyImport_ImportModule("agxguard.hooks");
     if (hooks == NULL) return -1;
@@ -267,6 +266,14 @@ static int tell_hooks(void) {
     Py_DECREF(r);
     return 0;
 }
+#endif /* AGX_HAVE_OBJC */
+
+static struct PyModuleDef model_module_def = {
+    PyModuleDef_HEAD_INIT, "agxguard._model",
+    "agxguard's lab in C: the driver model (a test double for Apple's AGX driver) and the fixtures that\n"
+    "measure the product. Not part of the product: import agxguard never loads it.",
+    -1, NULL,
+};
 
 PyMODINIT_FUNC PyInit__model(void) {
     const agx_capi *capi = PyCapsule_Import(AGX_CAPI_NAME, 0);
@@ -279,10 +286,14 @@ PyMODINIT_FUNC PyInit__model(void) {
     PyObject *m = PyModule_Create(&model_module_def);
     if (m == NULL) return NULL;
     /* one line per binding file */
-    if (agx_model_bindings_add_to_module(m) < 0 || agx_race_classes_add_to_module(m) < 0 ||
-        agx_measure_add_to_module(m) < 0)
-        goto fail;
+    if (agx_measure_add_to_module(m) < 0) goto fail;
+#ifdef AGX_HAVE_OBJC
+    if (agx_model_bindings_add_to_module(m) < 0 || agx_race_classes_add_to_module(m) < 0) goto fail;
+    if (PyModule_AddObjectRef(m, "HAVE_MODEL", Py_True) < 0) goto fail;
     if (tell_hooks() < 0) goto fail;
+#else
+    if (PyModule_AddObjectRef(m, "HAVE_MODEL", Py_False) < 0) goto fail;
+#endif
     return m;
 fail:
     Py_DECREF(m);

@@ -7,13 +7,13 @@
 
 #include <Python.h>
 
-/* model_module.c: the driver model (model_*). */
+/* model_module.c: the driver model (model_*); with an Objective-C runtime. */
 int agx_model_bindings_add_to_module(PyObject *m);
 /* race_classes.c: classes with a planted race, the engine's shape probes,
- * and runtime introspection (objc_*, swizzle_probe*). */
+ * and runtime introspection (objc_*, swizzle_probe*); with a runtime. */
 int agx_race_classes_add_to_module(PyObject *m);
 /* measure.c: what tests and benchmarks read or switch inside the product
- * (the lock's cost and knobs, region depth, the stream table). */
+ * (the lock's cost and knobs, region depth, the stream table); every build. */
 int agx_measure_add_to_module(PyObject *m);
 
 #endif
