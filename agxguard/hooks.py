@@ -17,10 +17,11 @@ image-load callback; ``rediscover()`` does the same on demand. Under Metal API
 validation or frame capture (``MTL_DEBUG_LAYER=1``, Xcode) both the validation
 layer's wrapper classes and the AGX classes under them are hooked.
 
-The driver model is not part of the product: it lives in ``agxguard._model``
-(loaded by ``agxguard.model``), which registers it with the product when it
-loads. ``AGXGUARD_DRIVER=model`` before it has loaded waits for it: the hook set
-is installed the moment it registers. This module never imports it.
+The driver model is not part of the product: it lives in ``agxguard._model``,
+the lab's C module (the model's Python wrapper imports it), which registers the
+model with the product when it loads. ``AGXGUARD_DRIVER=model`` before that
+waits for it: the hook set is installed the moment it registers. The product
+never imports it.
 
 Use ``agxguard.install()``, ``agxguard.status()`` ... (the package exports these
 names; ``agxguard.hooks`` is the function that lists the hooks, so import this
@@ -42,7 +43,7 @@ _NO_METAL = ("no supported driver: Metal exists only on macOS with an Apple GPU 
 _DISABLED = "disabled by AGXGUARD_DISABLE=1"
 _NONE = "AGXGUARD_DRIVER=none"
 _WAITING = ("AGXGUARD_DRIVER={driver}: waiting for the driver model to load (it is not part of the product: "
-            "import agxguard.model); its hooks are installed when it registers")
+            "import agxguard._model, the lab's module); its hooks are installed when it registers")
 
 # Why nothing is installed (None while installed); set by every install/uninstall.
 _reason: Optional[str] = "not installed yet"

@@ -202,7 +202,7 @@ def test_driver_model_from_the_environment_waits_for_the_model_to_register():
     assert p.returncode == 0, p.stderr  # -W error: no warning while it waits
     out = __import__("json").loads(p.stdout.strip().splitlines()[-1])
     installed, reason = out["before"]
-    assert not installed and "waiting for the driver model" in reason and "agxguard.model" in reason
+    assert not installed and "waiting for the driver model" in reason and "agxguard._model" in reason
     assert out["present"] is False and out["now"] is True
     assert out["after"] == [True, "model", None]
 
@@ -215,4 +215,4 @@ def test_installing_the_model_before_it_loaded_says_how_to_load_it():
                "except RuntimeError as e:\n"
                "    print(e)\n", AGXGUARD_DRIVER="none")
     assert p.returncode == 0, p.stderr
-    assert "the driver model is not loaded" in p.stdout and "import agxguard.model" in p.stdout, p.stdout
+    assert "the driver model is not loaded" in p.stdout and "import agxguard._model" in p.stdout, p.stdout

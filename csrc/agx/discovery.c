@@ -251,7 +251,7 @@ int agx_discover(int driver, agx_discovery *d, char *err, size_t errlen) {
         const agx_driver_provider *p = atomic_load(&model_provider);
         if (!p) {
             snprintf(err, errlen, "the driver model is not loaded: it is not part of the product; import "
-                                  "agxguard.model (or agxguard._model) first");
+                                  "agxguard._model (the lab's module, which registers it) first");
             goto out;
         }
         dev = p->device(); /* the model's device lives as long as the process: not ours */
