@@ -689,8 +689,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch  # noqa: F401  (after option errors, which need no torch)
 
     if agxguard is not None:
-        import agxguard._model  # the lab's knobs (not part of the product)
-        agxguard._model._set_heir_seat(opts.heir_seat == "on")
+        from agxguard import _model as lab  # the lab's knobs (not part of the product)
+        lab._set_heir_seat(opts.heir_seat == "on")
     info = machine_info(opts)
     log(f"agxguard efficiency benchmark: device {info['device']} ({info['device_name']}), "
         f"torch {info['torch']}, python {info['python']}, {info['cpu_count']} cpus")

@@ -249,7 +249,6 @@ static PyMethodDef model_methods[] = {
      "completion thread is idle."},
     {"model_mps_run_op", KW py_model_mps_run_op, METH_VARARGS | METH_KEYWORDS,
      "model_mps_run_op(queue=0, a=2.0, length=256) -> bool: one op through an MPS command buffer."},
-
     {NULL, NULL, 0, NULL},
 };
 
@@ -285,10 +284,11 @@ PyMODINIT_FUNC PyInit__model(void) {
     }
     PyObject *m = PyModule_Create(&model_module_def);
     if (m == NULL) return NULL;
-    /* one line per binding file */
+    /* one line per binding file (model_module.h) */
     if (agx_measure_add_to_module(m) < 0) goto fail;
 #ifdef AGX_HAVE_OBJC
-    if (agx_model_bindings_add_to_module(m) < 0 || agx_race_classes_add_to_module(m) < 0) goto fail;
+    if (agx_model_bindings_add_to_module(m) < 0) goto fail;
+    if (agx_race_classes_add_to_module(m) < 0) goto fail;
     if (PyModule_AddObjectRef(m, "HAVE_MODEL", Py_True) < 0) goto fail;
     if (tell_hooks() < 0) goto fail;
 #else

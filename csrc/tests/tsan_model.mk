@@ -2,10 +2,13 @@
 # Include from the top Makefile, or run: make -f csrc/tests/tsan_model.mk tsan-model
 # The product's C (its C API table, capi.c, included) and the driver model, linked
 # into one binary: the model reaches the product through that table all the same
-# (tsan_model.c hands it over); the model's Python bindings are left out.
+# (tsan_model.c hands it over). The model's own files only: csrc/model's Python
+# bindings (model_module.c and the binding files it registers) stay out.
+TSAN_MODEL_MODEL = csrc/model/driver_model.c csrc/model/model_debug_layer.c csrc/model/model_images.c \
+                   csrc/model/model_runner.c csrc/model/model_capi.c
 TSAN_MODEL_SRC = csrc/tests/tsan_model.c csrc/sync/lock.c csrc/guard/guard.c csrc/objc/swizzle.c \
                  csrc/agx/discovery.c csrc/agx/hook_table.c csrc/agx/lifecycle.c csrc/python/capi.c \
-                 $(filter-out csrc/model/model_module.c csrc/model/race_classes.c csrc/model/measure.c,$(wildcard csrc/model/*.c))
+                 $(TSAN_MODEL_MODEL)
 TSAN_MODEL_INC = $(patsubst %,-I%,$(filter-out csrc/tests/,$(wildcard csrc/*/)))
 TSAN_CC ?= gcc
 
