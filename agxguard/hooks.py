@@ -92,8 +92,10 @@ def install(driver: Optional[str] = None) -> Dict[str, Any]:
 def uninstall() -> Dict[str, Any]:
     """Remove every hook of the set (originals restored exactly). Encoders open
     right now are forgotten, their retain kept (a bounded leak, never a use
-    after free). Returns {"driver": what was installed, "removed"}."""
-    global _reason
+    after free). Returns {"driver": what was installed, "removed"}. A driver
+    that AGXGUARD_DRIVER was waiting for is no longer installed when it loads."""
+    global _reason, _waiting_for
+    _waiting_for = None
     if not _have_objc():
         return {"driver": None, "removed": 0}
     was = _C.hooks_driver()

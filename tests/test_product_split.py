@@ -218,3 +218,13 @@ def test_installing_the_model_before_it_loaded_says_how_to_load_it():
                "    print(e)\n", AGXGUARD_DRIVER="none")
     assert p.returncode == 0, p.stderr
     assert "the driver model is not loaded" in p.stdout and "import agxguard._model" in p.stdout, p.stdout
+
+
+@pytest.mark.skipif(not C.HAVE_OBJC, reason="the driver model needs an Objective-C runtime build")
+def test_uninstall_while_waiting_for_the_model_cancels_the_wait():
+    p = _child("import agxguard\n"
+               "agxguard.uninstall()\n"
+               "import agxguard.model\n"
+               "print(agxguard.installed())", AGXGUARD_DRIVER="model")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "False"
