@@ -16,8 +16,8 @@
 #include <string.h>
 
 #include "driver_model.h"
+#include "model_capi.h"
 #include "model_images.h"
-#include "swizzle.h"
 #include "swizzle_shapes.h"
 
 const char *const agx_model_debug_device_class = "MTLModelDebugDevice";
@@ -79,7 +79,7 @@ static const struct { const char *key; IMP imp; } forwarders[] = {AGX_SHAPES(FWD
 
 IMP agx_model_forwarder(const char *types) {
     char why[160];
-    const char *key = agx_swizzle_shape_for(types, why, sizeof why);
+    const char *key = agx_model_capi->swizzle_shape_for(types, why, sizeof why);
     if (!key) return NULL;
     for (size_t i = 0; i < sizeof forwarders / sizeof forwarders[0]; i++)
         if (!strcmp(forwarders[i].key, key)) return forwarders[i].imp;
@@ -304,7 +304,7 @@ static Class wrapper_class_for(Class base, int kind) {
         const char *types = method_getTypeEncoding(ms[i]);
         if (!types || types[0] != '@' || kind_made_by(kind, sel) < 0) continue;
         char why[160];
-        const char *key = agx_swizzle_shape_for(types, why, sizeof why);
+        const char *key = agx_model_capi->swizzle_shape_for(types, why, sizeof why);
         if (key && !strcmp(key, "u64()")) class_addMethod(c, sel, (IMP)factory0, types);
         else if (key && !strcmp(key, "u64(u64)")) class_addMethod(c, sel, (IMP)factory1, types);
     }
