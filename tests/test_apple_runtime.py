@@ -8,7 +8,8 @@ import sys
 import pytest
 
 import agxguard._C as C
-from agxguard import model, swizzle
+from agxguard import swizzle
+from agxguard.lab import model
 
 pytestmark = pytest.mark.skipif(not swizzle.swizzle_available(),
                                 reason="this build has no Objective-C runtime (install gobjc, libobjc-12-dev)")

@@ -18,7 +18,7 @@ import textwrap
 import pytest
 
 import agxguard._C as C
-from agxguard import model
+from agxguard.lab import model
 
 pytestmark = pytest.mark.skipif(not model.available(),
                                 reason="this build has no Objective-C runtime (install gobjc, libobjc-12-dev)")

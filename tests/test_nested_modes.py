@@ -19,7 +19,7 @@ import time
 import pytest
 
 import agxguard
-from agxguard import model
+from agxguard.lab import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAMMER_S = float(os.environ.get("AGXGUARD_HAMMER_S", "1.0"))
@@ -36,7 +36,7 @@ _CHILD = textwrap.dedent(r"""
     agxguard.set_mode(cfg["start"])
     use_model = cfg["model"]
     if use_model:
-        from agxguard import model
+        from agxguard.lab import model
         model.configure(**{b: False for b in model.BUGS})
         model.hook()
     stop = threading.Event()
