@@ -28,6 +28,7 @@ import functools as _functools
 import inspect as _inspect
 import sys as _sys
 import types as _types
+from collections.abc import Hashable as _Hashable
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import TypeVar as _TypeVar
 
@@ -38,7 +39,7 @@ from .batcher import Batcher
 from .swizzle import guard_methods, unguard_methods
 
 if _TYPE_CHECKING:  # annotations only (they are strings at run time)
-    from typing import Any, Callable, Dict, Generator, Hashable, Iterator, Optional
+    from typing import Any, Callable, Dict, Generator, Iterator, Optional
 
     from ._C import Guard, Lock
 
@@ -245,7 +246,7 @@ def _stream_key(stream: Any) -> int:
     handle = getattr(stream, "cuda_stream", None)
     if isinstance(handle, int):
         return handle & 0xFFFFFFFFFFFFFFFF
-    if not isinstance(stream, Hashable):
+    if not isinstance(stream, _Hashable):
         raise TypeError(f"a stream must be an int, a torch stream or hashable, not {type(stream).__name__}")
     return hash(stream) & 0xFFFFFFFFFFFFFFFF
 

@@ -116,11 +116,12 @@ def test_an_image_loading_while_8_threads_encode_is_hooked_without_a_fault():
 def test_rediscover_and_a_later_install_pick_up_an_image_loaded_while_nothing_was_installed():
     out = child("""
         import json, agxguard, agxguard._C as C
-        nothing = hooks_module.rediscover()
+        from agxguard.hooks import rediscover
+        nothing = rediscover()
         C.model_load_image("mps")       # before any install: no hook set to add to
         first = agxguard.install("model")
         mps = sorted(h["selector"] for h in agxguard.hooks() if h["class"] == "MPSModelCommandBuffer" and h["installed"])
-        again = hooks_module.rediscover()   # nothing new since
+        again = rediscover()   # nothing new since
         print(json.dumps({"nothing": nothing, "mps": mps, "again": again, "new": first["new"]}))
     """, AGXGUARD_DRIVER="none")
     assert out["nothing"] == {"driver": None, "new": 0}

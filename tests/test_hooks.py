@@ -144,7 +144,7 @@ def test_global_regions_stop_every_fault():
 
 
 def test_commit_with_an_open_encoder_aborts_without_the_hooks():
-    p = child("import agxguard; from agxguard import model; agxguard.set_mode('op'); "
+    p = child("import agxguard; from agxguard.lab import model; agxguard.set_mode('op'); "
               "model.set_bugs(False); model.run_op(end_encoding=False)", AGXGUARD_DRIVER="none")
     assert p.returncode == -6 and "commit command buffer with uncommitted encoder" in p.stderr, p.stderr
 

@@ -136,7 +136,8 @@ def test_hooked_calls_inside_regions_survive_mode_switches(throttle):
 _WAIT_CHILD = textwrap.dedent(r"""
     import os, signal, sys, threading, time
     import agxguard
-    from agxguard import _C, model
+    from agxguard import _C
+    from agxguard.lab import model
     how = sys.argv[1]
     model.configure(**{b: False for b in model.BUGS})
     model.hook()

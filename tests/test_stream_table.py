@@ -17,7 +17,8 @@ import textwrap
 
 import pytest
 
-from agxguard import _C, model
+from agxguard import _C
+from agxguard.lab import model
 
 pytestmark = pytest.mark.skipif(not model.available(), reason="the driver model needs an Objective-C runtime build")
 
@@ -32,7 +33,8 @@ FAKE_BASE = 0x5A5A_0000_0000  # addresses no real object has: the table only sto
 # one process.
 _CHILD = textwrap.dedent(r"""
     import json, sys
-    from agxguard import _C, model
+    from agxguard import _C
+    from agxguard.lab import model
     fill, iterations = int(sys.argv[1]), int(sys.argv[2])
     _C.set_mode("stream")
     model.configure(context_race=True, encoder_recycle=True, buffer_recycle=True, bypass=True, window_yields=1)
