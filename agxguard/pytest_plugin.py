@@ -2,7 +2,7 @@
 
 - ``lock_mode`` fixture: a test that asks for it runs once per selected mode, with
   the mode set for the test and the previous one restored after. Modes come from
-  ``--agxguard-mode=off,op,stream,global`` (or ``all``), else the ini key
+  ``--agxguard-mode=op,global`` (names from agxguard.MODES, or ``all``), else the ini key
   ``agxguard_modes``, else the environment variable ``AGXGUARD_TEST_MODES``, else all.
 - ``@pytest.mark.agxguard_isolated(timeout=...)``: the test body runs in a child
   process (agxguard's child runner, agxguard/_runner.py); a crash fails the test with the signal's name (an abort
