@@ -59,6 +59,7 @@ class Attempt:
     signal: Optional[str] = None
     returncode: Optional[int] = None
     stderr_tail: Optional[str] = None
+    last_words: Optional[str] = None  # the last lines printed before a crash (see abort_message)
     stacks: Optional[str] = None
     duration_s: float = 0.0
     pid: Optional[int] = None
@@ -75,7 +76,7 @@ class Attempt:
         printed before a crash (without faulthandler's dump), or "" when it passed."""
         if self.outcome == "passed":
             return ""
-        last = abort_message(self.stderr_tail or "")
+        last = self.last_words if self.last_words is not None else abort_message(self.stderr_tail or "")
         if self.outcome in ("signal", "abort") and last:
             return last.splitlines()[-1]
         return self.error or last
@@ -85,7 +86,7 @@ class Attempt:
         if self.outcome == "signal":
             return "crashed with %s" % self.signal
         if self.outcome == "abort":
-            message = abort_message(self.stderr_tail or "")
+            message = self.last_words if self.last_words is not None else abort_message(self.stderr_tail or "")
             return "aborted (SIGABRT)" + (": " + message.splitlines()[-1] if message else "")
         if self.outcome == "hang":
             return "hung (watchdog after %.1fs)" % self.duration_s
@@ -406,7 +407,9 @@ def _run_one_child(name, items, records, workdir, env, cwd, timeout, startup_tim
             victim = next(it["index"] for it in items if it["index"] not in attempted)
         if victim is not None:
             attempt = Attempt(outcome="failed", returncode=rc, duration_s=duration,
-                              pid=child.proc.pid, stderr_tail=_tail(output))
+                              pid=child.proc.pid, stderr_tail=_tail(output),
+                              last_words=abort_message(output))  # from the whole output: the stack
+                                                                # dump after them can outgrow the tail
             if hung:
                 attempt.outcome = "hang"
                 attempt.signal = "SIGKILL"

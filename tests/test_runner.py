@@ -28,6 +28,13 @@ def child_work(case):
         os.abort()
     if kind == "hang":
         hang_here_forever()
+    if kind == "segfault_after_words":
+        # many threads, so that faulthandler's dump of their stacks outgrows the stderr tail
+        import threading
+        for _ in range(60):
+            threading.Thread(target=hang_here_forever, daemon=True).start()
+        os.write(2, b"AGXModel: encoder used after endEncoding\n")
+        ctypes.string_at(0)
     if kind == "crash_once":
         # First attempt: segfault and leave a marker; the retry finds it and passes.
         if not os.path.exists(case["marker"]):
@@ -43,6 +50,14 @@ def hang_here_forever():
 
 
 # -- tests -------------------------------------------------------------------------------
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_crash_message_is_kept_when_the_stack_dump_outgrows_the_tail():
+    rec = harness.run_in_child(child_work, {"kind": "segfault_after_words"}, timeout=30)
+    attempt = rec.attempts[-1]
+    assert attempt.outcome == "signal" and "encoder used after endEncoding" not in attempt.stderr_tail
+    assert attempt.message == "AGXModel: encoder used after endEncoding"
+
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_segfaulting_child_is_reported_as_sigsegv():
