@@ -64,6 +64,27 @@ if objc is not None:
 else:
     print("agxguard: no Objective-C runtime found; building without swizzling")
 
+
+def build_flags_stamp(macros, compile_args, link_args):
+    """A file whose content is this build's configuration, rewritten only when that
+    changes. It is a dependency of every source, so a build whose configuration differs
+    from the last one (an Objective-C runtime installed since, AGXGUARD_NO_OBJC set or
+    cleared) recompiles everything: setuptools itself compares only file times, and would
+    link the old objects."""
+    text = repr((sorted(macros), compile_args, link_args, sys.version)) + "\n"
+    path = os.path.join(HERE, "build", "agxguard-build-flags.txt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return path
+    except OSError:
+        pass
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
 setup(
     ext_modules=[
         Extension(
@@ -71,7 +92,8 @@ setup(
             sources=sources,
             include_dirs=INCLUDE_DIRS,
             # a changed header rebuilds every source (setuptools tracks no includes)
-            depends=sorted(glob.glob("csrc/**/*.h", recursive=True)),
+            depends=sorted(glob.glob("csrc/**/*.h", recursive=True))
+            + [build_flags_stamp(define_macros, extra_compile, extra_link)],
             define_macros=define_macros,
             extra_compile_args=extra_compile,
             extra_link_args=extra_link,

@@ -32,7 +32,19 @@ from collections.abc import Hashable as _Hashable
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import TypeVar as _TypeVar
 
-from . import _C, _config
+try:
+    from . import _C
+except ImportError:  # pragma: no cover - exercised in a child by tests/test_build.py
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if not any(f.startswith("_C.") and f.endswith((".so", ".pyd")) for f in _os.listdir(_here)):
+        raise ImportError(
+            f"agxguard's C extension is not built in {_here}. Python imported this source tree "
+            "(it comes first on sys.path and shadows any installed agxguard): build it there with "
+            "'python3 setup.py build_ext --inplace', or run Python from another directory") from None
+    raise
+from . import _config
 from ._C import LockTimeout, LockWaitWarning
 from ._config import ConfigWarning
 from .batcher import Batcher
