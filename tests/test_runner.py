@@ -29,8 +29,10 @@ def child_work(case):
     if kind == "hang":
         hang_here_forever()
     if kind == "segfault_after_words":
-        # many threads, so that faulthandler's dump of their stacks outgrows the stderr tail
+        # earlier output longer than the kept head, and many threads, so that
+        # faulthandler's dump of their stacks outgrows the kept tail
         import threading
+        os.write(2, b"".join(b"progress line %d\n" % i for i in range(600)))
         for _ in range(60):
             threading.Thread(target=hang_here_forever, daemon=True).start()
         os.write(2, b"AGXModel: encoder used after endEncoding\n")
