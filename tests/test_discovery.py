@@ -139,7 +139,7 @@ def test_loading_an_unknown_model_image_names_the_known_ones():
 
 def test_under_the_debug_layer_discovery_hooks_the_wrappers_and_the_driver_classes_under_them():
     out = child("""
-        import json, agxguard, agxguard.model  # the model registers itself: AGXGUARD_DRIVER=model hooks it then
+        import json, agxguard, agxguard.lab.model  # the model registers itself: AGXGUARD_DRIVER=model hooks it then
         from agxguard.hooks import table
         print(json.dumps({"status": agxguard.status(), "hooks": agxguard.hooks(), "table": table()}))
     """, **DEBUG)

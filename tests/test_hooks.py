@@ -61,8 +61,8 @@ def model_hooks():
 # ---------------------------------------------------------------- install at import
 
 def test_import_with_driver_model_installs_the_full_hook_set_and_lists_it():
-    # the driver model is not part of the product: it registers itself when agxguard.model loads
-    p = child("import agxguard, agxguard.model, json; from agxguard.hooks import table; print(json.dumps({'status': "
+    # the driver model is not part of the product: it registers itself when agxguard.lab.model loads
+    p = child("import agxguard, agxguard.lab.model, json; from agxguard.hooks import table; print(json.dumps({'status': "
               "agxguard.status(), 'hooks': agxguard.hooks(), 'table': table(), 'engine': agxguard._C.swizzle_hooks()}))",
               AGXGUARD_DRIVER="model")
     assert p.returncode == 0, p.stderr
@@ -175,8 +175,16 @@ def test_the_model_reports_an_encoder_used_after_its_end():
     # the detector behind the test above: without protection a recycled encoder is caught, by a
     # call on it after its end or by a second end (a driver assertion since issue 10)
     caught = ("encoder used after endEncoding", "endEncoding on an encoder that has already ended")
-    _, outs = race("off", runs=24, encoder_recycle=True)
-    assert any(c in o.message for o in outs for c in caught), [o.message for o in outs]
+    # each run catches it by chance (other runs end in another assertion of the same race,
+    # e.g. a commit with an uncommitted encoder): up to 5 rounds of 24 runs, stopping at the
+    # first catch; with the detector gone no round catches anything
+    messages = []
+    for _ in range(5):
+        _, outs = race("off", runs=24, encoder_recycle=True)
+        messages += [o.message for o in outs]
+        if any(c in m for m in messages for c in caught):
+            break
+    assert any(c in m for m in messages for c in caught), messages
 
 
 def test_stream_mode_locks_encoder_calls_by_their_queue(model_hooks):

@@ -21,7 +21,7 @@ from .. import _C
 from .. import _runner as runner
 
 try:  # the lab's C module: the model itself (built only with an Objective-C runtime)
-    from . import _model
+    from .. import _model
     _MISSING = ""
 except ImportError as _e:
     _model = None  # type: ignore[assignment]
