@@ -7,11 +7,16 @@ product (``import agxguard``) never imports this package; the lab imports the pr
     from agxguard.lab import story, comprehensive
     report = story(device="cpu", mode="all")   # repr: the tradeoff table
     report.to_json("story.json")
+    report.to_frame()                          # a pandas DataFrame (pandas optional)
+
+    from agxguard.lab import load_report       # or Report.load
+    report = load_report("story.json")         # in Jupyter: the table and the tradeoff plot
 
 ``python -m agxguard.lab story|comprehensive [options]`` runs them from the shell.
 """
+from .report import Report, load_report
 from .suites.common import OptionError
 from .suites.comprehensive import comprehensive
 from .suites.story import story
 
-__all__ = ["story", "comprehensive", "OptionError"]
+__all__ = ["story", "comprehensive", "OptionError", "Report", "load_report"]

@@ -2,17 +2,21 @@
 
 Prints progress to stderr while it runs and the tradeoff table to stdout at the end;
 ``--json PATH`` writes the full report (atomically, after every run) and, where
-matplotlib is installed, a PNG plot beside it. Bad option values exit with status 2
-and a message naming the value and the allowed ones.
+matplotlib is installed, the tradeoff plot as a PNG beside it. Bad option values exit
+with status 2 and a message naming the value and the allowed ones, before torch (or
+anything that probes a device) is imported: :func:`check_options` checks them all first.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
 from .. import MODES
 from .suites import comprehensive as _comprehensive, story as _story
+from .suites import common as _common
+from .suites.backends import DEVICES
 
 SUITES = ("story", "comprehensive")
 
@@ -43,11 +47,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Check every option's value, without importing torch or probing a device; return
+    them parsed (lists and numbers). Raises OptionError naming the bad value and the
+    allowed ones. Whether the named device is present here is left to the suite."""
+    if args.suite not in SUITES:
+        raise _common.OptionError("bad suite %r; allowed: %s" % (args.suite, ", ".join(SUITES)))
+    chapters = (_story if args.suite == "story" else _comprehensive).CHAPTERS
+    args.mode = _common.parse_modes(args.mode)
+    args.threads = _common.parse_threads(args.threads)
+    args.chapter = _common.parse_choice("chapter", args.chapter, chapters)
+    args.iterations = _common.parse_positive("iterations", args.iterations)
+    args.duration = _common.parse_positive("duration", args.duration, integer=False)
+    args.retries = _common.parse_positive("retries", args.retries, allow_zero=True)
+    if args.device is not None and args.device not in DEVICES:
+        raise _common.OptionError("bad device %r; allowed: %s" % (args.device, ", ".join(DEVICES)))
+    if args.json_path is not None:
+        path = os.path.abspath(args.json_path)
+        parent = os.path.dirname(path)
+        if args.json_path == "" or os.path.isdir(path):
+            raise _common.OptionError("bad --json %r; allowed: a file path (it is a folder)"
+                                      % args.json_path)
+        while parent and not os.path.exists(parent):  # the folders made on the way
+            parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+        if parent and not os.path.isdir(parent):
+            raise _common.OptionError("bad --json %r; allowed: a file path in a folder (%s is a file)"
+                                      % (args.json_path, parent))
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.suite not in SUITES:
-        parser.error("bad suite %r; allowed: %s" % (args.suite, ", ".join(SUITES)))
+    try:
+        check_options(args)
+    except _common.OptionError as exc:
+        parser.error(str(exc))
     from . import OptionError, comprehensive, story
     run = story if args.suite == "story" else comprehensive
     try:

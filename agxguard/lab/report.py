@@ -2,7 +2,9 @@
 
 A :class:`Report` holds one result per case (a runner record plus its labels: mode,
 chapter, workload, threads, batch). Its ``repr`` is the readable tradeoff table; in
-Jupyter it renders as an HTML table with an inline plot (when matplotlib is installed).
+Jupyter it renders as an HTML table with the tradeoff plot inline (when matplotlib is
+installed; the plot is :mod:`agxguard.lab.tradeoff`), and ``to_frame()`` gives a pandas
+DataFrame (when pandas is installed).
 ``save()`` writes the JSON atomically, so a report file on disk is always complete up to
 the last settled run, even when children crash.
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import datetime
-import io
 import json
 import os
 import platform
@@ -277,6 +278,7 @@ class Report:
 
     @classmethod
     def load(cls, path: str) -> "Report":
+        """The report saved at ``path`` (also :func:`agxguard.lab.load_report`)."""
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
@@ -343,6 +345,11 @@ class Report:
         if found:
             out.append("")
             out += found
+        claims = self.claim_lines()
+        if claims:
+            out.append("")
+            out.append("claims:")
+            out += ["  " + c for c in claims]
         if self.crash_reports_new is not None:
             out.append("new macOS crash reports during the run: %d" % self.crash_reports_new)
         if not self.finished:
@@ -357,10 +364,11 @@ class Report:
     # -- plot -----------------------------------------------------------------------
 
     def plot(self, path: Optional[str] = None) -> Optional[str]:
-        """PNG of efficiency against threads, one line per mode (and workload).
+        """PNG of the tradeoff (see :mod:`agxguard.lab.tradeoff`): efficiency at the
+        highest thread count against crash rate per mode, and efficiency against threads.
 
         Returns the path written, or None when matplotlib is not installed (or there is
-        nothing to plot). ``path`` defaults to the JSON path with ``.png``.
+        nothing to plot). ``path`` defaults to the JSON path with ``.png`` (the JSON's folder).
         """
         png = self._plot_png()
         if png is None:
@@ -377,37 +385,115 @@ class Report:
         return path
 
     def _plot_png(self) -> Optional[bytes]:
-        try:
-            import matplotlib
-            matplotlib.use("Agg", force=False)
-            import matplotlib.pyplot as plt
-        except Exception:  # matplotlib is optional
-            return None
-        summary = self.summary()
-        if not any(s["scaling"] for s in summary.values()):
-            return None
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        workloads = {g["workload"] for s in summary.values() for g in s["scaling"]}
-        for mode, s in summary.items():
-            for g in s["scaling"]:
-                pts = sorted((int(t), f["efficiency"]) for t, f in g["threads"].items()
-                             if f.get("efficiency") is not None)
-                if not pts:
+        from . import tradeoff
+        return tradeoff.png(self)
+
+    def tradeoff(self) -> "OrderedDict[str, Dict[str, Any]]":
+        """Per mode, the figures the tradeoff plot draws: crash rates (raw and after
+        retries), efficiency at the highest thread count, the efficiency curves, and the
+        thread counts with no throughput (see :func:`agxguard.lab.tradeoff.points`)."""
+        from . import tradeoff
+        return tradeoff.points(self)
+
+    def figure(self):
+        """The tradeoff plot as a matplotlib ``Figure`` (needs matplotlib)."""
+        from . import tradeoff
+        return tradeoff.figure(self)
+
+    # -- claims and tables for notebooks ---------------------------------------------
+
+    def claims(self) -> List[Dict[str, Any]]:
+        """Every claim the suites checked (a result's ``claims`` list, or its value's),
+        one dict per claim with the mode, chapter, workload and threads of its result."""
+        out = []
+        for r in self._results.values():
+            value = r.get("value") if isinstance(r.get("value"), dict) else {}
+            for c in (r.get("claims") or value.get("claims") or []):
+                if isinstance(c, dict):
+                    out.append(dict({"mode": r.get("mode"), "chapter": r.get("chapter"),
+                                     "workload": r.get("workload"), "threads": r.get("threads")}, **c))
+        return out
+
+    def claim_lines(self) -> List[str]:
+        """The claims as lines: a claim that did not hold reads FAILED, never passed."""
+        lines = []
+        for c in self.claims():
+            where = " ".join(str(x) for x in (c.get("mode"), c.get("chapter")) if x)
+            lines.append("%-6s %s %s: expected %s, measured %s" % (
+                "passed" if c.get("passed") is True else "FAILED", where, c.get("name", "?"),
+                _show(c.get("expected")), _show(c.get("measured"))))
+        return lines
+
+    FRAMES = ("results", "summary", "claims")
+
+    def frame_rows(self, what: str = "results") -> List[Dict[str, Any]]:
+        """The rows of :meth:`to_frame` as plain dicts (no pandas needed)."""
+        if what not in self.FRAMES:
+            raise ValueError("bad frame %r; allowed: %s" % (what, ", ".join(self.FRAMES)))
+        if what == "claims":
+            return self.claims()
+        if what == "summary":
+            pts = self.tradeoff()
+            rows = []
+            for mode, s in self.summary().items():
+                row = {"mode": mode, "runs": s["runs"], "attempts": s["attempts"]}
+                row.update({"crashes_" + k: v for k, v in s["crashes"].items()})
+                row.update(failures=s["failures"], raw_pass_rate=s["raw_pass_rate"],
+                           pass_rate_after_retries=s["pass_rate_after_retries"],
+                           crash_rate_raw=pts[mode]["crash_rate_raw"],
+                           crash_rate_after_retries=pts[mode]["crash_rate_after_retries"],
+                           top_threads=pts[mode]["top_threads"],
+                           efficiency_at_top=pts[mode]["efficiency"])
+                rows.append(row)
+            return rows
+        scaling = {}
+        for mode in self.modes:
+            for key, per_threads in self.scaling(mode).items():
+                for t, fig in per_threads.items():
+                    scaling[(mode,) + key + (t,)] = fig
+        rows = []
+        for r in self._results.values():
+            row: Dict[str, Any] = {}
+            for k in ("mode", "chapter", "workload", "threads", "batch", "iterations", "duration"):
+                row[k] = r.get(k)
+            attempts = r.get("attempts") or []
+            row.update(passed=r.get("passed"), raw_passed=r.get("raw_passed"),
+                       outcome=r.get("outcome"), attempts=len(attempts),
+                       outcomes=",".join(str(a.get("outcome")) for a in attempts),
+                       crashes=sum((r.get("crashes") or {}).values()))
+            fig = scaling.get((r.get("mode"), r.get("chapter"), r.get("workload"), r.get("batch", 1),
+                               int(r["threads"]) if r.get("threads") is not None else None))
+            if r.get("scaling") and fig is not None:
+                row.update(speedup=fig.get("speedup"), efficiency=fig.get("efficiency"))
+            value = r.get("value") if isinstance(r.get("value"), dict) else {}
+            for k, v in value.items():
+                if k in row or k.startswith("_") or k in ("lock_stats", "errors", "claims"):
                     continue
-                label = mode if len(workloads) == 1 else "%s / %s" % (mode, g["workload"])
-                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=label)
-        ax.set_xlabel("threads")
-        ax.set_ylabel("efficiency = speedup / threads (%)")
-        ax.set_xscale("log", base=2)
-        ax.set_title("%s on %s" % (self.suite, self.device)
-                     + (" (driver model, not Apple GPU)" if self.device == "model" else ""))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-        buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        return buf.getvalue()
+                if isinstance(v, dict):  # one level of nesting: spread figures and the like
+                    for k2, v2 in v.items():
+                        if isinstance(v2, (int, float, str, bool)) or v2 is None:
+                            row["%s.%s" % (k, k2)] = v2
+                elif isinstance(v, (int, float, str, bool)) or v is None:
+                    row[k] = v
+            claims = r.get("claims") or value.get("claims") or []
+            if claims:
+                row["claims_failed"] = sum(1 for c in claims if c.get("passed") is not True)
+            rows.append(row)
+        return rows
+
+    def to_frame(self, what: str = "results"):
+        """A pandas DataFrame: ``"results"`` (default) one row per run with its labels,
+        outcome, attempts, crashes, efficiency and every figure of its value (nested
+        dicts one level deep as ``key.sub``); ``"summary"`` one row per mode; ``"claims"``
+        one row per checked claim. Needs pandas, which agxguard does not depend on."""
+        rows = self.frame_rows(what)
+        try:
+            import pandas
+        except ImportError as exc:
+            raise ImportError("Report.to_frame() needs pandas, which is not installed here "
+                              "(pip install pandas); agxguard does not depend on it. "
+                              "Report.frame_rows(%r) gives the same rows as dicts." % what) from exc
+        return pandas.DataFrame(rows)
 
     def _repr_html_(self) -> str:
         import html
@@ -423,11 +509,25 @@ class Report:
         found = self.findings()
         if found:
             parts.append("<pre>%s</pre>" % html.escape("\n".join(found)))
+        claims = self.claim_lines()
+        if claims:
+            parts.append("<p><b>claims</b></p><pre>%s</pre>" % html.escape("\n".join(claims)))
         png = self._plot_png()
         if png is not None:
             parts.append('<img src="data:image/png;base64,%s"/>' % base64.b64encode(png).decode())
         parts.append("</div>")
         return "".join(parts)
+
+
+def load_report(path: str) -> Report:
+    """The :class:`Report` saved at ``path`` (a suite's ``--json`` file)."""
+    return Report.load(path)
+
+
+def _show(x: Any) -> str:
+    if isinstance(x, float):
+        return "%.3g" % x
+    return str(x)
 
 
 def _label(r: Dict[str, Any]) -> str:

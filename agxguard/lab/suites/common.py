@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from ... import MODES
 from ... import _runner as runner
+from ..progress import make_progress
 from ..report import Report
 from .backends import DEVICES
 
@@ -346,7 +347,7 @@ def run_suite(suite: str, device: str, modes: List[str], cases_for_mode: Callabl
               backend_options: Optional[Dict[str, Any]] = None) -> Report:
     """Run every mode's cases in child processes (mode by mode) with the suite's runner
     target ``target`` (a module-level function of one case) and return the report."""
-    prog = Progress(suite, progress)
+    prog = make_progress(suite, progress, Progress)  # lines, or a bar in Jupyter
     before = runner.crash_report_names()
     prog.line("device %s: probing in a child process" % device)
     if device == "model":
@@ -390,5 +391,6 @@ def run_suite(suite: str, device: str, modes: List[str], cases_for_mode: Callabl
             report.plot()
         except Exception as exc:  # a plot is a nicety; never lose the report for it
             prog.line("plot not written: %s" % exc)
+    getattr(prog, "close", lambda: None)()
     report.finish()
     return report
