@@ -125,9 +125,10 @@ def figure(report):
             lo, hi = (100 * v for v in p["efficiency_range"])
             ax1.plot([x_after, x_after], [lo, hi], color=color, lw=1, alpha=0.6)
         ax1.plot([x_raw, x_after], [y, y], color=color, lw=1.2, alpha=0.7)
-        ax1.plot([x_raw], [y], marker=marker, ms=10, mfc="none", mec=color, mew=1.8, ls="none")
-        ax1.plot([x_after], [y], marker=marker if p["has_throughput"] else "X", ms=10,
-                 color=color, ls="none", label=mode)
+        ms = max(5.0, 13.0 - 2.5 * i)  # later modes smaller: coinciding points stay visible
+        ax1.plot([x_raw], [y], marker=marker, ms=ms, mfc="none", mec=color, mew=1.8, ls="none")
+        ax1.plot([x_after], [y], marker=marker if p["has_throughput"] else "X", ms=ms,
+                 color=color, ls="none", label=mode, alpha=0.9)
         text = mode if p["has_throughput"] else "%s: %s" % (mode, band)
         ax1.annotate(text, (x_after, y), xytext=(8, 6 + 11 * (i % 2) - (0 if p["has_throughput"] else 12)),
                      textcoords="offset points", fontsize=8.5, color=color)
