@@ -23,7 +23,7 @@ from .._runner import CRASHES
 # one colour and marker per mode, the same in both panels and every report
 STYLE = {"off": ("#d62728", "o"), "op": ("#ff7f0e", "s"),
          "stream": ("#1f77b4", "^"), "global": ("#2ca02c", "D")}
-NO_THROUGHPUT_Y = -12.0  # percent: where the band of "no throughput" points sits
+BAND = 0.11  # the "no throughput" band sits this share of the y range below zero
 
 
 def _crashed(attempt: Dict[str, Any]) -> bool:
@@ -106,11 +106,12 @@ def figure(report):
     fig = Figure(figsize=(11.5, 4.8))
     ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.15]})
     effs = [100 * e for p in pts.values() for c in p["curves"].values() for _, e in c]
-    y_top = max([105.0] + [e + 12 for e in effs])
+    y_top = max([105.0] + [1.1 * e for e in effs])
+    NO_THROUGHPUT_Y = -BAND * y_top
     for ax in (ax1, ax2):
-        ax.axhspan(NO_THROUGHPUT_Y - 6, NO_THROUGHPUT_Y + 6, color="0.92", zorder=0)
+        ax.axhspan(1.5 * NO_THROUGHPUT_Y, 0.5 * NO_THROUGHPUT_Y, color="0.92", zorder=0)
         ax.axhline(0, color="0.6", lw=0.8)
-        ax.set_ylim(NO_THROUGHPUT_Y - 8, y_top)
+        ax.set_ylim(1.65 * NO_THROUGHPUT_Y, y_top)
         ax.grid(True, alpha=0.3)
     band = "no throughput" + (" @%d" % top if top else "")
 
@@ -170,7 +171,7 @@ def figure(report):
     ax2.set_xlabel("threads")
     ax2.set_ylabel("efficiency = speedup / threads (%)")
     ax2.set_title("efficiency against threads (X: no throughput)", fontsize=10)
-    ax2.legend(fontsize="small", ncol=2 if len(workloads) > 1 else 1)
+    ax2.legend(fontsize="small" if len(workloads) <= 1 else "x-small", ncol=2 if len(workloads) > 1 else 1)
 
     title = "agxguard %s on %s" % (report.suite, report.device)
     if report.device == "model":
