@@ -11,6 +11,7 @@
 
 #include "discovery_module.h"
 #include "driver_model.h"
+#include "forward_probes.h"
 #include "hook_table.h"
 #include "lifecycle.h"
 #include "model_runner.h"
@@ -566,6 +567,7 @@ static PyMethodDef objc_methods[] = {
 int agx_objc_add_to_module(PyObject *m) {
     if (PyModule_AddFunctions(m, objc_methods) < 0) return -1;
     if (agx_discovery_add_to_module(m) < 0) return -1;
+    if (agx_forward_probes_add_to_module(m) < 0) return -1;
     if (PyModule_AddStringConstant(m, "OBJC_RUNTIME", AGX_OBJC_RUNTIME_NAME) < 0) return -1;
     if (PyModule_AddObjectRef(m, "METAL_SUPPORTED", agx_metal_supported() ? Py_True : Py_False) < 0) return -1;
     return 0;
