@@ -29,7 +29,8 @@ typedef struct agx_fwd {
     ffi_type *args[AGX_FWD_MAX_ARGS];
     int nargs;
     int ret_bits; /* 1: the observer sees the return's integer bits (objects from factories) */
-    struct agx_hook_slot *slot;
+    struct agx_hook_slot *slot; /* a hook's, or NULL for a redirect */
+    id (*redirect)(id self);    /* a redirect's: the object that gets the message instead */
     ffi_closure *closure;
     void **owned; /* the struct types and element lists built for this signature */
     size_t n_owned, cap_owned;
@@ -287,6 +288,17 @@ static void fwd_call(ffi_cif *cif, void *ret, void **args, void *user) {
     agx_hook_exit(in, &e);
 }
 
+/* A redirect: the same message, sent to redirect(self) (a wrapper layer). */
+static void fwd_redirect(ffi_cif *cif, void *ret, void **args, void *user) {
+    agx_fwd *g = user;
+    id to = g->redirect(*(id *)args[0]);
+    SEL sel = *(SEL *)args[1];
+    void *argv[AGX_FWD_MAX_ARGS];
+    memcpy(argv, args, (size_t)g->nargs * sizeof *argv);
+    argv[0] = &to;
+    ffi_call(cif, FFI_FN(agx_objc_lookup(to, sel)), ret, argv);
+}
+
 int agx_forwarder_available(void) { return 1; }
 
 int agx_forwarder_check(const char *types, char *why, size_t whylen) {
@@ -299,8 +311,8 @@ int agx_forwarder_check(const char *types, char *why, size_t whylen) {
     return rc;
 }
 
-IMP agx_forwarder_make(struct agx_hook_slot *slot, const char *types, char *desc, size_t desclen, char *why,
-                       size_t whylen) {
+static IMP fwd_make(struct agx_hook_slot *slot, id (*redirect)(id), const char *types, char *desc, size_t desclen,
+                    char *why, size_t whylen) {
     agx_fwd *g = calloc(1, sizeof *g);
     if (!g) { snprintf(why, whylen, "out of memory"); return NULL; }
     const char *w = NULL;
@@ -311,13 +323,23 @@ IMP agx_forwarder_make(struct agx_hook_slot *slot, const char *types, char *desc
     }
     void *code = NULL;
     g->slot = slot;
+    g->redirect = redirect;
     g->closure = ffi_closure_alloc(sizeof(ffi_closure), &code);
-    if (!g->closure || ffi_prep_closure_loc(g->closure, &g->cif, fwd_call, g, code) != FFI_OK) {
+    if (!g->closure || ffi_prep_closure_loc(g->closure, &g->cif, slot ? fwd_call : fwd_redirect, g, code) != FFI_OK) {
         snprintf(why, whylen, "libffi could not make a closure");
         fwd_free(g);
         return NULL;
     }
     return (IMP)code; /* g lives as long as the process, like the slot */
+}
+
+IMP agx_forwarder_make(struct agx_hook_slot *slot, const char *types, char *desc, size_t desclen, char *why,
+                       size_t whylen) {
+    return fwd_make(slot, NULL, types, desc, desclen, why, whylen);
+}
+
+IMP agx_forwarder_make_redirect(id (*redirect)(id self), const char *types, char *why, size_t whylen) {
+    return fwd_make(NULL, redirect, types, NULL, 0, why, whylen);
 }
 
 #else /* no libffi in this build */
@@ -333,6 +355,12 @@ int agx_forwarder_check(const char *types, char *why, size_t whylen) {
 IMP agx_forwarder_make(struct agx_hook_slot *slot, const char *types, char *desc, size_t desclen, char *why,
                        size_t whylen) {
     (void)slot, (void)desc, (void)desclen;
+    agx_forwarder_check(types, why, whylen);
+    return NULL;
+}
+
+IMP agx_forwarder_make_redirect(id (*redirect)(id self), const char *types, char *why, size_t whylen) {
+    (void)redirect;
     agx_forwarder_check(types, why, whylen);
     return NULL;
 }

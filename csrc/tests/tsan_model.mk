@@ -1,13 +1,14 @@
 # ---- tsan-model (issue 3: driver model under ThreadSanitizer) -------------
 # Include from the top Makefile, or run: make -f csrc/tests/tsan_model.mk tsan-model
 TSAN_MODEL_SRC = csrc/tests/tsan_model.c csrc/sync/lock.c csrc/guard/guard.c csrc/objc/swizzle.c \
-                 csrc/agx/discovery.c csrc/agx/hook_table.c csrc/agx/lifecycle.c \
-                 $(wildcard csrc/model/*.c)
+                 csrc/objc/forwarder.c csrc/agx/discovery.c csrc/agx/hook_table.c csrc/agx/lifecycle.c \
+                 $(filter-out csrc/model/forward_probes.c,$(wildcard csrc/model/*.c))
 TSAN_MODEL_INC = $(patsubst %,-I%,$(filter-out csrc/tests/,$(wildcard csrc/*/)))
 TSAN_CC ?= gcc
 
 csrc/tests/tsan_model.bin: $(TSAN_MODEL_SRC) $(wildcard csrc/*/*.h)
-	$(TSAN_CC) -std=gnu11 -O1 -g -fsanitize=thread $(TSAN_MODEL_INC) $(TSAN_MODEL_SRC) -o $@ -lobjc -pthread
+	$(TSAN_CC) -std=gnu11 -O1 -g -fsanitize=thread -DAGX_HAVE_FFI=1 $(TSAN_MODEL_INC) $(TSAN_MODEL_SRC) -o $@ \
+		-lobjc -lffi -pthread
 
 .PHONY: tsan-model
 tsan-model: csrc/tests/tsan_model.bin
