@@ -143,3 +143,22 @@ def test_the_benchmark_classes_refuse_an_unknown_name():
         C.forward_bench("NoSuchBench", 10)
     with pytest.raises(ValueError, match="calls=0"):
         C.forward_bench("AGXForwardBenchPlain", 0)
+
+
+def test_classes_hooked_before_their_first_message_each_dispatch_to_their_own_hook():
+    """The three bench classes share one selector and one IMP and get no message
+    before they are hooked. GCC's runtime builds a dispatch table on the first
+    message; the engine makes it build first (objc_compat.h), else the typed
+    class's calls were seen to land in the forwarded class's hook."""
+    out = child("""
+        C.forward_bench("AGXForwardBenchPlain", 1)
+        swizzle.guard_methods("AGXForwardBenchTyped", "bench:with:")
+        C.swizzle_force_forwarder(True)
+        swizzle.guard_methods("AGXForwardBenchFfi", "bench:with:")
+        C.swizzle_force_forwarder(False)
+        C.forward_bench("AGXForwardBenchTyped", 100)
+        C.forward_bench("AGXForwardBenchFfi", 10)
+        C.forward_bench("AGXForwardBenchPlain", 1)
+        out["calls"] = {h["class"]: h["calls"] for h in swizzle.hooks() if h["selector"] == "bench:with:"}
+    """)
+    assert out["calls"] == {"AGXForwardBenchTyped": 100, "AGXForwardBenchFfi": 10}

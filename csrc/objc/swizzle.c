@@ -460,6 +460,7 @@ int agx_swizzle_install_kind(const char *class_name, const char *selector, int k
         return AGX_SWZ_ERROR;
     }
     int rc = AGX_SWZ_ERROR;
+    agx_objc_prepare_dispatch(cls, sel);
     pthread_mutex_lock(&agx_swz_mu);
     agx_hook_slot *s = agx_find_slot(cls, sel);
     if (s) {
