@@ -9,7 +9,10 @@ general forwarder (installed with the typed path switched off). Each round
 times every variant once, interleaved, in mode `off` (the hook counts the
 call, takes no lock) and `op` (one process-wide lock per call, uncontended);
 the table gives the median over rounds, the spread (min..max), and the cost
-over the unhooked call.
+over the unhooked call. A second method of the three classes has the shape of
+Metal's copyFromBuffer:...toTexture:... (nine arguments, two 24-byte structs
+by value), which has no typed wrapper: its rows compare the forwarder with
+the unhooked call only.
 
     python benchmarks/forwarder.py [--calls 2000000] [--rounds 7] [--out FILE]
 """
@@ -28,6 +31,9 @@ from agxguard import _C, swizzle  # noqa: E402
 VARIANTS = [("unhooked", "AGXForwardBenchPlain"), ("typed wrapper", "AGXForwardBenchTyped"),
             ("forwarder (libffi)", "AGXForwardBenchFfi")]
 MODES = ("off", "op")
+COPY = ("benchCopy:sourceOffset:sourceBytesPerRow:sourceBytesPerImage:sourceSize:toTexture:destinationSlice:"
+        "destinationLevel:destinationOrigin:")
+COPY_VARIANTS = [("copy: unhooked", "AGXForwardBenchPlain"), ("copy: forwarder", "AGXForwardBenchFfi")]
 
 
 def commit() -> str:
@@ -60,9 +66,10 @@ def main() -> int:
         swizzle.guard_methods("AGXForwardBenchFfi", "bench:with:")
     finally:
         _C.swizzle_force_forwarder(False)
+    swizzle.guard_methods("AGXForwardBenchFfi", COPY)  # no typed wrapper: the forwarder
     shapes = {h["class"]: h["shape"] for h in swizzle.hooks() if h["selector"] == "bench:with:"}
     assert shapes["AGXForwardBenchTyped"] == "v(u64,u64)" and shapes["AGXForwardBenchFfi"].startswith("ffi "), shapes
-    times = {(m, v): [] for m in MODES for v, _ in VARIANTS}
+    times = {(m, v): [] for m in MODES for v, _ in VARIANTS + COPY_VARIANTS}
     old = _C.get_mode()
     try:
         for m in MODES:
@@ -72,6 +79,8 @@ def main() -> int:
             for _ in range(a.rounds):
                 for v, cls in VARIANTS:
                     times[(m, v)].append(_C.forward_bench(cls, a.calls))
+                for v, cls in COPY_VARIANTS:
+                    times[(m, v)].append(_C.forward_bench(cls, a.calls, COPY))
     finally:
         _C.set_mode(old)
     lines = [
@@ -85,18 +94,20 @@ def main() -> int:
         f"{'mode':5} {'variant':20} {'ns/call':>9} {'spread':>17} {'over unhooked':>14} {'x unhooked':>10}",
     ]
     for m in MODES:
-        base = statistics.median(times[(m, "unhooked")])
-        for v, _ in VARIANTS:
-            t = times[(m, v)]
-            med = statistics.median(t)
-            lines.append(f"{m:5} {v:20} {med:9.1f} {min(t):8.1f}..{max(t):<8.1f} {med - base:14.1f} "
-                         f"{med / base:10.2f}")
+        for group, base_name in ((VARIANTS, "unhooked"), (COPY_VARIANTS, "copy: unhooked")):
+            base = statistics.median(times[(m, base_name)])
+            for v, _ in group:
+                t = times[(m, v)]
+                med = statistics.median(t)
+                lines.append(f"{m:5} {v:20} {med:9.1f} {min(t):8.1f}..{max(t):<8.1f} {med - base:14.1f} "
+                             f"{med / base:10.2f}")
     for m in MODES:
         typed = statistics.median(times[(m, "typed wrapper")]) - statistics.median(times[(m, "unhooked")])
         ffi = statistics.median(times[(m, "forwarder (libffi)")]) - statistics.median(times[(m, "unhooked")])
-        lines.append(f"{m}: the forwarder costs {ffi:.1f} ns over the unhooked call (target <= 100), "
-                     f"the typed wrapper {typed:.1f} ns (target < 15); forwarder/typed extra cost "
-                     f"{ffi / typed if typed > 0 else float('nan'):.1f}x")
+        copy = statistics.median(times[(m, "copy: forwarder")]) - statistics.median(times[(m, "copy: unhooked")])
+        lines.append(f"{m}: the forwarder costs {ffi:.1f} ns over the unhooked call (target <= 100; "
+                     f"{copy:.1f} ns on the copy shape), the typed wrapper {typed:.1f} ns (target < 15); "
+                     f"forwarder/typed extra cost {ffi / typed if typed > 0 else float('nan'):.1f}x")
     text = "\n".join(lines)
     print(text)
     if a.out:

@@ -378,6 +378,14 @@ static void fp_bench_method(id self, SEL cmd, uint64_t a, uint64_t b) {
     (void)self, (void)cmd;
     fp_seen += a ^ b;
 }
+/* The copyFromBuffer:...toTexture:... shape, which has no typed wrapper. */
+static void fp_bench_copy(id self, SEL cmd, id buf, uint64_t off, uint64_t row, uint64_t image, fp_q3 size, id tex,
+                          uint64_t slice, uint64_t level, fp_q3 origin) {
+    (void)self, (void)cmd, (void)buf, (void)tex;
+    fp_seen += off ^ row ^ image ^ size.x ^ slice ^ level ^ origin.z;
+}
+#define FP_BENCH_COPY "benchCopy:sourceOffset:sourceBytesPerRow:sourceBytesPerImage:sourceSize:toTexture:" \
+                      "destinationSlice:destinationLevel:destinationOrigin:"
 static const char *const fp_bench_classes[] = {"AGXForwardBenchPlain", "AGXForwardBenchTyped", "AGXForwardBenchFfi"};
 
 /* Make (once) the probe, refusal and benchmark classes; 0, or -1 with a Python error. */
@@ -407,6 +415,8 @@ static int fp_classes(void) {
                 goto out;
             }
             class_addMethod(b, sel_registerName("bench:with:"), (IMP)fp_bench_method, "v@:QQ");
+            class_addMethod(b, sel_registerName(FP_BENCH_COPY), (IMP)fp_bench_copy,
+                            "v@:@QQQ{MTLSize=QQQ}@QQ{MTLOrigin=QQQ}");
             objc_registerClassPair(b);
         }
         fp_obj = class_createInstance(c, 0);
@@ -540,9 +550,15 @@ static PyObject *py_forward_force(PyObject *self, PyObject *args) {
 
 static PyObject *py_forward_bench(PyObject *self, PyObject *args) {
     (void)self;
-    const char *cls_name;
+    const char *cls_name, *method = "bench:with:";
     long long calls;
-    if (!PyArg_ParseTuple(args, "sL:forward_bench", &cls_name, &calls)) return NULL;
+    if (!PyArg_ParseTuple(args, "sL|s:forward_bench", &cls_name, &calls, &method)) return NULL;
+    int copy = !strcmp(method, FP_BENCH_COPY);
+    if (!copy && strcmp(method, "bench:with:") != 0) {
+        PyErr_Format(PyExc_ValueError, "forward_bench: method %s is not one of bench:with:, %s", method,
+                     FP_BENCH_COPY);
+        return NULL;
+    }
     if (fp_classes() < 0) return NULL;
     Class c = objc_getClass(cls_name);
     int known = 0;
@@ -558,13 +574,23 @@ static PyObject *py_forward_bench(PyObject *self, PyObject *args) {
         return NULL;
     }
     id obj = class_createInstance(c, 0);
-    SEL sel = sel_registerName("bench:with:");
+    SEL sel = sel_registerName(method);
     struct timespec t0, t1;
     Py_BEGIN_ALLOW_THREADS
-    void (*fn)(id, SEL, uint64_t, uint64_t) = (void (*)(id, SEL, uint64_t, uint64_t))agx_objc_lookup(obj, sel);
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    for (long long k = 0; k < calls; k++) fn(obj, sel, (uint64_t)k, 7);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
+    IMP imp = agx_objc_lookup(obj, sel);
+    if (copy) {
+        void (*fn)(id, SEL, id, uint64_t, uint64_t, uint64_t, fp_q3, id, uint64_t, uint64_t, fp_q3) =
+            (void (*)(id, SEL, id, uint64_t, uint64_t, uint64_t, fp_q3, id, uint64_t, uint64_t, fp_q3))imp;
+        fp_q3 size = {4, 4, 1}, origin = {0, 0, 0};
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (long long k = 0; k < calls; k++) fn(obj, sel, obj, (uint64_t)k, 64, 256, size, obj, 0, 0, origin);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+    } else {
+        void (*fn)(id, SEL, uint64_t, uint64_t) = (void (*)(id, SEL, uint64_t, uint64_t))imp;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        for (long long k = 0; k < calls; k++) fn(obj, sel, (uint64_t)k, 7);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+    }
     Py_END_ALLOW_THREADS
     double ns = (double)(t1.tv_sec - t0.tv_sec) * 1e9 + (double)(t1.tv_nsec - t0.tv_nsec);
     return PyFloat_FromDouble(ns / (double)calls);
@@ -583,7 +609,9 @@ static PyMethodDef fp_methods[] = {
     {"swizzle_force_forwarder", py_forward_force, METH_VARARGS,
      "swizzle_force_forwarder(on): new hooks use the general forwarder even where a typed wrapper exists."},
     {"forward_bench", py_forward_bench, METH_VARARGS,
-     "forward_bench(class_name, calls) -> ns per call of -[class bench:with:] (v(u64,u64)), called from C."},
+     "forward_bench(class_name, calls, method='bench:with:') -> ns per call from C of -[class bench:with:]\n"
+     "(v(u64,u64), a typed shape) or of -[class benchCopy:sourceOffset:...destinationOrigin:] (the shape of\n"
+     "copyFromBuffer:...toTexture:..., which has none)."},
     {NULL, NULL, 0, NULL},
 };
 
