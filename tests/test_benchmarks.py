@@ -72,3 +72,14 @@ def test_crash_tables_run_one_child_per_row(script):
     assert "driver model (not Apple hardware)" in text
     assert "global" in text
     assert re.search(r" [01]/1 ", text), text  # one child run per row, crashed or not
+
+
+def test_forwarder_benchmark_reports_each_variant():
+    pytest.importorskip("agxguard._C")
+    import agxguard._C as C
+    if not hasattr(C, "forward_bench"):
+        pytest.skip("this build has no Objective-C runtime: no forwarder probes")
+    text = run("benchmarks/forwarder.py", "--calls", "2000", "--rounds", "1")
+    for name in ("unhooked", "typed wrapper", "forwarder (libffi)", "copy: unhooked", "copy: forwarder"):
+        assert f" {name} " in text, (name, text)
+    assert "command: python benchmarks/forwarder.py" in text and "commit: " in text

@@ -162,3 +162,49 @@ def test_classes_hooked_before_their_first_message_each_dispatch_to_their_own_ho
         out["calls"] = {h["class"]: h["calls"] for h in swizzle.hooks() if h["selector"] == "bench:with:"}
     """)
     assert out["calls"] == {"AGXForwardBenchTyped": 100, "AGXForwardBenchFfi": 10}
+
+
+# Every selector issue 13 names, by the role the seed fix guarded it on.
+ISSUE_13_ROWS = {
+    "compute_encoder": [
+        "setBuffers:offsets:withRange:", "setBuffers:offsets:attributeStrides:withRange:",
+        "setSamplerStates:lodMinClamps:lodMaxClamps:withRange:", "setSamplerState:lodMinClamp:lodMaxClamp:atIndex:",
+        "setTextures:withRange:", "setSamplerStates:withRange:", "setStageInRegion:", "setBufferOffset:atIndex:",
+        "setBuffer:offset:attributeStride:atIndex:", "executeCommandsInBuffer:withRange:",
+        "executeCommandsInBuffer:indirectBuffer:indirectBufferOffset:",
+        "sampleCountersInBuffer:atSampleIndex:withBarrier:"],
+    "blit_encoder": [
+        "copyFromBuffer:sourceOffset:sourceBytesPerRow:sourceBytesPerImage:sourceSize:toTexture:destinationSlice:"
+        "destinationLevel:destinationOrigin:",
+        "copyFromTexture:sourceSlice:sourceLevel:sourceOrigin:sourceSize:toBuffer:destinationOffset:"
+        "destinationBytesPerRow:destinationBytesPerImage:",
+        "copyIndirectCommandBuffer:sourceRange:destination:destinationIndex:",
+        "resolveCounters:inRange:destinationBuffer:destinationOffset:",
+        "getTextureAccessCounters:region:mipLevel:slice:resetCounters:countersBuffer:countersBufferOffset:",
+        "resetTextureAccessCounters:region:mipLevel:slice:", "deferredEndEncoding", "generateMipmapsForTexture:",
+        "optimizeContentsForGPUAccess:", "optimizeContentsForGPUAccess:slice:level:",
+        "optimizeContentsForCPUAccess:", "optimizeContentsForCPUAccess:slice:level:",
+        "synchronizeTexture:slice:level:", "resetCommandsInBuffer:withRange:",
+        "sampleCountersInBuffer:atSampleIndex:withBarrier:"],
+    "command_buffer": [
+        "blitCommandEncoderWithDescriptor:", "resourceStateCommandEncoder",
+        "resourceStateCommandEncoderWithDescriptor:", "accelerationStructureCommandEncoder",
+        "accelerationStructureCommandEncoderWithDescriptor:", "renderCommandEncoderWithDescriptor:",
+        "parallelRenderCommandEncoderWithDescriptor:"],
+}
+ENCODER_ROLES = ["compute_encoder", "blit_encoder", "render_encoder", "parallel_render_encoder",
+                 "resource_state_encoder", "acceleration_structure_encoder"]
+
+
+def test_the_hook_table_has_every_selector_issue_13_names():
+    from agxguard.hooks import table
+    rows = {(role, r["selector"]): r["kind"] for r in table() for role in r["roles"]}
+    missing = [(role, sel) for role, sels in ISSUE_13_ROWS.items() for sel in sels if (role, sel) not in rows]
+    assert missing == []
+    # every encoder kind: made by a factory row, ended, deallocated without a lock
+    for role in ENCODER_ROLES:
+        assert rows[(role, "endEncoding")] == "end_encoder" and rows[(role, "dealloc")] == "dealloc", role
+    factories = {sel for (role, sel), kind in rows.items() if kind == "make_encoder"}
+    assert {"renderCommandEncoderWithDescriptor:", "parallelRenderCommandEncoderWithDescriptor:",
+            "resourceStateCommandEncoder", "accelerationStructureCommandEncoder",
+            "renderCommandEncoder"} <= factories
