@@ -25,7 +25,19 @@ import sys
 import types
 from typing import Any, Callable, Dict, Generator, Hashable, Iterator, Optional, TypeVar
 
-from . import _C, _config
+try:
+    from . import _C
+except ImportError:  # pragma: no cover - exercised in a child by tests/test_build.py
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if not any(f.startswith("_C.") and f.endswith((".so", ".pyd")) for f in _os.listdir(_here)):
+        raise ImportError(
+            f"agxguard's C extension is not built in {_here}. Python imported this source tree "
+            "(it comes first on sys.path and shadows any installed agxguard): build it there with "
+            "'python3 setup.py build_ext --inplace', or run Python from another directory") from None
+    raise
+from . import _config
 from ._C import Guard, Lock, LockTimeout, LockWaitWarning
 from ._config import ConfigWarning
 from .batcher import Batcher

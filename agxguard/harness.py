@@ -33,7 +33,8 @@ CRASH_KINDS = ("signal", "abort", "hang")
 
 _CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_child.py")
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TAIL_CHARS = 4000
+_HEAD_CHARS = 6000  # a crash report keeps this much of a child's output from the start
+_TAIL_CHARS = 4000  # and this much from the end
 _STACK_DUMP_GRACE_S = 2.0
 
 
@@ -143,6 +144,10 @@ def atomic_write_text(path: str, text: str) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        # mkstemp makes the file 0600; give it the mode open() would (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -312,8 +317,21 @@ class _Child:
                 pass
 
 
-def _tail(text: str, n: int = _TAIL_CHARS) -> str:
-    return text[-n:] if len(text) > n else text
+def clip(text: str, head: int = _HEAD_CHARS, tail: int = _TAIL_CHARS) -> str:
+    """`text` whole if it is short; else its first `head` and last `tail` characters,
+    each cut at a line boundary, with a marker between them saying how much was cut. A
+    crashed child's first lines hold the fatal error and the faulting frames, its last
+    lines what it printed at the end: a report needs both."""
+    if len(text) <= head + tail:
+        return text
+    h = text[:head]
+    h = h[:h.rfind("\n") + 1] or h
+    t = text[-tail:]
+    t = t[t.find("\n") + 1:] or t
+    return f"{h}[... {len(text) - len(h) - len(t)} characters cut ...]\n{t}"
+
+
+_tail = clip
 
 
 def run_cases(target: Union[str, Callable], cases: Sequence[Dict[str, Any]], *,

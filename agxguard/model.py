@@ -23,20 +23,27 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from . import _C
 
+try:  # the lab's C module: the model itself (built only with an Objective-C runtime)
+    from . import _model
+    _MISSING = ""
+except ImportError as _e:
+    _model = None  # type: ignore[assignment]
+    _MISSING = f" ({_e})"
+
 BUGS = ("context_race", "encoder_recycle", "buffer_recycle", "bypass")
 
-_UNAVAILABLE = ("the driver model is unavailable in this build: agxguard._C was compiled without an "
+_UNAVAILABLE = ("the driver model is unavailable in this build: agxguard._model is built only with an "
                 "Objective-C runtime (on Linux install gobjc and libobjc-12-dev, then rebuild)")
 
 
 def available() -> bool:
-    """Whether this build has the driver model (it needs an Objective-C runtime)."""
-    return bool(getattr(_C, "HAVE_OBJC", False))
+    """Whether this build has the driver model (agxguard._model; it needs an Objective-C runtime)."""
+    return _model is not None and bool(_model.HAVE_MODEL)
 
 
 def _need() -> None:
     if not available():
-        raise RuntimeError(_UNAVAILABLE)
+        raise RuntimeError(_UNAVAILABLE + _MISSING)
 
 
 def configure(**settings: Any) -> Dict[str, Any]:
@@ -44,7 +51,7 @@ def configure(**settings: Any) -> Dict[str, Any]:
     window_yields, int >= 0); unnamed settings keep their value. Returns the
     whole configuration."""
     _need()
-    return dict(_C.model_configure(**settings))
+    return dict(_model.model_configure(**settings))
 
 
 def set_bugs(on: bool = True, window_yields: int = 0, window_spins: int = 0) -> Dict[str, Any]:
@@ -55,13 +62,13 @@ def set_bugs(on: bool = True, window_yields: int = 0, window_spins: int = 0) -> 
 def config() -> Dict[str, Any]:
     """The model's current configuration."""
     _need()
-    return dict(_C.model_config())
+    return dict(_model.model_config())
 
 
 def classes() -> Dict[str, str]:
     """The model's class names (AGX family names), by role."""
     _need()
-    return dict(_C.model_classes())
+    return dict(_model.model_classes())
 
 
 def hook() -> int:
@@ -98,7 +105,7 @@ def run_threads(threads: int, iterations: int, shared_queue: bool = True, region
     _need()
     if hooks:
         hook()
-    r = dict(_C.model_run(threads, iterations, shared_queue=shared_queue, region=region,
+    r = dict(_model.model_run(threads, iterations, shared_queue=shared_queue, region=region,
                           internal_every=internal_every, length=length))
     r["ops_per_s"] = r["ops"] / r["seconds"] if r["seconds"] > 0 else float("inf")
     r["lifecycle"] = dict(_C.hooks_lifecycle())
@@ -115,7 +122,7 @@ def run_op(queue: int = 0, a: float = 2.0, length: int = 256, internal: bool = F
     encoder still open (a caller bug: the driver aborts unless commit safety
     ends it first)."""
     _need()
-    return bool(_C.model_run_op(queue=queue, a=a, length=length, internal=internal, end_encoding=end_encoding))
+    return bool(_model.model_run_op(queue=queue, a=a, length=length, internal=internal, end_encoding=end_encoding))
 
 
 _CHILD = textwrap.dedent("""

@@ -140,7 +140,7 @@ def pytest_pyfunc_call(pyfuncitem):
                     pytrace=False)
     detail = attempt.stacks if attempt.status == "hang" else attempt.stderr_tail
     pytest.fail("%s in its child process (agxguard_isolated)\n%s"
-                % (attempt.describe(), (detail or attempt.traceback or "")[-3000:]), pytrace=False)
+                % (attempt.describe(), harness.clip(detail or attempt.traceback or "")), pytrace=False)
 
 
 class _Outcome:

@@ -135,7 +135,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="op config: agxguard.ops(pin_cpus=...) in each worker, e.g. 0 (Linux)")
     p.add_argument("--heir-seat", choices=("on", "off"), default="on",
                    help="off: every Python waiter watches a contended lock (measuring what the "
-                        "heir seat buys; agxguard._C._set_heir_seat)")
+                        "heir seat buys; agxguard._model._set_heir_seat)")
     p.add_argument("--batcher-guard", default=None, metavar="MODE",
                    help="run the Batcher's batches inside agxguard.guard() in this mode")
     p.add_argument("--streams", choices=("auto", "per-thread", "shared"), default="auto",
@@ -689,7 +689,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch  # noqa: F401  (after option errors, which need no torch)
 
     if agxguard is not None:
-        agxguard._C._set_heir_seat(opts.heir_seat == "on")
+        from agxguard import _model as lab  # the lab's knobs (not part of the product)
+        lab._set_heir_seat(opts.heir_seat == "on")
     info = machine_info(opts)
     log(f"agxguard efficiency benchmark: device {info['device']} ({info['device_name']}), "
         f"torch {info['torch']}, python {info['python']}, {info['cpu_count']} cpus")

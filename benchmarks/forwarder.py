@@ -3,7 +3,7 @@ and no hook, on one method, in one run.
 
 Three classes share one method, -bench:with: (two integers, no return; its
 body is one add), called from C in a loop (csrc/model/forward_probes.c,
-forward_bench): AGXForwardBenchPlain is not hooked, AGXForwardBenchTyped is
+agxguard._model.forward_bench): AGXForwardBenchPlain is not hooked, AGXForwardBenchTyped is
 hooked through the typed wrapper of its shape, AGXForwardBenchFfi through the
 general forwarder (installed with the typed path switched off). Each round
 times every variant once, interleaved, in mode `off` (the hook counts the
@@ -27,6 +27,11 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from agxguard import _C, swizzle  # noqa: E402
+
+try:
+    from agxguard import _model  # noqa: E402  (the lab's module: the bench classes)
+except ImportError:
+    _model = None
 
 VARIANTS = [("unhooked", "AGXForwardBenchPlain"), ("typed wrapper", "AGXForwardBenchTyped"),
             ("forwarder (libffi)", "AGXForwardBenchFfi")]
@@ -56,16 +61,16 @@ def main() -> int:
     a = ap.parse_args()
     if a.calls < 1 or a.rounds < 1:
         ap.error(f"--calls {a.calls} and --rounds {a.rounds} must be >= 1")
-    if not swizzle.swizzle_available() or not hasattr(_C, "forward_bench"):
+    if not swizzle.swizzle_available() or not hasattr(_model, "forward_bench"):
         print("this build has no swizzle engine or no forwarder probes (no Objective-C runtime)", file=sys.stderr)
         return 2
-    _C.forward_bench("AGXForwardBenchPlain", 1)  # makes the classes
+    _model.forward_bench("AGXForwardBenchPlain", 1)  # makes the classes
     swizzle.guard_methods("AGXForwardBenchTyped", "bench:with:")
-    _C.swizzle_force_forwarder(True)
+    _model.swizzle_force_forwarder(True)
     try:
         swizzle.guard_methods("AGXForwardBenchFfi", "bench:with:")
     finally:
-        _C.swizzle_force_forwarder(False)
+        _model.swizzle_force_forwarder(False)
     swizzle.guard_methods("AGXForwardBenchFfi", COPY)  # no typed wrapper: the forwarder
     shapes = {h["class"]: h["shape"] for h in swizzle.hooks() if h["selector"] == "bench:with:"}
     assert shapes["AGXForwardBenchTyped"] == "v(u64,u64)" and shapes["AGXForwardBenchFfi"].startswith("ffi "), shapes
@@ -75,12 +80,12 @@ def main() -> int:
         for m in MODES:
             _C.set_mode(m)
             for _, cls in VARIANTS:
-                _C.forward_bench(cls, a.calls // 10 + 1)  # warm up
+                _model.forward_bench(cls, a.calls // 10 + 1)  # warm up
             for _ in range(a.rounds):
                 for v, cls in VARIANTS:
-                    times[(m, v)].append(_C.forward_bench(cls, a.calls))
+                    times[(m, v)].append(_model.forward_bench(cls, a.calls))
                 for v, cls in COPY_VARIANTS:
-                    times[(m, v)].append(_C.forward_bench(cls, a.calls, COPY))
+                    times[(m, v)].append(_model.forward_bench(cls, a.calls, COPY))
     finally:
         _C.set_mode(old)
     lines = [

@@ -10,6 +10,7 @@ from typing import Dict, Hashable, Optional
 import pytest
 
 import agxguard
+import agxguard._model
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +21,7 @@ def clean_agxguard():
     agxguard.set_lock_timeout(None, None)
     agxguard.reset_stats()
     yield
-    assert agxguard._C.region_depth() == 0, "a test left a guarded region open"
+    assert agxguard._model.region_depth() == 0, "a test left a guarded region open"
     agxguard.set_mode(mode)
     agxguard.set_throttle(throttle)
     agxguard.set_lock_timeout(wait["timeout_ms"], wait["warn_ms"], wait["action"])

@@ -16,6 +16,7 @@ import pytest
 
 import agxguard
 import agxguard._C as C
+import agxguard._model as M
 from agxguard import model
 
 hooks_module = sys.modules["agxguard.hooks"]  # (agxguard.hooks is also the name of a function)
@@ -60,18 +61,18 @@ def wait_hooked(cls, timeout=10.0):
 
 def test_an_image_loaded_after_the_hooks_gets_its_classes_hooked_and_its_calls_locked():
     out = child("""
-        import json, agxguard, agxguard._C as C
+        import json, agxguard, agxguard._C as C, agxguard._model as M
         from agxguard import model
     """, WAIT_HOOKED, """
         before = [h for h in agxguard.hooks() if h["role"] == "mps_command_buffer"]
         agx_before = sorted((h["class"], h["selector"]) for h in C.swizzle_hooks() if h["active"])
-        assert C.model_load_image("mps") is True
+        assert M.model_load_image("mps") is True
         rows = wait_hooked("MPSModelCommandBuffer")
         model.set_bugs(False)
         agxguard.set_mode("op")
         agxguard.reset_stats()
         C.swizzle_reset_counts()
-        ok = C.model_mps_run_op(a=3.0)
+        ok = M.model_mps_run_op(a=3.0)
         agx_after = sorted((h["class"], h["selector"]) for h in C.swizzle_hooks()
                            if h["active"] and not h["class"].startswith("MPS"))
         calls = {h["selector"]: h["calls"] for h in C.swizzle_hooks() if h["class"] == "MPSModelCommandBuffer"}
@@ -95,7 +96,7 @@ def test_an_image_loaded_after_the_hooks_gets_its_classes_hooked_and_its_calls_l
 
 def test_an_image_loading_while_8_threads_encode_is_hooked_without_a_fault():
     out = child("""
-        import json, threading, agxguard, agxguard._C as C
+        import json, threading, agxguard, agxguard._C as C, agxguard._model as M
         from agxguard import model
     """, WAIT_HOOKED, """
         model.configure(context_race=True, encoder_recycle=True, buffer_recycle=True, bypass=False, window_yields=1)
@@ -103,9 +104,9 @@ def test_an_image_loading_while_8_threads_encode_is_hooked_without_a_fault():
         res = {}
         t = threading.Thread(target=lambda: res.update(model.run_threads(8, 400, hooks=False, region=False)))
         t.start()
-        C.model_load_image("mps")
+        M.model_load_image("mps")
         rows = wait_hooked("MPSModelCommandBuffer")
-        mps_ok = [C.model_mps_run_op(queue=1, a=2.0) for _ in range(20)]
+        mps_ok = [M.model_mps_run_op(queue=1, a=2.0) for _ in range(20)]
         t.join(60)
         st = agxguard.status()
         hooked = bool(rows) and all(h["installed"] or h["skipped"] == "the class does not implement it" for h in rows)
@@ -117,9 +118,9 @@ def test_an_image_loading_while_8_threads_encode_is_hooked_without_a_fault():
 
 def test_rediscover_and_a_later_install_pick_up_an_image_loaded_while_nothing_was_installed():
     out = child("""
-        import json, agxguard, agxguard._C as C
+        import json, agxguard, agxguard._C as C, agxguard._model as M
         nothing = agxguard.rediscover()
-        C.model_load_image("mps")       # before any install: no hook set to add to
+        M.model_load_image("mps")       # before any install: no hook set to add to
         first = agxguard.install("model")
         mps = sorted(h["selector"] for h in agxguard.hooks() if h["class"] == "MPSModelCommandBuffer" and h["installed"])
         again = agxguard.rediscover()   # nothing new since
@@ -132,14 +133,14 @@ def test_rediscover_and_a_later_install_pick_up_an_image_loaded_while_nothing_wa
 
 def test_loading_an_unknown_model_image_names_the_known_ones():
     with pytest.raises(ValueError, match="unknown model image nope.*known: mps"):
-        C.model_load_image("nope")
+        M.model_load_image("nope")
 
 
 # ---------------------------------------------------------------- item 4: the debug layer
 
 def test_under_the_debug_layer_discovery_hooks_the_wrappers_and_the_driver_classes_under_them():
     out = child("""
-        import json, agxguard
+        import json, agxguard, agxguard.model  # the model registers itself: AGXGUARD_DRIVER=model hooks it then
         from agxguard.hooks import table
         print(json.dumps({"status": agxguard.status(), "hooks": agxguard.hooks(), "table": table()}))
     """, **DEBUG)
@@ -165,10 +166,10 @@ def test_under_the_debug_layer_discovery_hooks_the_wrappers_and_the_driver_class
 
 def test_the_debug_layer_can_be_turned_on_before_the_device_is_made():
     out = child("""
-        import json, agxguard, agxguard._C as C
-        was = C.model_debug_layer(True)
+        import json, agxguard, agxguard._C as C, agxguard._model as M
+        was = M.model_debug_layer(True)
         agxguard.install("model")
-        print(json.dumps({"was": was, "now": C.model_debug_layer(), "d": agxguard.status()["discovery"]}))
+        print(json.dumps({"was": was, "now": M.model_debug_layer(), "d": agxguard.status()["discovery"]}))
     """, AGXGUARD_DRIVER="none")
     assert out["was"] is False and out["now"] is True
     assert out["d"]["device_class"] == "MTLModelDebugDevice" and out["d"]["layers"] == 1
@@ -216,10 +217,10 @@ def test_under_the_debug_layer_off_crashes_and_stream_and_global_stop_every_faul
                          ids=["plain", "debug_layer"])
 def test_discovery_leaves_no_model_object_alive_that_it_made(env, kept):
     out = child("""
-        import json, agxguard, agxguard._C as C
-        before = C.model_live_objects()
+        import json, agxguard, agxguard._C as C, agxguard._model as M
+        before = M.model_live_objects()
         agxguard.install("model")
-        after = C.model_live_objects()
+        after = M.model_live_objects()
         print(json.dumps({"before": before, "after": after}))
     """, AGXGUARD_DRIVER="none", **env)
     # kept: the debug layer's device, which lives as long as the process (as Metal's does)
@@ -230,12 +231,12 @@ def test_discovery_leaves_no_model_object_alive_that_it_made(env, kept):
 def test_live_object_counts_see_what_a_caller_keeps_and_what_it_gives_back():
     # the detector behind the test above: run_op keeps its queue, gives its command buffer back
     out = child("""
-        import json, agxguard._C as C
+        import json, agxguard._C as C, agxguard._model as M
         from agxguard import model
         model.set_bugs(False)
-        before = C.model_live_objects()
+        before = M.model_live_objects()
         model.run_op(queue=5)
-        print(json.dumps({"before": before, "after": C.model_live_objects()}))
+        print(json.dumps({"before": before, "after": M.model_live_objects()}))
     """, AGXGUARD_DRIVER="none")
     b, a = out["before"], out["after"]
     assert a["command_queues"] == b["command_queues"] + 1

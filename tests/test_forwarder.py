@@ -14,6 +14,8 @@ import pytest
 import agxguard._C as C
 from agxguard import swizzle
 
+M = pytest.importorskip("agxguard._model", reason="the lab's module agxguard._model is not built")
+
 pytestmark = pytest.mark.skipif(not swizzle.swizzle_available(),
                                 reason="this build has no Objective-C runtime (install gobjc, libobjc-12-dev)")
 
@@ -26,8 +28,9 @@ def child(body):
     code = textwrap.dedent("""
         import json
         import agxguard._C as C
+        import agxguard._model as M
         from agxguard import swizzle
-        probes = C.forward_probes()
+        probes = M.forward_probes()
         out = {}
     """) + textwrap.dedent(body) + "\nprint('RESULT ' + json.dumps(out))\n"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240,
@@ -38,7 +41,7 @@ def child(body):
 
 
 def test_the_probes_cover_the_issues_signatures():
-    encodings = dict(C.forward_probes())
+    encodings = dict(M.forward_probes())
     joined = " ".join(encodings.values())
     # structs of 8..64 bytes, nested, an array inside, float-only ones, Metal's q2/q3/q6
     for enc in ["{FPS8=if}", "{FPS16=dQ}", "{FPS24=fdi}", "{FPS32={FPS16=dQ}fiQ}",
@@ -51,14 +54,14 @@ def test_the_probes_cover_the_issues_signatures():
 
 def test_every_probe_arrives_bit_for_bit_through_the_forwarder():
     out = child("""
-        out["direct"] = [C.forward_probe_call(i) for i in range(len(probes))]
+        out["direct"] = [M.forward_probe_call(i) for i in range(len(probes))]
         out["installed"] = swizzle.guard_methods("AGXForwardProbe", [s for s, _ in probes])
         C.set_mode("op")
-        out["hooked"] = [C.forward_probe_call(i) for i in range(len(probes))]
+        out["hooked"] = [M.forward_probe_call(i) for i in range(len(probes))]
         out["hooks"] = {h["selector"]: [h["shape"], h["calls"]] for h in swizzle.hooks()
                         if h["class"] == "AGXForwardProbe"}
     """)
-    n = len(C.forward_probes())
+    n = len(M.forward_probes())
     assert out["direct"] == [None] * n  # the callers and the methods agree unhooked
     assert out["installed"] == n
     assert out["hooked"] == [None] * n
@@ -74,12 +77,12 @@ def test_every_probe_arrives_bit_for_bit_through_the_forwarder():
 def test_every_typed_shape_is_also_exact_through_the_forwarder():
     """The typed wrappers' probe methods (AGXShapeProbe), forced through the forwarder."""
     out = child("""
-        shapes = C.swizzle_probes()
-        C.swizzle_force_forwarder(True)
+        shapes = M.swizzle_probes()
+        M.swizzle_force_forwarder(True)
         out["installed"] = swizzle.guard_methods("AGXShapeProbe", [s for _, s in shapes])
-        C.swizzle_force_forwarder(False)
+        M.swizzle_force_forwarder(False)
         C.set_mode("global")
-        out["hooked"] = [C.swizzle_probe_call(i) for i in range(len(shapes))]
+        out["hooked"] = [M.swizzle_probe_call(i) for i in range(len(shapes))]
         out["shapes"] = [h["shape"] for h in swizzle.hooks() if h["class"] == "AGXShapeProbe"]
     """)
     assert out["installed"] == len(out["hooked"])
@@ -94,10 +97,10 @@ def test_forwarded_calls_lose_no_update_with_8_threads(mode):
     out = child(f"""
         swizzle.guard_methods("AGXForwardProbe", [s for s, _ in probes])
         C.set_mode({mode!r})
-        out["runs"] = [C.forward_probe_race(i, {THREADS}, {ITERS}) for i in range(len(probes))]
+        out["runs"] = [M.forward_probe_race(i, {THREADS}, {ITERS}) for i in range(len(probes))]
     """)
-    lost = {C.forward_probes()[i][0]: n for i, (n, bad) in enumerate(out["runs"]) if n != THREADS * ITERS}
-    changed = {C.forward_probes()[i][0]: bad for i, (n, bad) in enumerate(out["runs"]) if bad}
+    lost = {M.forward_probes()[i][0]: n for i, (n, bad) in enumerate(out["runs"]) if n != THREADS * ITERS}
+    changed = {M.forward_probes()[i][0]: bad for i, (n, bad) in enumerate(out["runs"]) if bad}
     assert lost == {} and changed == {}
 
 
@@ -106,7 +109,7 @@ def test_without_the_hook_the_probe_race_loses_updates():
     a forwarder that called the original outside the lock would fail it."""
     out = child(f"""
         C.set_mode("op")
-        out["runs"] = [C.forward_probe_race(i, {THREADS}, {ITERS}) for i in range(3)]
+        out["runs"] = [M.forward_probe_race(i, {THREADS}, {ITERS}) for i in range(3)]
     """)
     assert any(n < THREADS * ITERS for n, _ in out["runs"]), out["runs"]
     assert all(bad == 0 for _, bad in out["runs"])
@@ -116,20 +119,20 @@ def test_uninstall_puts_a_forwarded_method_back():
     out = child("""
         sel = "setSamplerStateLodClamps::::"
         i = [s for s, _ in probes].index(sel)
-        before = C.objc_method_imp("AGXForwardProbe", sel)
+        before = M.objc_method_imp("AGXForwardProbe", sel)
         swizzle.guard_methods("AGXForwardProbe", sel)
-        out["hooked_imp_differs"] = C.objc_method_imp("AGXForwardProbe", sel) != before
+        out["hooked_imp_differs"] = M.objc_method_imp("AGXForwardProbe", sel) != before
         out["removed"] = swizzle.unguard_methods("AGXForwardProbe", sel)
-        out["restored"] = C.objc_method_imp("AGXForwardProbe", sel) == before
-        out["call"] = C.forward_probe_call(i)
+        out["restored"] = M.objc_method_imp("AGXForwardProbe", sel) == before
+        out["call"] = M.forward_probe_call(i)
         out["again"] = swizzle.guard_methods("AGXForwardProbe", sel)
-        out["call2"] = C.forward_probe_call(i)
+        out["call2"] = M.forward_probe_call(i)
     """)
     assert out == {"hooked_imp_differs": True, "removed": 1, "restored": True, "call": None, "again": 1,
                    "call2": None}
 
 
-@pytest.mark.parametrize("selector,encoding,reason", C.forward_refused() if swizzle.swizzle_available() else [])
+@pytest.mark.parametrize("selector,encoding,reason", M.forward_refused() if swizzle.swizzle_available() else [])
 def test_a_signature_the_forwarder_cannot_describe_is_refused_naming_it(selector, encoding, reason):
     with pytest.raises(ValueError) as e:
         swizzle.guard_methods("AGXForwardRefuse", selector)
@@ -140,9 +143,9 @@ def test_a_signature_the_forwarder_cannot_describe_is_refused_naming_it(selector
 
 def test_the_benchmark_classes_refuse_an_unknown_name():
     with pytest.raises(ValueError, match="AGXForwardBenchPlain"):
-        C.forward_bench("NoSuchBench", 10)
+        M.forward_bench("NoSuchBench", 10)
     with pytest.raises(ValueError, match="calls=0"):
-        C.forward_bench("AGXForwardBenchPlain", 0)
+        M.forward_bench("AGXForwardBenchPlain", 0)
 
 
 def test_classes_hooked_before_their_first_message_each_dispatch_to_their_own_hook():
@@ -151,14 +154,14 @@ def test_classes_hooked_before_their_first_message_each_dispatch_to_their_own_ho
     message; the engine makes it build first (objc_compat.h), else the typed
     class's calls were seen to land in the forwarded class's hook."""
     out = child("""
-        C.forward_bench("AGXForwardBenchPlain", 1)
+        M.forward_bench("AGXForwardBenchPlain", 1)
         swizzle.guard_methods("AGXForwardBenchTyped", "bench:with:")
-        C.swizzle_force_forwarder(True)
+        M.swizzle_force_forwarder(True)
         swizzle.guard_methods("AGXForwardBenchFfi", "bench:with:")
-        C.swizzle_force_forwarder(False)
-        C.forward_bench("AGXForwardBenchTyped", 100)
-        C.forward_bench("AGXForwardBenchFfi", 10)
-        C.forward_bench("AGXForwardBenchPlain", 1)
+        M.swizzle_force_forwarder(False)
+        M.forward_bench("AGXForwardBenchTyped", 100)
+        M.forward_bench("AGXForwardBenchFfi", 10)
+        M.forward_bench("AGXForwardBenchPlain", 1)
         out["calls"] = {h["class"]: h["calls"] for h in swizzle.hooks() if h["selector"] == "bench:with:"}
     """)
     assert out["calls"] == {"AGXForwardBenchTyped": 100, "AGXForwardBenchFfi": 10}

@@ -156,3 +156,15 @@ def test_a_local_function_is_refused_with_a_clear_error():
 
     with pytest.raises(ValueError, match="module-level function"):
         harness.run_in_child(local)
+
+
+def test_atomic_write_gives_the_mode_open_would(tmp_path):
+    """Result files are readable as any file the user writes (issue 14 point 7: they were
+    0600, the PNG beside them 0644)."""
+    import stat
+    old = os.umask(0o022)
+    try:
+        harness.atomic_write_json(str(tmp_path / "r.json"), {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == 0o644

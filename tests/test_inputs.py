@@ -12,6 +12,7 @@ import threading
 import pytest
 
 import agxguard
+import agxguard._model
 from agxguard import _config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -226,10 +227,10 @@ def test_a_thread_cannot_leave_another_threads_region():
     try:
         assert entered.wait(30)
         with agxguard.guard(stream=7) as mine:
-            depth = agxguard._C.region_depth()
+            depth = agxguard._model.region_depth()
             with pytest.raises(RuntimeError, match="did not enter"):
                 theirs.__exit__(None, None, None)
-            assert agxguard._C.region_depth() == depth, "another thread's exit popped this thread's region"
+            assert agxguard._model.region_depth() == depth, "another thread's exit popped this thread's region"
         with pytest.raises(RuntimeError):
             theirs.__exit__(None, None, None)  # this thread is in no region at all
     finally:
@@ -246,7 +247,7 @@ def test_regions_are_left_innermost_first():
         with pytest.raises(RuntimeError, match="did not enter"):
             outer.__exit__(None, None, None)
         inner.__exit__(None, None, None)
-    assert agxguard._C.region_depth() == 0
+    assert agxguard._model.region_depth() == 0
 
 
 def test_the_shared_guard_is_left_by_each_thread_that_entered_it():
@@ -259,7 +260,7 @@ def test_the_shared_guard_is_left_by_each_thread_that_entered_it():
             with agxguard.guard():
                 with agxguard.guard():
                     pass
-        done.append(agxguard._C.region_depth())  # each thread left every region it entered
+        done.append(agxguard._model.region_depth())  # each thread left every region it entered
 
     from conftest import run_threads
     run_threads(4, body)
@@ -271,8 +272,8 @@ def test_use_stream_none_means_no_explicit_stream():
     with agxguard.use_stream(5):
         with agxguard.use_stream(None) as key:
             assert key is None
-            assert agxguard._C.get_thread_stream() is None
-        assert agxguard._C.get_thread_stream() == 5
+            assert agxguard._model.get_thread_stream() is None
+        assert agxguard._model.get_thread_stream() == 5
 
 
 @pytest.mark.parametrize("fn", [agxguard.stream_key, agxguard.stream_lock])

@@ -38,6 +38,17 @@ def test_a_symbol_macos_does_not_provide_fails_the_check(tmp_path):
     assert "does not provide: sched_getaffinity" in out, out
 
 
+def test_the_model_bundle_linking_a_product_function_fails_the_check(tmp_path):
+    # _model must reach _C through the capsule agxguard._C._capi: a direct call to
+    # a product function compiles (its header is on _model's include path) and is
+    # caught only as an undefined symbol of the _model bundle
+    src = extra(tmp_path, '#include "guard.h"\nint agx_model_depth_by_link(void) { return agx_region_depth(); }\n')
+    rc, out = run_check("--arch", "aarch64", "--extra-model-source", src)
+    assert rc == 1, out
+    assert "aarch64-macos: OK: _C" in out, out
+    assert "_model: FAILED" in out and "agx_region_depth" in out and "agxguard._C._capi" in out, out
+
+
 def test_a_linux_only_type_fails_the_check(tmp_path):
     src = extra(tmp_path, "#include <pthread.h>\nint agx_n(pthread_barrier_t *b) { return b != 0; }\n")
     rc, out = run_check("--arch", "x86_64", "--extra-source", src)

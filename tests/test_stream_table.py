@@ -17,7 +17,7 @@ import textwrap
 
 import pytest
 
-from agxguard import _C, model
+from agxguard import _C, _model, model
 
 pytestmark = pytest.mark.skipif(not model.available(), reason="the driver model needs an Objective-C runtime build")
 
@@ -32,7 +32,7 @@ FAKE_BASE = 0x5A5A_0000_0000  # addresses no real object has: the table only sto
 # one process.
 _CHILD = textwrap.dedent(r"""
     import json, sys
-    from agxguard import _C, model
+    from agxguard import _C, _model, model
     fill, iterations = int(sys.argv[1]), int(sys.argv[2])
     _C.set_mode("stream")
     model.configure(context_race=True, encoder_recycle=True, buffer_recycle=True, bypass=True, window_yields=1)
@@ -45,11 +45,11 @@ _CHILD = textwrap.dedent(r"""
     failed = 0
     for i in range(fill):
         try:
-            _C.swizzle_set_stream(%d + 16 * i, i)
+            _model.swizzle_set_stream(%d + 16 * i, i)
         except Exception:
             failed += 1
     after, ok_after = run()
-    table = _C.swizzle_stream_table() if hasattr(_C, "swizzle_stream_table") else {}
+    table = _model.swizzle_stream_table() if hasattr(_model, "swizzle_stream_table") else {}
     print("TABLE-RESULT " + json.dumps({"before": before, "after": after, "failed": failed,
                                          "ok": ok_before and ok_after, "table": table}), flush=True)
 """ % FAKE_BASE)
@@ -93,10 +93,10 @@ def test_entries_of_deallocated_encoders_are_removed():
     try:
         with_mode = _C.set_mode("stream")
         model.run_op(queue=3, length=8)  # the queue, its command buffer pool
-        t0 = _C.swizzle_stream_table()
+        t0 = _model.swizzle_stream_table()
         for _ in range(200):
             assert model.run_op(queue=3, length=8)
-        t1 = _C.swizzle_stream_table()
+        t1 = _model.swizzle_stream_table()
     finally:
         _C.set_mode(with_mode)
     assert t1["removed"] - t0["removed"] >= 200, (t0, t1)
@@ -108,26 +108,26 @@ def test_the_table_grows_past_any_fixed_size_and_forgets_cleared_objects():
     ones lose them, and clearing makes room without a new allocation."""
     base = FAKE_BASE + (1 << 36)
     n = 40_000
-    t0 = _C.swizzle_stream_table()
+    t0 = _model.swizzle_stream_table()
     for i in range(n):
-        _C.swizzle_set_stream(base + 16 * i, 7 + i)
-    t1 = _C.swizzle_stream_table()
+        _model.swizzle_set_stream(base + 16 * i, 7 + i)
+    t1 = _model.swizzle_stream_table()
     assert t1["entries"] - t0["entries"] == n
     assert t1["capacity"] > 16_384
-    assert all(_C.swizzle_stream_of(base + 16 * i) == 7 + i for i in range(0, n, 97))
+    assert all(_model.swizzle_stream_of(base + 16 * i) == 7 + i for i in range(0, n, 97))
     for i in range(n):
-        _C.swizzle_clear_stream(base + 16 * i)
-    t2 = _C.swizzle_stream_table()
+        _model.swizzle_clear_stream(base + 16 * i)
+    t2 = _model.swizzle_stream_table()
     assert t2["entries"] == t0["entries"]
-    assert _C.swizzle_stream_of(base + 16 * 5) is None
+    assert _model.swizzle_stream_of(base + 16 * 5) is None
     for i in range(n):  # the same number again: tombstones are reused or rehashed away, no doubling
-        _C.swizzle_set_stream(base + 8 + 16 * i, 1)
-    t3 = _C.swizzle_stream_table()
+        _model.swizzle_set_stream(base + 8 + 16 * i, 1)
+    t3 = _model.swizzle_stream_table()
     assert t3["capacity"] == t2["capacity"], (t2, t3)
     for i in range(n):
-        _C.swizzle_clear_stream(base + 8 + 16 * i)
+        _model.swizzle_clear_stream(base + 8 + 16 * i)
     with pytest.raises(ValueError, match="not an object address"):
-        _C.swizzle_set_stream(1, 5)
+        _model.swizzle_set_stream(1, 5)
 
 
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which("gcc") is None, reason="needs make and gcc")

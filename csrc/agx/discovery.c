@@ -3,12 +3,11 @@
  * image-load callbacks of Apple's runtime and dyld. */
 #include "discovery.h"
 
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
-#include "driver_model.h"
-#include "model_images.h"
 
 static id send_id(id obj, const char *sel);
 static id send_id_arg(id obj, const char *sel, uint64_t arg);
@@ -226,21 +225,41 @@ static void probe_other_encoders(agx_discovery *d, id cb) {
     probe_encoder(d, AGX_ROLE_ACCEL_STRUCT_ENCODER, cb, "accelerationStructureCommandEncoder", 0, 0);
 }
 
+/* ------------------------------------------------------------ providers */
+
+static _Atomic(const agx_driver_provider *) model_provider;
+
+int agx_discovery_set_provider(int driver, const agx_driver_provider *p) {
+    if (driver != AGX_DRIVER_MODEL) return -1;
+    atomic_store(&model_provider, p);
+    return 0;
+}
+
+int agx_driver_present(int driver) {
+    if (driver == AGX_DRIVER_METAL) return agx_metal_supported();
+    if (driver == AGX_DRIVER_MODEL) return atomic_load(&model_provider) != NULL;
+    return 0;
+}
+
 /* Classes known by name, per driver: MetalPerformanceShaders' command
  * buffer, and the model's stand-in (from its "mps" image). */
 static const char *mps_class_name(int driver) {
-    return driver == AGX_DRIVER_MODEL ? agx_model_mps_cmdbuf_class : "MPSCommandBuffer";
+    const agx_driver_provider *p = atomic_load(&model_provider);
+    if (driver != AGX_DRIVER_MODEL) return "MPSCommandBuffer";
+    return p && p->named_command_buffer_class ? p->named_command_buffer_class : NULL;
 }
 
 int agx_discover_named(agx_discovery *d) {
     const char *name = mps_class_name(d->driver);
+    if (!name) return 0; /* a provider without such a class */
     Class mps = objc_getClass(name);
     if (!mps) {
         if (!d->notes[AGX_ROLE_MPS_COMMAND_BUFFER][0]) {
+            const agx_driver_provider *p = atomic_load(&model_provider);
+            const char *image = d->driver == AGX_DRIVER_MODEL && p && p->named_class_image ? p->named_class_image
+                                                                                           : "MetalPerformanceShaders";
             char t[160];
-            snprintf(t, sizeof t, "no class %s (%s not loaded yet; hooked when it loads)", name,
-                     d->driver == AGX_DRIVER_MODEL ? "the model's mps image, standing in for MPSCommandBuffer,"
-                                                   : "MetalPerformanceShaders");
+            snprintf(t, sizeof t, "no class %s (%s not loaded yet; hooked when it loads)", name, image);
             note(d, AGX_ROLE_MPS_COMMAND_BUFFER, t);
         }
         return 0;
@@ -270,10 +289,16 @@ int agx_discover(int driver, agx_discovery *d, char *err, size_t errlen) {
     id dev = NULL, queue = NULL, cb = NULL;
     int own_dev = 0, own_cb = 0;
     if (driver == AGX_DRIVER_MODEL) {
-        dev = agx_model_device(); /* the model's device lives as long as the process: not ours */
-        snprintf(d->how, sizeof d->how, "the driver model%s", base_of(dev) ? " under its debug layer" : "");
-        if (!dev) { snprintf(err, errlen, "the driver model could not be created (its class names are taken)"); goto out; }
-        own_cb = 1; /* the model's commandBuffer hands out an owned buffer; Metal's is autoreleased */
+        const agx_driver_provider *p = atomic_load(&model_provider);
+        if (!p) {
+            snprintf(err, errlen, "the driver model is not loaded: it is not part of the product; import "
+                                  "agxguard._model (the lab's module, which registers it) first");
+            goto out;
+        }
+        dev = p->device(); /* the model's device lives as long as the process: not ours */
+        snprintf(d->how, sizeof d->how, "%s%s", p->name, base_of(dev) ? " under its debug layer" : "");
+        if (!dev) { snprintf(err, errlen, "%s could not be created (its class names are taken)", p->name); goto out; }
+        own_cb = p->command_buffers_owned; /* the model's commandBuffer hands out an owned buffer; Metal's is autoreleased */
     } else {
         dev = agx_metal_device(d->how, sizeof d->how);
         own_dev = dev != NULL;
@@ -340,9 +365,14 @@ const char *agx_watch_images(int driver, void (*fn)(void)) {
     if (watching[driver]) return mechanism[driver];
     watching[driver] = 1;
     if (driver == AGX_DRIVER_MODEL) {
+        const agx_driver_provider *p = atomic_load(&model_provider);
+        if (!p || !p->add_image_func) {
+            watching[driver] = 0; /* nothing to watch yet: a later install tries again */
+            return NULL;
+        }
         model_image_fn = fn;
-        agx_model_add_image_func(on_model_image);
-        mechanism[driver] = "the driver model's image loader";
+        p->add_image_func(on_model_image);
+        mechanism[driver] = p->image_mechanism;
     } else {
         mechanism[driver] = agx_watch_metal_images(fn);
     }

@@ -1,5 +1,5 @@
 /* forward_probes.c: test classes for the swizzle engine's general forwarder
- * (csrc/objc/forwarder.h), and their Python bindings.
+ * (csrc/objc/forwarder.h), and their Python bindings (in agxguard._model).
  *
  * AGXForwardProbe has one method per signature below: structs by value of
  * 8 to 64 bytes (integer and floating fields mixed, nested, an array inside),
@@ -17,6 +17,7 @@
  * bit-field, an array argument, an opaque struct, _Complex, an unknown type
  * code). AGXForwardBench{Typed,Ffi,Plain} share one cheap method of a shape
  * that has a typed wrapper, for benchmarks/forwarder.py. */
+#define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #include <pthread.h>
@@ -27,10 +28,10 @@
 #include <string.h>
 #include <time.h>
 
-#include "forward_probes.h"
+#include "model_capi.h"
+#include "model_module.h"
 #include "objc_compat.h"
 #include "start_gate.h"
-#include "swizzle.h"
 
 /* ------------------------------------------------------------- the types */
 
@@ -544,7 +545,7 @@ static PyObject *py_forward_force(PyObject *self, PyObject *args) {
     (void)self;
     int on;
     if (!PyArg_ParseTuple(args, "p:swizzle_force_forwarder", &on)) return NULL;
-    agx_swizzle_force_forwarder(on);
+    agx_model_capi->swizzle_force_forwarder(on);
     Py_RETURN_NONE;
 }
 

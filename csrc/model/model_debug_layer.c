@@ -16,9 +16,8 @@
 #include <string.h>
 
 #include "driver_model.h"
-#include "forwarder.h"
+#include "model_capi.h"
 #include "model_images.h"
-#include "swizzle.h"
 #include "swizzle_shapes.h"
 
 const char *const agx_model_debug_device_class = "MTLModelDebugDevice";
@@ -80,18 +79,20 @@ static const struct { const char *key; IMP imp; } forwarders[] = {AGX_SHAPES(FWD
 
 IMP agx_model_forwarder(const char *types) {
     char why[160];
-    const char *key = agx_swizzle_shape_for(types, why, sizeof why);
+    const char *key = agx_model_capi->swizzle_shape_for(types, why, sizeof why);
     if (!key) return NULL;
     for (size_t i = 0; i < sizeof forwarders / sizeof forwarders[0]; i++)
         if (!strcmp(forwarders[i].key, key)) return forwarders[i].imp;
     return NULL;
 }
 
-/* A shape with no typed forwarder: the swizzle engine's general forwarder, redirecting to the inner object. */
+/* A shape with no typed forwarder: the swizzle engine's general forwarder
+ * (capi.h), redirecting each call to the inner object. */
+static void *inner_of_object(void *self) { return inner_of((id)self); }
 static IMP any_forwarder(const char *types) {
     IMP f = agx_model_forwarder(types);
     char why[160];
-    return f ? f : agx_forwarder_make_redirect(inner_of, types, why, sizeof why);
+    return f ? f : (IMP)agx_model_capi->forwarder_make_redirect(inner_of_object, types, why, sizeof why);
 }
 
 static int named(SEL sel, const char *const *names) {
@@ -312,7 +313,7 @@ static Class wrapper_class_for(Class base, int kind) {
         const char *types = method_getTypeEncoding(ms[i]);
         if (!types || types[0] != '@' || kind_made_by(kind, sel) < 0) continue;
         char why[160];
-        const char *key = agx_swizzle_shape_for(types, why, sizeof why);
+        const char *key = agx_model_capi->swizzle_shape_for(types, why, sizeof why);
         if (key && !strcmp(key, "u64()")) class_addMethod(c, sel, (IMP)factory0, types);
         else if (key && !strcmp(key, "u64(u64)")) class_addMethod(c, sel, (IMP)factory1, types);
     }

@@ -30,7 +30,7 @@ typedef struct agx_fwd {
     int nargs;
     int ret_bits; /* 1: the observer sees the return's integer bits (objects from factories) */
     struct agx_hook_slot *slot; /* a hook's, or NULL for a redirect */
-    id (*redirect)(id self);    /* a redirect's: the object that gets the message instead */
+    void *(*redirect)(void *self); /* a redirect's: the object that gets the message instead */
     ffi_closure *closure;
     void **owned; /* the struct types and element lists built for this signature */
     size_t n_owned, cap_owned;
@@ -291,7 +291,7 @@ static void fwd_call(ffi_cif *cif, void *ret, void **args, void *user) {
 /* A redirect: the same message, sent to redirect(self) (a wrapper layer). */
 static void fwd_redirect(ffi_cif *cif, void *ret, void **args, void *user) {
     agx_fwd *g = user;
-    id to = g->redirect(*(id *)args[0]);
+    id to = (id)g->redirect(*(void **)args[0]);
     SEL sel = *(SEL *)args[1];
     void *argv[AGX_FWD_MAX_ARGS];
     memcpy(argv, args, (size_t)g->nargs * sizeof *argv);
@@ -311,7 +311,7 @@ int agx_forwarder_check(const char *types, char *why, size_t whylen) {
     return rc;
 }
 
-static IMP fwd_make(struct agx_hook_slot *slot, id (*redirect)(id), const char *types, char *desc, size_t desclen,
+static IMP fwd_make(struct agx_hook_slot *slot, void *(*redirect)(void *), const char *types, char *desc, size_t desclen,
                     char *why, size_t whylen) {
     agx_fwd *g = calloc(1, sizeof *g);
     if (!g) { snprintf(why, whylen, "out of memory"); return NULL; }
@@ -338,7 +338,7 @@ IMP agx_forwarder_make(struct agx_hook_slot *slot, const char *types, char *desc
     return fwd_make(slot, NULL, types, desc, desclen, why, whylen);
 }
 
-IMP agx_forwarder_make_redirect(id (*redirect)(id self), const char *types, char *why, size_t whylen) {
+IMP agx_forwarder_make_redirect(void *(*redirect)(void *self), const char *types, char *why, size_t whylen) {
     return fwd_make(NULL, redirect, types, NULL, 0, why, whylen);
 }
 
@@ -359,7 +359,7 @@ IMP agx_forwarder_make(struct agx_hook_slot *slot, const char *types, char *desc
     return NULL;
 }
 
-IMP agx_forwarder_make_redirect(id (*redirect)(id self), const char *types, char *why, size_t whylen) {
+IMP agx_forwarder_make_redirect(void *(*redirect)(void *self), const char *types, char *why, size_t whylen) {
     (void)redirect;
     agx_forwarder_check(types, why, whylen);
     return NULL;

@@ -42,9 +42,10 @@ IMP agx_forwarder_make(struct agx_hook_slot *slot, const char *types, char *desc
                        size_t whylen);
 
 /* A closure for a wrapper layer (no hook, no lock): each call sends the same
- * message, with the same arguments, to redirect(self) and returns its
- * result. NULL with why as above. Lives as long as the process. */
-IMP agx_forwarder_make_redirect(id (*redirect)(id self), const char *types, char *why, size_t whylen);
+ * message, with the same arguments, to redirect(self) (an object: a void *
+ * so that capi.h, which has no Objective-C types, can hand it on) and
+ * returns its result. NULL with why as above. Lives as long as the process. */
+IMP agx_forwarder_make_redirect(void *(*redirect)(void *self), const char *types, char *why, size_t whylen);
 
 /* Check only: 0 when the forwarder can describe `types`, else -1 with why. */
 int agx_forwarder_check(const char *types, char *why, size_t whylen);
