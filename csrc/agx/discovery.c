@@ -204,7 +204,8 @@ static void probe_other_encoders(agx_discovery *d, id cb) {
         send_void_arg(pass, "setDefaultRasterSampleCount:", 1);
     }
     if (pass || !responds(cb, "renderCommandEncoderWithDescriptor:"))
-        probe_encoder(d, AGX_ROLE_RENDER_ENCODER, cb, "renderCommandEncoderWithDescriptor:", 1, (uint64_t)(uintptr_t)pass);
+        probe_encoder(d, AGX_ROLE_RENDER_ENCODER, cb, "renderCommandEncoderWithDescriptor:", 1,
+                      (uint64_t)(uintptr_t)pass);
     else
         note(d, AGX_ROLE_RENDER_ENCODER, "no MTLRenderPassDescriptor to make one with");
     if (!responds(cb, "parallelRenderCommandEncoderWithDescriptor:")) {

@@ -257,7 +257,8 @@ static void fp_bump(void) {
 /* Per return type: the C type, the return statement, the call and its check. */
 #define FP_RTYPE_v void
 #define FP_RETURN_v(h) return
-#define FP_CALL_v(imp, obj, sel, ...) ((void (*)(id, SEL FP_EACH(FP_TYPE, __VA_ARGS__)))imp)(obj, sel FP_EACH(FP_NAME, __VA_ARGS__))
+#define FP_CALL_v(imp, obj, sel, ...) \
+    ((void (*)(id, SEL FP_EACH(FP_TYPE, __VA_ARGS__)))imp)(obj, sel FP_EACH(FP_NAME, __VA_ARGS__))
 #define FP_CHECK_v(h) (void)0
 #define FP_RTYPE_s8 fp_s8
 #define FP_RTYPE_s16 fp_s16

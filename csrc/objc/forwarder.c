@@ -311,8 +311,8 @@ int agx_forwarder_check(const char *types, char *why, size_t whylen) {
     return rc;
 }
 
-static IMP fwd_make(struct agx_hook_slot *slot, void *(*redirect)(void *), const char *types, char *desc, size_t desclen,
-                    char *why, size_t whylen) {
+static IMP fwd_make(struct agx_hook_slot *slot, void *(*redirect)(void *), const char *types, char *desc,
+                    size_t desclen, char *why, size_t whylen) {
     agx_fwd *g = calloc(1, sizeof *g);
     if (!g) { snprintf(why, whylen, "out of memory"); return NULL; }
     const char *w = NULL;

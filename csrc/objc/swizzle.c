@@ -422,7 +422,9 @@ void agx_swizzle_force_forwarder(int on) { atomic_store(&agx_force_forwarder, on
 
 /* Every slot, typed ones first, then the forwarder's: i < agx_slot_total(). */
 #define AGX_TYPED_SLOTS (AGX_NSHAPES * AGX_HOOK_SLOTS)
-static size_t agx_slot_total(void) { return AGX_TYPED_SLOTS + atomic_load_explicit(&agx_fwd_n, memory_order_acquire); }
+static size_t agx_slot_total(void) {
+    return AGX_TYPED_SLOTS + atomic_load_explicit(&agx_fwd_n, memory_order_acquire);
+}
 static agx_hook_slot *agx_slot_at(size_t i) {
     if (i < AGX_TYPED_SLOTS) return &agx_shapes[i / AGX_HOOK_SLOTS].slots[i % AGX_HOOK_SLOTS];
     return agx_fwd_slots[i - AGX_TYPED_SLOTS];
@@ -549,19 +551,19 @@ int agx_swizzle_uninstall(const char *class_name, const char *selector, char *er
     int n = 0;
     pthread_mutex_lock(&agx_swz_mu);
     for (size_t i = 0, total = agx_slot_total(); i < total; i++) {
-            agx_hook_slot *s = agx_slot_at(i);
-            if (!s->used || s->cls != cls || !atomic_load(&s->active)) continue;
-            if (sel && !sel_isEqual(s->sel, sel)) continue;
-            atomic_store_explicit(&s->active, 0, memory_order_release);
-            if (!s->added) {
-                /* Own method: the original implementation goes back exactly.
-                 * An added override stays but forwards to the superclass
-                 * untouched (the runtime cannot remove a method). */
-                Method m = class_getInstanceMethod(cls, s->sel);
-                method_setImplementation(m, (IMP)atomic_load(&s->orig));
-            }
-            n++;
+        agx_hook_slot *s = agx_slot_at(i);
+        if (!s->used || s->cls != cls || !atomic_load(&s->active)) continue;
+        if (sel && !sel_isEqual(s->sel, sel)) continue;
+        atomic_store_explicit(&s->active, 0, memory_order_release);
+        if (!s->added) {
+            /* Own method: the original implementation goes back exactly.
+             * An added override stays but forwards to the superclass
+             * untouched (the runtime cannot remove a method). */
+            Method m = class_getInstanceMethod(cls, s->sel);
+            method_setImplementation(m, (IMP)atomic_load(&s->orig));
         }
+        n++;
+    }
     pthread_mutex_unlock(&agx_swz_mu);
     return n;
 }
@@ -585,17 +587,17 @@ size_t agx_swizzle_hook_count(void) {
 int agx_swizzle_hook_info(size_t idx, agx_hook_info *out) {
     size_t n = 0;
     for (size_t i = 0, total = agx_slot_total(); i < total; i++) {
-            agx_hook_slot *s = agx_slot_at(i);
-            if (!s->used) continue;
-            if (n++ != idx) continue;
-            out->class_name = s->class_name;
-            out->selector = s->sel_name;
-            out->shape = s->shape;
-            out->active = atomic_load(&s->active);
-            out->added = s->added;
-            out->calls = atomic_load_explicit(&s->calls, memory_order_relaxed);
-            return 0;
-        }
+        agx_hook_slot *s = agx_slot_at(i);
+        if (!s->used) continue;
+        if (n++ != idx) continue;
+        out->class_name = s->class_name;
+        out->selector = s->sel_name;
+        out->shape = s->shape;
+        out->active = atomic_load(&s->active);
+        out->added = s->added;
+        out->calls = atomic_load_explicit(&s->calls, memory_order_relaxed);
+        return 0;
+    }
     return -1;
 }
 
