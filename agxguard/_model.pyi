@@ -1,6 +1,6 @@
 """Type stubs for agxguard._model, the lab's C module (csrc/model/): the driver model
 (model_module.c) and the fixtures that measure the product (race_classes.c, measure.c).
-Not part of the product: ``import agxguard`` never loads it; agxguard.model does. The
+Not part of the product: ``import agxguard`` never loads it; agxguard.lab.model does. The
 model and the Objective-C fixtures are built only with an Objective-C runtime. It reaches agxguard._C through the capsule
 agxguard._C._capi and, when it loads, registers the model as the provider of the
 "model" driver."""

@@ -1,6 +1,6 @@
 """Efficiency vs threads, side by side, for every way of running GPU work from threads.
 
-One run measures, on the same models (agxguard.workloads) and the same device:
+One run measures, on the same models (agxguard.lab.workloads) and the same device:
 
     free        N threads, no lock                     (one model per thread)
     lock        N threads, one threading.Lock around each request
@@ -59,7 +59,7 @@ sys.path.insert(0, ROOT)
 
 try:  # the package with its C core
     import agxguard  # noqa: E402
-    from agxguard import workloads as W  # noqa: E402
+    from agxguard.lab import workloads as W  # noqa: E402
     from agxguard.batcher import Batcher  # noqa: E402
     AGX_ERROR: Optional[str] = None
 except ImportError as exc:  # not built: measure what does not need the C core

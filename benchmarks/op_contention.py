@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import agxguard  # noqa: E402
 import agxguard._model  # noqa: E402
-from agxguard import workloads as W  # noqa: E402
+from agxguard.lab import workloads as W  # noqa: E402
 
 
 def run(models, inputs, sync_of, n: int, duration: float, op: bool, pin=None) -> float:

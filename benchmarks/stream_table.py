@@ -18,7 +18,8 @@ import platform
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from agxguard import _C, _model, model  # noqa: E402
+from agxguard import _C, _model  # noqa: E402
+from agxguard.lab import model  # noqa: E402
 
 FAKE_BASE = 0x5A5A_0000_0000  # addresses no real object has: the table only stores them
 

@@ -51,6 +51,9 @@ $PYTHON -c "import setuptools, wheel" 2>/dev/null || pip_install setuptools whee
 # the macOS cross-build check (make macos-check, part of the tests): Apple's headers
 # come with the pinned ziglang, and macholib reads the bundle's symbols
 $PYTHON -c "import ziglang, macholib" 2>/dev/null || pip_install -r scripts/macos-check-requirements.txt
+# the import-graph check of the tests (tests/test_layout.py: no import circles, the
+# product never imports the lab) reads the sources with the pinned grimp
+$PYTHON -c "import grimp" 2>/dev/null || pip_install -r scripts/layout-check-requirements.txt
 # compiler command lines go to a log, shown only when the build fails
 BUILD_LOG=$(mktemp)
 quiet() { "$@" >"$BUILD_LOG" 2>&1 || { cat "$BUILD_LOG"; echo "setup: failed: $*"; exit 1; }; }
@@ -58,4 +61,4 @@ quiet pip_install --no-build-isolation --no-deps -e .
 quiet $PYTHON setup.py build_ext --inplace -q
 grep -h "^agxguard: " "$BUILD_LOG" || true
 rm -f "$BUILD_LOG"
-$PYTHON -c "import agxguard; print('setup: agxguard', agxguard.__version__, '| swizzling:', agxguard.swizzle_available())"
+$PYTHON -c "import agxguard; print('setup: agxguard', agxguard.__version__, '| swizzling:', agxguard.status()['runtime'] or 'unavailable')"

@@ -9,7 +9,8 @@ import pytest
 
 import agxguard._C as C
 import agxguard._model as M
-from agxguard import model, swizzle
+from agxguard import swizzle
+from agxguard.lab import model
 
 pytestmark = pytest.mark.skipif(not swizzle.swizzle_available(),
                                 reason="this build has no Objective-C runtime (install gobjc, libobjc-12-dev)")

@@ -64,7 +64,7 @@ def test_batch_anatomy_reports_each_part():
 
 @pytest.mark.parametrize("script", ["benchmarks/model_crash_table.py", "benchmarks/hooks_crash_table.py"])
 def test_crash_tables_run_one_child_per_row(script):
-    from agxguard import model
+    from agxguard.lab import model
 
     if not model.available():
         pytest.skip("the driver model needs an Objective-C runtime (Debian: gobjc, libobjc-12-dev)")

@@ -76,7 +76,7 @@ def test_stream_mode_uses_the_threads_current_stream(detector):
 
 def test_call_site_in_op_mode_serializes_calls(detector):
     agxguard.set_mode("op")
-    call = agxguard.Guard(site="call").call
+    call = agxguard._C.Guard(site="call").call
 
     def worker(i):
         for _ in range(ITERS):

@@ -17,7 +17,7 @@ import pytest
 import agxguard
 import agxguard._C as C
 import agxguard._model as M
-from agxguard import model
+from agxguard.lab import model
 
 hooks_module = sys.modules["agxguard.hooks"]  # (agxguard.hooks is also the name of a function)
 
@@ -62,7 +62,7 @@ def wait_hooked(cls, timeout=10.0):
 def test_an_image_loaded_after_the_hooks_gets_its_classes_hooked_and_its_calls_locked():
     out = child("""
         import json, agxguard, agxguard._C as C, agxguard._model as M
-        from agxguard import model
+        from agxguard.lab import model
     """, WAIT_HOOKED, """
         before = [h for h in agxguard.hooks() if h["role"] == "mps_command_buffer"]
         agx_before = sorted((h["class"], h["selector"]) for h in C.swizzle_hooks() if h["active"])
@@ -97,7 +97,7 @@ def test_an_image_loaded_after_the_hooks_gets_its_classes_hooked_and_its_calls_l
 def test_an_image_loading_while_8_threads_encode_is_hooked_without_a_fault():
     out = child("""
         import json, threading, agxguard, agxguard._C as C, agxguard._model as M
-        from agxguard import model
+        from agxguard.lab import model
     """, WAIT_HOOKED, """
         model.configure(context_race=True, encoder_recycle=True, buffer_recycle=True, bypass=False, window_yields=1)
         agxguard.set_mode("op")
@@ -119,11 +119,12 @@ def test_an_image_loading_while_8_threads_encode_is_hooked_without_a_fault():
 def test_rediscover_and_a_later_install_pick_up_an_image_loaded_while_nothing_was_installed():
     out = child("""
         import json, agxguard, agxguard._C as C, agxguard._model as M
-        nothing = agxguard.rediscover()
+        from agxguard.hooks import rediscover
+        nothing = rediscover()
         M.model_load_image("mps")       # before any install: no hook set to add to
         first = agxguard.install("model")
         mps = sorted(h["selector"] for h in agxguard.hooks() if h["class"] == "MPSModelCommandBuffer" and h["installed"])
-        again = agxguard.rediscover()   # nothing new since
+        again = rediscover()   # nothing new since
         print(json.dumps({"nothing": nothing, "mps": mps, "again": again, "new": first["new"]}))
     """, AGXGUARD_DRIVER="none")
     assert out["nothing"] == {"driver": None, "new": 0}
@@ -140,7 +141,7 @@ def test_loading_an_unknown_model_image_names_the_known_ones():
 
 def test_under_the_debug_layer_discovery_hooks_the_wrappers_and_the_driver_classes_under_them():
     out = child("""
-        import json, agxguard, agxguard.model  # the model registers itself: AGXGUARD_DRIVER=model hooks it then
+        import json, agxguard, agxguard.lab.model  # the model registers itself: AGXGUARD_DRIVER=model hooks it then
         from agxguard.hooks import table
         print(json.dumps({"status": agxguard.status(), "hooks": agxguard.hooks(), "table": table()}))
     """, **DEBUG)
@@ -178,7 +179,7 @@ def test_the_debug_layer_can_be_turned_on_before_the_device_is_made():
 def test_under_the_debug_layer_every_encoder_of_both_layers_ends_exactly_once():
     out = child("""
         import json, agxguard
-        from agxguard import model
+        from agxguard.lab import model
         model.set_bugs(False)
         agxguard.set_mode("op")
         from agxguard.hooks import reset_counts; reset_counts()
@@ -198,14 +199,14 @@ def test_under_the_debug_layer_off_crashes_and_stream_and_global_stop_every_faul
     for mode in ("off", "stream", "global"):
         outs = [model.run_in_child(mode, threads=8, iterations=100, bugs=ALL_BUGS, env=DEBUG, hooks=False,
                                    timeout=60) for _ in range(RUNS)]
-        assert all(o["outcome"] != "error" for o in outs), outs
+        assert not [o for o in outs if model.is_error(o)], outs
         outcomes[mode] = outs
-    assert any(o["outcome"] != "ok" for o in outcomes["off"]), [o["outcome"] for o in outcomes["off"]]
+    assert any(o.outcome != "passed" for o in outcomes["off"]), [o.outcome for o in outcomes["off"]]
     for mode in ("stream", "global"):
-        bad = [o["message"] for o in outcomes[mode] if o["outcome"] != "ok"]
+        bad = [o.message for o in outcomes[mode] if o.outcome != "passed"]
         assert not bad, (mode, bad)
         for o in outcomes[mode]:
-            lc = o["result"]["lifecycle"]
+            lc = o.value["lifecycle"]
             # 800 ops, each a wrapper encoder over a driver encoder: both layers tracked, each ended once
             assert lc["encoders_created"] == lc["encoders_ended"] == 1600, (mode, lc)
             assert lc["encoders_open"] == 0 and lc["freed_open"] == 0, (mode, lc)
@@ -232,7 +233,7 @@ def test_live_object_counts_see_what_a_caller_keeps_and_what_it_gives_back():
     # the detector behind the test above: run_op keeps its queue, gives its command buffer back
     out = child("""
         import json, agxguard._C as C, agxguard._model as M
-        from agxguard import model
+        from agxguard.lab import model
         model.set_bugs(False)
         before = M.model_live_objects()
         model.run_op(queue=5)

@@ -19,7 +19,7 @@ import pytest
 
 import agxguard._C as C
 import agxguard._model as M
-from agxguard import model
+from agxguard.lab import model
 
 pytestmark = pytest.mark.skipif(not model.available(),
                                 reason="this build has no Objective-C runtime (install gobjc, libobjc-12-dev)")

@@ -20,7 +20,7 @@ import pytest
 
 import agxguard
 import agxguard._model
-from agxguard import model
+from agxguard.lab import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAMMER_S = float(os.environ.get("AGXGUARD_HAMMER_S", "1.0"))
@@ -37,7 +37,7 @@ _CHILD = textwrap.dedent(r"""
     agxguard.set_mode(cfg["start"])
     use_model = cfg["model"]
     if use_model:
-        from agxguard import model
+        from agxguard.lab import model
         model.configure(**{b: False for b in model.BUGS})
         model.hook()
     stop = threading.Event()
@@ -137,7 +137,8 @@ def test_hooked_calls_inside_regions_survive_mode_switches(throttle):
 _WAIT_CHILD = textwrap.dedent(r"""
     import os, signal, sys, threading, time
     import agxguard
-    from agxguard import _C, model
+    from agxguard import _C
+    from agxguard.lab import model
     how = sys.argv[1]
     model.configure(**{b: False for b in model.BUGS})
     model.hook()

@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C_NAMES = {
     # csrc/python/module.c, wakeup.c
     "Guard", "Lock", "LockTimeout", "LockWaitWarning", "Wakeup", "MODES", "HAVE_OBJC",
-    "guard", "set_mode", "get_mode", "set_throttle", "get_throttle", "set_wait", "get_wait",
+    "guard", "set_mode", "get_mode", "set_throttle", "get_throttle", "set_lock_timeout", "get_lock_timeout",
     "stats", "reset_stats", "set_thread_stream", "set_stream_resolver", "_set_helpers",
     "global_lock", "op_lock", "stream_lock", "torch_function", "_set_op_passthrough",
     "_affinity_changed",
@@ -176,7 +176,7 @@ def test_importing_agxguard_does_not_load_the_lab(driver):
                AGXGUARD_DRIVER=driver)
     assert p.returncode == 0, p.stderr
     loaded = eval(p.stdout.strip().splitlines()[-1])
-    assert "agxguard._model" not in loaded and "agxguard.model" not in loaded, loaded
+    assert "agxguard._model" not in loaded and "agxguard.lab.model" not in loaded, loaded
 
 
 def test_the_product_works_with_the_lab_module_absent():
@@ -195,7 +195,7 @@ def test_driver_model_from_the_environment_waits_for_the_model_to_register():
     p = _child("import json, sys, agxguard\n"
                "before = agxguard.status()\n"
                "present = agxguard._C.hooks_driver_present('model')\n"
-               "import agxguard.model  # loads agxguard._model, which registers the model\n"
+               "import agxguard.lab.model  # loads agxguard._model, which registers the model\n"
                "after = agxguard.status()\n"
                "print(json.dumps({'before': [before['installed'], before['reason']], 'present': present,\n"
                "                  'now': agxguard._C.hooks_driver_present('model'),\n"
@@ -224,7 +224,7 @@ def test_installing_the_model_before_it_loaded_says_how_to_load_it():
 def test_uninstall_while_waiting_for_the_model_cancels_the_wait():
     p = _child("import agxguard\n"
                "agxguard.uninstall()\n"
-               "import agxguard.model\n"
-               "print(agxguard.installed())", AGXGUARD_DRIVER="model")
+               "import agxguard.lab.model\n"
+               "print(agxguard.status()['installed'])", AGXGUARD_DRIVER="model")
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "False"

@@ -123,7 +123,7 @@ def test_a_crash_report_keeps_the_fatal_error_and_the_tests_frame(tmp_path):
 
 
 def test_clip_keeps_head_and_tail_and_marks_the_cut():
-    from agxguard import harness
+    from agxguard import _runner as harness
     lines = ["line %05d" % i for i in range(5000)]
     text = "\n".join(lines) + "\n"
     out = harness.clip(text, head=1000, tail=500)

@@ -493,7 +493,7 @@ static PyObject *mod_set_wait(PyObject *m, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"warn_ms", "timeout_ms", "abort", NULL};
     PyObject *warn = Py_None, *timeout = Py_None;
     int abort_ = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOp:set_wait", kwlist, &warn, &timeout, &abort_)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOp:set_lock_timeout", kwlist, &warn, &timeout, &abort_)) return NULL;
     int64_t w, t;
     if (ms_to_ns(warn, &w, "warn_ms") < 0 || ms_to_ns(timeout, &t, "timeout_ms") < 0) return NULL;
     atomic_store(&agx_wait.warn_ns, w);
@@ -646,9 +646,9 @@ static PyMethodDef module_methods[] = {
     {"get_mode", mod_get_mode, METH_NOARGS, "The current mode's name."},
     {"set_throttle", mod_set_throttle, METH_O, "set_throttle(n) -> previous; 0 = no limit."},
     {"get_throttle", mod_get_throttle, METH_NOARGS, "The throttle limit (0 = none)."},
-    {"set_wait", (PyCFunction)(void (*)(void))mod_set_wait, METH_VARARGS | METH_KEYWORDS,
-     "set_wait(warn_ms=None, timeout_ms=None, abort=False)."},
-    {"get_wait", mod_get_wait, METH_NOARGS, "The wait policy as a dict."},
+    {"set_lock_timeout", (PyCFunction)(void (*)(void))mod_set_wait, METH_VARARGS | METH_KEYWORDS,
+     "set_lock_timeout(warn_ms=None, timeout_ms=None, abort=False): the lock wait policy."},
+    {"get_lock_timeout", mod_get_wait, METH_NOARGS, "The lock wait policy as a dict."},
     {"stats", mod_stats, METH_NOARGS, "Counters per domain, the throttle and the mode."},
     {"reset_stats", mod_reset_stats, METH_NOARGS, "Zero every counter."},
     {"set_thread_stream", mod_set_thread_stream, METH_O, "Set this thread's stream key (None clears); returns the previous."},

@@ -1,4 +1,4 @@
-"""complete_story: the seeds' four-chapter suite, run under each mode.
+"""story: the seeds' four-chapter suite, run under each mode.
 
 1. thread_safety: 8 threads x 20 requests of the story transformer (2 layers, d_model
    256, 4 heads, input 4x32x256): how many of the 160 ops completed.
@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 from ..report import Report
 from . import common
 
-SUITE = "complete_story"
+SUITE = "story"
 CHAPTERS = ("thread_safety", "efficiency", "batching", "correctness")
 WORKLOAD = "story_transformer"
 BATCHING = ((1, 8), (8, 1), (4, 2))  # (threads, batch), as in the seeds
@@ -71,16 +71,21 @@ def run_chapter(backend, case: Dict[str, Any]) -> Dict[str, Any]:
     return common.finish_case(backend, wl, r, keep, against_reference=(chapter == "correctness"))
 
 
-def complete_story(device: Optional[str] = None, mode: Any = "all", *,
-                   category: Any = None, threads: Any = (1, 2, 4, 8),
-                   iterations: Optional[int] = None, duration: Optional[float] = None,
-                   retries: int = 2, json_path: Optional[str] = None,
-                   timeout: float = 120.0, progress: Any = sys.stderr, plot: bool = True,
-                   model_options: Optional[Dict[str, Any]] = None) -> Report:
-    """Run the complete_story suite; return its :class:`~agxguard.report.Report`.
+def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
+    """Runner target: one case of the story, in a child process."""
+    return common.run_case(case, run_chapter)
+
+
+def story(device: Optional[str] = None, mode: Any = "all", *,
+          chapter: Any = None, threads: Any = (1, 2, 4, 8),
+          iterations: Optional[int] = None, duration: Optional[float] = None,
+          retries: int = 2, json_path: Optional[str] = None,
+          timeout: float = 120.0, progress: Any = sys.stderr, plot: bool = True,
+          model_options: Optional[Dict[str, Any]] = None) -> Report:
+    """Run the story suite; return its :class:`~agxguard.lab.report.Report`.
 
     ``device``: mps, cuda, cpu or model (default: the best present). ``mode``: one mode,
-    several (comma-separated or a list) or ``"all"``. ``category``: chapters to run
+    several (comma-separated or a list) or ``"all"``. ``chapter``: chapters to run
     (default all: thread_safety, efficiency, batching, correctness). ``threads``: thread
     counts for the efficiency chapter (the largest also drives thread_safety and
     correctness). ``iterations``: requests per thread; ``duration``: seconds per
@@ -88,16 +93,16 @@ def complete_story(device: Optional[str] = None, mode: Any = "all", *,
     pass (every attempt stays in the report). ``json_path``: where the report is
     written, atomically after every run. ``progress``: a stream for progress lines, or None.
     ``model_options`` (device model): bugs (default on), window_yields, window_spins,
-    internal_every; see agxguard.suites.model_backend.
+    internal_every; see agxguard.lab.suites.model_backend.
     """
     device = common.resolve_device(device)
     modes = common.parse_modes(mode)
-    chapters = common.parse_choice("category", category, CHAPTERS)
+    chapters = common.parse_choice("chapter", chapter, CHAPTERS)
     thread_counts = common.parse_threads(threads)
     iterations = common.parse_positive("iterations", iterations)
     duration = common.parse_positive("duration", duration, integer=False)
     retries = common.parse_positive("retries", retries, allow_zero=True)
-    options = {"category": chapters, "threads": thread_counts,
+    options = {"chapter": chapters, "threads": thread_counts,
                "iterations": iterations or {c: default_iterations(device, c) for c in chapters},
                "duration": duration, "retries": retries, "timeout": timeout,
                "workload": WORKLOAD}
@@ -105,5 +110,5 @@ def complete_story(device: Optional[str] = None, mode: Any = "all", *,
         SUITE, device, modes,
         lambda m: cases(m, device=device, chapters=chapters, threads=thread_counts,
                         iterations=iterations, duration=duration),
-        options, retries=retries, timeout=timeout, json_path=json_path, progress=progress,
+        options, target=run_case, retries=retries, timeout=timeout, json_path=json_path, progress=progress,
         plot=plot, backend_options=model_options)

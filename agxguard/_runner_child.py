@@ -1,6 +1,6 @@
-"""Child side of agxguard.harness: run cases of one target and stream each outcome.
+"""Child side of agxguard._runner: run cases of one target and stream each outcome.
 
-Run as a script (``python agxguard/_child.py SPEC PROGRESS``), not as ``-m``, so the
+Run as a script (``python agxguard/_runner_child.py SPEC PROGRESS``), not as ``-m``, so the
 child does not need the package (or its C extension) to import before it can report.
 SPEC is a JSON file ``{"target": "module:function", "cases": [...], "sys_path": [...]}``;
 PROGRESS receives one JSON line per event: ``start`` before a case, ``done`` after it.
@@ -52,28 +52,28 @@ def main(spec_path, progress_path):
             fn = _load(spec["target"])
         except BaseException as exc:  # an import error fails the first case, not the parent
             _emit(progress, event="start", index=spec["cases"][0]["index"], t=time.time())
-            _emit(progress, event="done", index=spec["cases"][0]["index"], status="failed",
+            _emit(progress, event="done", index=spec["cases"][0]["index"], outcome="failed",
                   error="cannot load target %s: %s: %s" % (spec["target"], type(exc).__name__, exc),
                   traceback=traceback.format_exc(), t=time.time())
             return 1
         for item in spec["cases"]:
             index = item["index"]
             _emit(progress, event="start", index=index, t=time.time())
-            status, value, error, tb = "passed", None, None, None
+            outcome, value, error, tb = "passed", None, None, None
             try:
                 value = fn(item["case"])
             except BaseException as exc:  # every failure is a result here
-                status = "failed"
+                outcome = "failed"
                 error = "%s: %s" % (type(exc).__name__, exc)
                 tb = traceback.format_exc()
-                # harness.CheckFailed carries the figures measured before the check failed.
+                # _runner.CheckFailed carries the figures measured before the check failed.
                 value = getattr(exc, "agxguard_result", None)
             try:
                 json.dumps(value)
             except (TypeError, ValueError) as exc:
-                status, value = "failed", None
+                outcome, value = "failed", None
                 error = "result is not JSON-serialisable: %s" % exc
-            _emit(progress, event="done", index=index, status=status, value=value,
+            _emit(progress, event="done", index=index, outcome=outcome, value=value,
                   error=error, traceback=tb, t=time.time())
     return 0
 

@@ -1,4 +1,4 @@
-"""The crash-isolating harness: each way a child can end is reported as exactly that."""
+"""The child runner (agxguard._runner): each way a child can end is reported as exactly that."""
 import ctypes
 import json
 import os
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from agxguard import harness
-from agxguard.report import Report
+from agxguard import _runner as harness
+from agxguard.lab.report import Report, atomic_write_json, summarize
 
 
 # -- what the children run (module-level, so a child process can import them) -----------
@@ -28,6 +28,15 @@ def child_work(case):
         os.abort()
     if kind == "hang":
         hang_here_forever()
+    if kind == "segfault_after_words":
+        # earlier output longer than the kept head, and many threads, so that
+        # faulthandler's dump of their stacks outgrows the kept tail
+        import threading
+        os.write(2, b"".join(b"progress line %d\n" % i for i in range(600)))
+        for _ in range(60):
+            threading.Thread(target=hang_here_forever, daemon=True).start()
+        os.write(2, b"AGXModel: encoder used after endEncoding\n")
+        ctypes.string_at(0)
     if kind == "crash_once":
         # First attempt: segfault and leave a marker; the retry finds it and passes.
         if not os.path.exists(case["marker"]):
@@ -45,9 +54,17 @@ def hang_here_forever():
 # -- tests -------------------------------------------------------------------------------
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_crash_message_is_kept_when_the_stack_dump_outgrows_the_tail():
+    rec = harness.run_in_child(child_work, {"kind": "segfault_after_words"}, timeout=30)
+    attempt = rec.attempts[-1]
+    assert attempt.outcome == "signal" and "encoder used after endEncoding" not in attempt.stderr_tail
+    assert attempt.message == "AGXModel: encoder used after endEncoding"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_segfaulting_child_is_reported_as_sigsegv():
     rec = harness.run_in_child(child_work, {"kind": "segfault"}, timeout=30)
-    assert [a.status for a in rec.attempts] == ["signal"]
+    assert [a.outcome for a in rec.attempts] == ["signal"]
     assert rec.attempts[0].signal == "SIGSEGV"
     assert rec.crashes == {"signal": 1, "abort": 0, "hang": 0}
     assert not rec.passed and not rec.raw_passed
@@ -57,7 +74,7 @@ def test_segfaulting_child_is_reported_as_sigsegv():
 def test_aborting_child_is_reported_as_abort_with_its_message():
     rec = harness.run_in_child(child_work, {"kind": "abort"}, timeout=30)
     (attempt,) = rec.attempts
-    assert attempt.status == "abort"
+    assert attempt.outcome == "abort"
     assert attempt.signal == "SIGABRT"
     assert "commit an already committed command buffer" in attempt.stderr_tail
     assert "already committed" in attempt.describe()
@@ -67,7 +84,7 @@ def test_hanging_child_is_reported_as_hang_with_its_python_stacks():
     t0 = time.monotonic()
     rec = harness.run_in_child(child_work, {"kind": "hang"}, timeout=1.0)
     (attempt,) = rec.attempts
-    assert attempt.status == "hang"
+    assert attempt.outcome == "hang"
     assert time.monotonic() - t0 < 15
     # The stacks were dumped by the child itself before it was killed.
     assert "hang_here_forever" in attempt.stacks
@@ -77,14 +94,14 @@ def test_hanging_child_is_reported_as_hang_with_its_python_stacks():
 def test_raising_child_is_a_failure_not_a_crash():
     rec = harness.run_in_child(child_work, {"kind": "raise"}, timeout=30)
     (attempt,) = rec.attempts
-    assert attempt.status == "failed"
+    assert attempt.outcome == "failed"
     assert attempt.error == "ValueError: bad input"
     assert rec.crashes == {"signal": 0, "abort": 0, "hang": 0}
 
 
 def test_check_failure_keeps_the_figures_measured():
     rec = harness.run_in_child(child_work, {"kind": "check"}, timeout=30)
-    assert rec.status == "failed"
+    assert rec.outcome == "failed"
     assert rec.value == {"completed": 3, "expected": 4}
 
 
@@ -92,18 +109,18 @@ def test_pass_after_retry_counts_the_crash_and_both_rates(tmp_path):
     marker = str(tmp_path / "crashed-once")
     rec = harness.run_in_child(child_work, {"kind": "crash_once", "marker": marker},
                                timeout=30, retries=2)
-    assert [a.status for a in rec.attempts] == ["signal", "passed"]
+    assert [a.outcome for a in rec.attempts] == ["signal", "passed"]
     assert rec.passed and not rec.raw_passed
     assert rec.retries == 1
     assert rec.crashes["signal"] == 1  # the retry does not hide the crash
-    s = harness.summarize([rec])
+    s = summarize([rec])
     assert s["raw_pass_rate"] == 0.0 and s["pass_rate_after_retries"] == 1.0
     assert s["crashes"]["signal"] == 1
 
 
 def test_retries_stop_at_the_limit():
     rec = harness.run_in_child(child_work, {"kind": "segfault"}, timeout=30, retries=2)
-    assert [a.status for a in rec.attempts] == ["signal"] * 3
+    assert [a.outcome for a in rec.attempts] == ["signal"] * 3
 
 
 def test_cases_after_a_crash_still_run_and_the_report_file_is_complete(tmp_path):
@@ -122,14 +139,14 @@ def test_cases_after_a_crash_still_run_and_the_report_file_is_complete(tmp_path)
 
     records = harness.run_cases(child_work, cases, timeout=1.5, retries=1, on_attempt=on_attempt)
     report.finish()
-    assert [r.attempts[0].status for r in records] == \
+    assert [r.attempts[0].outcome for r in records] == \
         ["passed", "signal", "passed", "abort", "hang", "signal", "passed"]
     assert records[5].passed  # crash_once passed on its retry
     with open(path) as f:
         data = json.load(f)
     assert data["complete"] is True
     assert [r["id"] for r in data["results"]] == ["c%d" % i for i in range(len(kinds))]
-    assert [r["status"] for r in data["results"]] == \
+    assert [r["outcome"] for r in data["results"]] == \
         ["passed", "signal", "passed", "abort", "hang", "passed", "passed"]
     s = data["summary"]["off"]
     assert s["runs"] == 7
@@ -143,8 +160,8 @@ def test_cases_after_a_crash_still_run_and_the_report_file_is_complete(tmp_path)
 
 def test_atomic_write_replaces_whole_file(tmp_path):
     path = str(tmp_path / "r.json")
-    harness.atomic_write_json(path, {"a": 1})
-    harness.atomic_write_json(path, {"b": 2})
+    atomic_write_json(path, {"a": 1})
+    atomic_write_json(path, {"b": 2})
     with open(path) as f:
         assert json.load(f) == {"b": 2}
     assert os.listdir(tmp_path) == ["r.json"]
@@ -164,7 +181,7 @@ def test_atomic_write_gives_the_mode_open_would(tmp_path):
     import stat
     old = os.umask(0o022)
     try:
-        harness.atomic_write_json(str(tmp_path / "r.json"), {"a": 1})
+        atomic_write_json(str(tmp_path / "r.json"), {"a": 1})
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == 0o644

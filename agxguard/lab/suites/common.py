@@ -1,8 +1,10 @@
 """What the two suites share: options, the worker-thread runner, the mode contexts, and
 the parent loop that runs each mode's cases in child processes and fills the report.
 
-Parent side: :func:`run_suite` (no torch, no driver: only the harness). Child side:
-:func:`run_case` (the harness target) and :func:`run_threads`.
+Parent side: :func:`run_suite` (no torch, no driver: only the runner). Child side:
+:func:`run_case` (called by each suite's runner target with its chapter function) and
+:func:`run_threads`. This module imports neither suite: each suite passes its own
+target to :func:`run_suite`, so the imports go one way (suite -> common).
 """
 from __future__ import annotations
 
@@ -13,11 +15,10 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
-from .. import harness
+from ... import MODES
+from ... import _runner as runner
 from ..report import Report
 from .backends import DEVICES
-
-MODES = ("off", "op", "stream", "global")
 
 
 # -- options (shared with the CLI) -------------------------------------------------------
@@ -244,7 +245,7 @@ def finish_case(backend, workload: str, r: Dict[str, Any], keep: bool, *,
                 against_reference: bool = False, repeatable: bool = False) -> Dict[str, Any]:
     """The end of a case: the public result of :func:`run_threads` ``r``, after the
     checks (errors, ops completed against expected, and with ``keep`` the
-    :func:`check_outputs` ones); raises ``harness.CheckFailed`` with the value if any
+    :func:`check_outputs` ones); raises ``runner.CheckFailed`` with the value if any
     failed."""
     value = public(r)
     problems = list(r["errors"])
@@ -254,27 +255,22 @@ def finish_case(backend, workload: str, r: Dict[str, Any], keep: bool, *,
         check_outputs(backend, workload, r, value, problems,
                       against_reference=against_reference, repeatable=repeatable)
     if problems:
-        raise harness.CheckFailed("; ".join(problems[:4]), value)
+        raise runner.CheckFailed("; ".join(problems[:4]), value)
     return value
 
 
-def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
-    """Harness target: set the case's mode, run its chapter, record the honesty figures."""
+def run_case(case: Dict[str, Any], run_chapter: Callable[[Any, Dict[str, Any]], Dict[str, Any]]) -> Dict[str, Any]:
+    """Child side of one case: set the case's mode, run ``run_chapter(backend, case)``
+    (the suite's), record the honesty figures."""
     import agxguard
     from .backends import get_backend
-    if case.get("chapter") == "probe":
-        return probe(case)
     mode = case["mode"]
     agxguard.set_mode(mode)
     backend = get_backend(case["device"], case.get("backend_options"))
-    if case["suite"] == "complete_story":
-        from .story import run_chapter
-    else:
-        from .comprehensive import run_chapter
     agxguard.reset_stats()
     try:
         value = run_chapter(backend, case)
-    except harness.CheckFailed as exc:
+    except runner.CheckFailed as exc:
         exc.agxguard_result = _honesty(exc.agxguard_result or {}, mode)
         raise
     return _honesty(value, mode)
@@ -293,15 +289,15 @@ def _honesty(value: Dict[str, Any], mode: str) -> Dict[str, Any]:
                            for k, d in (s.get("domains") or {}).items()}
     value["protected"] = value["acquisitions"] > 0
     if value["mode_ran"] != mode:
-        raise harness.CheckFailed("ran under mode %r, not %r" % (value["mode_ran"], mode), value)
+        raise runner.CheckFailed("ran under mode %r, not %r" % (value["mode_ran"], mode), value)
     if mode == "off" and value["acquisitions"]:
-        raise harness.CheckFailed("an 'off' run took %d locks: it was not unprotected"
+        raise runner.CheckFailed("an 'off' run took %d locks: it was not unprotected"
                                   % value["acquisitions"], value)
     return value
 
 
 def probe(case: Dict[str, Any]) -> Dict[str, Any]:
-    """What the child sees: versions and the device (run once before a suite)."""
+    """Runner target: what the child sees, versions and the device (run once before a suite)."""
     import agxguard
     from .backends import get_backend
     info = dict(get_backend(case["device"], case.get("backend_options")).info())
@@ -324,11 +320,11 @@ class Progress:
             self.stream.write("[%s %6.1fs] %s\n" % (self.suite, time.monotonic() - self.t0, text))
             self.stream.flush()
 
-    def attempt(self, rec: harness.CaseRecord, attempt: harness.Attempt, total: int, index: int) -> None:
+    def attempt(self, rec: runner.CaseRecord, attempt: runner.Attempt, total: int, index: int) -> None:
         c = rec.case
         what = attempt.describe()
         v = attempt.value if isinstance(attempt.value, dict) else {}
-        if attempt.status == "passed":
+        if attempt.outcome == "passed":
             if v.get("expected"):
                 what = "passed %s/%s ops" % (v.get("completed"), v.get("expected"))
             if v.get("ops_per_s"):
@@ -344,20 +340,21 @@ class Progress:
 
 
 def run_suite(suite: str, device: str, modes: List[str], cases_for_mode: Callable[[str], List[Dict[str, Any]]],
-              options: Dict[str, Any], *, retries: int, timeout: float, json_path: Optional[str],
+              options: Dict[str, Any], *, target: Callable[[Dict[str, Any]], Dict[str, Any]],
+              retries: int, timeout: float, json_path: Optional[str],
               progress=sys.stderr, plot: bool = True,
               backend_options: Optional[Dict[str, Any]] = None) -> Report:
-    """Run every mode's cases in child processes (mode by mode) and return the report."""
+    """Run every mode's cases in child processes (mode by mode) with the suite's runner
+    target ``target`` (a module-level function of one case) and return the report."""
     prog = Progress(suite, progress)
-    before = harness.crash_report_names()
+    before = runner.crash_report_names()
     prog.line("device %s: probing in a child process" % device)
     if device == "model":
         from .model_backend import DEFAULTS
         backend_options = dict(DEFAULTS, **(backend_options or {}))
         options = dict(options, model=backend_options)
-    probe_rec = harness.run_in_child(run_case, {"chapter": "probe", "device": device,
-                                                "backend_options": backend_options},
-                                     timeout=max(timeout, 120.0))
+    probe_rec = runner.run_in_child(probe, {"device": device, "backend_options": backend_options},
+                                    timeout=max(timeout, 120.0))
     if not probe_rec.passed:
         a = probe_rec.attempts[-1]
         raise RuntimeError("device %s does not work in a child process: %s\n%s"
@@ -384,10 +381,10 @@ def run_suite(suite: str, device: str, modes: List[str], cases_for_mode: Callabl
             report.record(rec)
             prog.attempt(rec, attempt, _n, _index.get(rec.case["id"], 0))
 
-        harness.run_cases(run_case, cases, timeout=timeout, retries=retries, on_attempt=on_attempt)
+        runner.run_cases(target, cases, timeout=timeout, retries=retries, on_attempt=on_attempt)
     if before is not None:
         time.sleep(2.0)  # macOS writes crash reports a moment after the crash
-        report.crash_reports_new = harness.count_new_crash_reports(before)
+        report.crash_reports_new = runner.count_new_crash_reports(before)
     if plot and json_path:
         try:
             report.plot()

@@ -1,4 +1,4 @@
-"""The driver model as a suite backend (see agxguard.model).
+"""The driver model as a suite backend (see agxguard.lab.model).
 
 A request is the model's MPS op pattern (command buffer, encoder, pipeline, buffers,
 dispatch, end, commit, wait) computing ``y = a*x + y`` on fresh buffers; the model
@@ -24,7 +24,7 @@ DEFAULTS = {"bugs": True, "window_yields": 1, "window_spins": 0, "internal_every
 
 
 class ModelBackend:
-    """Adapter from the suites' backend interface to agxguard.model."""
+    """Adapter from the suites' backend interface to agxguard.lab.model."""
 
     kind = "model"
 

@@ -1,4 +1,4 @@
-"""``python -m agxguard story|comprehensive [options]``: run a tradeoff suite.
+"""``python -m agxguard.lab story|comprehensive [options]``: run a tradeoff suite.
 
 Prints progress to stderr while it runs and the tradeoff table to stdout at the end;
 ``--json PATH`` writes the full report (atomically, after every run) and, where
@@ -11,25 +11,28 @@ import argparse
 import sys
 from typing import List, Optional
 
+from .. import MODES
+from .suites import comprehensive as _comprehensive, story as _story
+
 SUITES = ("story", "comprehensive")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m agxguard",
+        prog="python -m agxguard.lab",
         description="Run an agxguard tradeoff suite under each locking mode, every run "
                     "crash-isolated in a child process.")
     p.add_argument("suite", metavar="SUITE",
-                   help="story (complete_story: thread safety, efficiency ceiling, batching, "
-                        "correctness) or comprehensive (correctness, thread_safety, throughput, stress)")
-    p.add_argument("--category", default=None,
-                   help="chapters/categories to run, comma-separated (default: all)")
+                   help="story (chapters: %s) or comprehensive (chapters: %s)"
+                        % (", ".join(_story.CHAPTERS), ", ".join(_comprehensive.CHAPTERS)))
+    p.add_argument("--chapter", default=None,
+                   help="chapters to run, comma-separated (default: all)")
     p.add_argument("--threads", default="1,2,4,8", help="thread counts, comma-separated (default 1,2,4,8)")
     p.add_argument("--iterations", default=None, help="requests per thread (default: per suite and device)")
     p.add_argument("--duration", default=None,
                    help="seconds per throughput run instead of a fixed number of requests")
     p.add_argument("--mode", default="all",
-                   help="off, op, stream, global, several comma-separated, or all (default all)")
+                   help="%s, several comma-separated, or all (default all)" % ", ".join(MODES))
     p.add_argument("--device", default=None,
                    help="mps, cuda, cpu or model (the driver model); default: the best present")
     p.add_argument("--json", dest="json_path", default=None, metavar="PATH",
@@ -45,16 +48,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.suite not in SUITES:
         parser.error("bad suite %r; allowed: %s" % (args.suite, ", ".join(SUITES)))
-    from .suites import OptionError, complete_story, comprehensive
-    run = complete_story if args.suite == "story" else comprehensive
+    from . import OptionError, comprehensive, story
+    run = story if args.suite == "story" else comprehensive
     try:
-        report = run(device=args.device, mode=args.mode, category=args.category,
+        report = run(device=args.device, mode=args.mode, chapter=args.chapter,
                      threads=args.threads, iterations=args.iterations, duration=args.duration,
                      retries=args.retries, json_path=args.json_path, progress=sys.stderr)
     except OptionError as exc:
         parser.error(str(exc))
     except RuntimeError as exc:  # e.g. the device does not work in a child process
-        sys.stderr.write("python -m agxguard: %s\n" % exc)
+        sys.stderr.write("python -m agxguard.lab: %s\n" % exc)
         return 1
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; the report file (if any) holds every run finished so far\n")

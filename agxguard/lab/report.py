@@ -1,6 +1,6 @@
 """The suites' report: every raw figure, the tradeoff table, JSON and a plot.
 
-A :class:`Report` holds one result per case (a harness record plus its labels: mode,
+A :class:`Report` holds one result per case (a runner record plus its labels: mode,
 chapter, workload, threads, batch). Its ``repr`` is the readable tradeoff table; in
 Jupyter it renders as an HTML table with an inline plot (when matplotlib is installed).
 ``save()`` writes the JSON atomically, so a report file on disk is always complete up to
@@ -18,11 +18,68 @@ import sys
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, List, Optional
 
-from .harness import CRASH_KINDS, CaseRecord, atomic_write_text
+import tempfile
 
-SCHEMA = "agxguard.report/1"
+from .._runner import CRASHES, CaseRecord
+
+SCHEMA = "agxguard.report/2"  # 2: each attempt's "outcome" (was "status"), suite "story" (was "complete_story")
 MODEL_NOTE = ("device 'model' is agxguard's driver model, a Metal-shaped test double in C run on "
               "this machine's CPU: its figures are driver-model figures, not Apple GPU figures")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        # mkstemp makes the file 0600; give it the mode open() would (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    """JSON form of :func:`atomic_write_text`."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def summarize(records: Iterable[CaseRecord]) -> Dict[str, Any]:
+    """Runner records in short: runs, crashes by outcome, raw pass rate and pass rate
+    after retries."""
+    records = list(records)
+    n = len(records)
+    crashes = {k: 0 for k in CRASHES}
+    failures = 0
+    exit_crashes = 0
+    for r in records:
+        for k, v in r.crashes.items():
+            crashes[k] += v
+        failures += sum(1 for a in r.attempts if a.outcome == "failed")
+        exit_crashes += sum(1 for a in r.attempts if a.child_exit)
+    return {
+        "runs": n,
+        "attempts": sum(len(r.attempts) for r in records),
+        "crashes": crashes,
+        "failures": failures,
+        "crashes_after_last_case": exit_crashes,
+        "raw_passed": sum(r.raw_passed for r in records),
+        "passed": sum(r.passed for r in records),
+        "raw_pass_rate": (sum(r.raw_passed for r in records) / n) if n else None,
+        "pass_rate_after_retries": (sum(r.passed for r in records) / n) if n else None,
+    }
 
 
 def machine_info() -> Dict[str, Any]:
@@ -150,12 +207,12 @@ class Report:
         for mode in self.modes:
             rs = self.results_for(mode)
             n = len(rs)
-            crashes = {k: sum(r["crashes"].get(k, 0) for r in rs) for k in CRASH_KINDS}
+            crashes = {k: sum(r["crashes"].get(k, 0) for r in rs) for k in CRASHES}
             out[mode] = {
                 "runs": n,
                 "attempts": sum(len(r["attempts"]) for r in rs),
                 "crashes": crashes,
-                "failures": sum(1 for r in rs for a in r["attempts"] if a["status"] == "failed"),
+                "failures": sum(1 for r in rs for a in r["attempts"] if a["outcome"] == "failed"),
                 "raw_pass_rate": (sum(bool(r["raw_passed"]) for r in rs) / n) if n else None,
                 "pass_rate_after_retries": (sum(bool(r["passed"]) for r in rs) / n) if n else None,
                 "scaling": [
@@ -243,7 +300,7 @@ class Report:
         rows = [head]
         for mode, s in self.summary().items():
             base = [mode, str(s["runs"]),
-                    "/".join(str(s["crashes"][k]) for k in CRASH_KINDS), str(s["failures"]),
+                    "/".join(str(s["crashes"][k]) for k in CRASHES), str(s["failures"]),
                     _pct(s["raw_pass_rate"]), _pct(s["pass_rate_after_retries"])]
             groups = s["scaling"] or [None]
             for i, g in enumerate(groups):
@@ -401,8 +458,8 @@ def _chapter_finding(chapter: str, rs: List[Dict[str, Any]]) -> str:
     bad = []
     for r in rs:
         for a in r.get("attempts") or []:
-            if a.get("status") != "passed":
-                what = a.get("signal") if a.get("status") == "signal" else a.get("status")
+            if a.get("outcome") != "passed":
+                what = a.get("signal") if a.get("outcome") == "signal" else a.get("outcome")
                 bad.append("%s %s" % (_label(r), what.upper() if what else "?"))
     if bad:
         shown = sorted(set(bad), key=bad.index)

@@ -1,8 +1,8 @@
 """Backends for the suites, as seen from inside a child process.
 
 A backend builds workloads, runs one request, and checks results. Torch devices
-(``cpu``, ``cuda``, ``mps``) share one adapter over :mod:`agxguard.workloads`; the driver
-model (``model``) is a small adapter over :mod:`agxguard.model`. The parent never touches
+(``cpu``, ``cuda``, ``mps``) share one adapter over :mod:`agxguard.lab.workloads`; the driver
+model (``model``) is a small adapter over :mod:`agxguard.lab.model`. The parent never touches
 a backend: only children do, so that whatever a backend does to the process cannot
 take the parent down.
 """
@@ -24,7 +24,7 @@ def torch_devices_present() -> list:
 def model_available() -> bool:
     """True when the driver model is built into this agxguard."""
     try:
-        model = importlib.import_module("agxguard.model")
+        model = importlib.import_module("agxguard.lab.model")
     except ImportError:
         return False
     try:
@@ -58,7 +58,7 @@ def best_device() -> str:
 
 
 class TorchBackend:
-    """A torch device: workloads from agxguard.workloads, checks against CPU float64."""
+    """A torch device: workloads from agxguard.lab.workloads, checks against CPU float64."""
 
     def __init__(self, device: str, cpu_threads: Optional[int] = 1):
         import torch

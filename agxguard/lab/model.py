@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import collections
 import os
-import subprocess
-import sys
-import textwrap
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import _C
+from .. import _C
+from .. import _runner as runner
 
 try:  # the lab's C module: the model itself (built only with an Objective-C runtime)
-    from . import _model
+    from .. import _model
     _MISSING = ""
 except ImportError as _e:
     _model = None  # type: ignore[assignment]
@@ -76,14 +73,14 @@ def hook() -> int:
     discovery, the one selector table, lifecycle tracking); returns how many
     hooks were new."""
     _need()
-    from .hooks import install  # (agxguard.hooks is also the name of a function)
+    from ..hooks import install  # (agxguard.hooks is also the name of a function)
     return int(install("model")["new"])
 
 
 def unhook() -> int:
     """Remove the hook set; returns how many hooks were removed."""
     _need()
-    from .hooks import uninstall
+    from ..hooks import uninstall
     return int(uninstall()["removed"])
 
 
@@ -125,68 +122,57 @@ def run_op(queue: int = 0, a: float = 2.0, length: int = 256, internal: bool = F
     return bool(_model.model_run_op(queue=queue, a=a, length=length, internal=internal, end_encoding=end_encoding))
 
 
-_CHILD = textwrap.dedent("""
-    import json, sys
-    import agxguard._C as C
-    from agxguard import model
-    cfg = json.loads(sys.argv[1])
-    C.set_mode(cfg.pop("mode"))
-    model.configure(**cfg.pop("bugs"))
-    r = model.run_threads(**cfg)
-    print("AGXMODEL-RESULT " + json.dumps(r), flush=True)
-""")
+def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
+    """Runner target (in the child): set the mode and the bugs, run_threads; a wrong
+    result is a failed check (``runner.CheckFailed``, the figures kept)."""
+    cfg = dict(case)
+    _C.set_mode(cfg.pop("mode"))
+    configure(**cfg.pop("bugs"))
+    r = run_threads(**cfg)
+    if not r["result_ok"]:
+        raise runner.CheckFailed("wrong result: %d mismatched values over %d ops"
+                                 % (r.get("mismatches", 0), r["ops"]), r)
+    return r
 
 
 def run_in_child(mode: str, threads: int = 8, iterations: int = 100, bugs: Optional[Dict[str, Any]] = None,
-                 timeout: float = 60.0, env: Optional[Dict[str, str]] = None, **run_kw: Any) -> Dict[str, Any]:
-    """run_threads in a fresh child process so a modelled fault is counted, not
-    fatal; `env` adds environment variables (e.g. AGXGUARD_DRIVER=model with
-    hooks=False: the hooks then come from the import). Returns {"outcome": "ok" | "wrong_result" | "signal" | "abort" | "hang"
-    | "error", "returncode", "message", "result", "seconds"}."""
-    import json
+                 timeout: float = 60.0, env: Optional[Dict[str, str]] = None, **run_kw: Any) -> runner.Attempt:
+    """run_threads in a fresh child process (agxguard's one child runner), so a modelled
+    fault is counted, not fatal; `env` adds environment variables (e.g.
+    AGXGUARD_DRIVER=model with hooks=False: the hooks then come from the import).
+    Returns the runner's Attempt: ``outcome`` (one of ``runner.OUTCOMES``: passed,
+    failed (a wrong result, or an error), signal, abort, hang), ``message`` (what the
+    child said last), ``value`` (run_threads' result, also of a wrong-result run),
+    ``duration_s``."""
     _need()
-    cfg = {"mode": mode, "bugs": bugs or {}, "threads": threads, "iterations": iterations, **run_kw}
-    t0 = time.monotonic()
-    try:
-        p = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg)], capture_output=True, text=True,
-                           timeout=timeout, env=dict(os.environ, **(env or {})))
-    except subprocess.TimeoutExpired:
-        return {"outcome": "hang", "returncode": None, "message": f"no exit in {timeout}s", "result": None,
-                "seconds": time.monotonic() - t0}
-    out = {"returncode": p.returncode, "result": None, "seconds": time.monotonic() - t0,
-           "message": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ""}
-    for line in p.stdout.splitlines():
-        if line.startswith("AGXMODEL-RESULT "):
-            out["result"] = json.loads(line.split(" ", 1)[1])
-    if p.returncode == 0 and out["result"] is not None:
-        out["outcome"] = "ok" if out["result"]["result_ok"] else "wrong_result"
-    elif p.returncode == -6 and "never completes (hang)" in p.stderr:
-        out["outcome"] = "hang"
-    elif p.returncode == -6:
-        out["outcome"] = "abort"
-    elif p.returncode < 0:
-        out["outcome"] = "signal"
-        out["signal"] = -p.returncode
-    else:
-        out["outcome"] = "error"
-    return out
+    case = {"mode": mode, "bugs": bugs or {}, "threads": threads, "iterations": iterations, **run_kw}
+    child_env = dict(os.environ, **(env or {}))
+    return runner.run_in_child(run_case, case, timeout=timeout, startup_timeout=max(timeout, 60.0),
+                               env=child_env).attempts[-1]
+
+
+def is_error(attempt: runner.Attempt) -> bool:
+    """Whether a run_in_child attempt failed for a reason of its own (the child could
+    not run: an import error, a bad argument) rather than by what the model modelled
+    (a crash, or a wrong result)."""
+    return attempt.outcome == "failed" and "wrong result" not in (attempt.error or "")
 
 
 def tally_in_child(mode: str, runs: int, message_chars: int = 100,
                    **run_kw: Any) -> Tuple["collections.Counter[str]", "collections.Counter[str]",
                                            List[Dict[str, Any]]]:
     """run_in_child(mode, **run_kw) ``runs`` times and count what happened. Returns
-    (outcomes, messages, results): a Counter of outcomes, a Counter of the first
-    ``message_chars`` characters of each message of a run that was not ok, and the
-    result of each ok run, in order."""
+    (outcomes, messages, results): a Counter of outcomes (``runner.OUTCOMES``), a
+    Counter of the first ``message_chars`` characters of the message of each run that
+    did not pass, and the result of each run that passed, in order."""
     outcomes: "collections.Counter[str]" = collections.Counter()
     messages: "collections.Counter[str]" = collections.Counter()
     results: List[Dict[str, Any]] = []
     for _ in range(runs):
-        r = run_in_child(mode, **run_kw)
-        outcomes[r["outcome"]] += 1
-        if r["outcome"] != "ok":
-            messages[r["message"][:message_chars]] += 1
+        a = run_in_child(mode, **run_kw)
+        outcomes[a.outcome] += 1
+        if a.outcome != "passed":
+            messages[a.message[:message_chars]] += 1
         else:
-            results.append(r["result"])
+            results.append(a.value)
     return outcomes, messages, results

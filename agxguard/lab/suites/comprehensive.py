@@ -1,4 +1,4 @@
-"""comprehensive: four categories over four workloads at 1-8 threads, under each mode.
+"""comprehensive: four chapters over four workloads at 1-8 threads, under each mode.
 
 - correctness: each thread's output against a CPU float64 reference (max abs diff);
 - thread_safety: every request completes, outputs are finite, and each thread's last
@@ -19,7 +19,7 @@ from ..report import Report
 from . import common
 
 SUITE = "comprehensive"
-CATEGORIES = ("correctness", "thread_safety", "throughput", "stress")
+CHAPTERS = ("correctness", "thread_safety", "throughput", "stress")
 WORKLOADS = ("small_mlp", "medium_mlp", "large_transformer", "matmul")
 GPU_DEVICES = ("cuda", "mps")
 
@@ -38,20 +38,20 @@ def default_iterations(device: str, workload: str) -> int:
     return _ITERATIONS[kind].get(workload, 10)
 
 
-def cases(mode: str, *, device: str, categories: List[str], workloads: List[str],
+def cases(mode: str, *, device: str, chapters: List[str], workloads: List[str],
           threads: List[int], iterations: Optional[int], duration: Optional[float]) -> List[Dict[str, Any]]:
-    """The runs of one mode, category by category."""
+    """The runs of one mode, chapter by chapter."""
     out = []
-    for category in categories:
+    for chapter in chapters:
         for wl in workloads:
             n = iterations or default_iterations(device, wl)
             for t in threads:
-                case = {"chapter": category, "workload": wl, "threads": t, "batch": 1}
-                if category == "correctness":
+                case = {"chapter": chapter, "workload": wl, "threads": t, "batch": 1}
+                if chapter == "correctness":
                     case["iterations"] = 1
-                elif category == "thread_safety":
+                elif chapter == "thread_safety":
                     case["iterations"] = n
-                elif category == "throughput":
+                elif chapter == "throughput":
                     case.update(iterations=None if duration else n, duration=duration, scaling=True)
                 else:  # stress
                     case.update(iterations=None if duration else n * STRESS_FACTOR,
@@ -62,44 +62,49 @@ def cases(mode: str, *, device: str, categories: List[str], workloads: List[str]
 
 def run_chapter(backend, case: Dict[str, Any]) -> Dict[str, Any]:
     """Child side: run one case of the comprehensive suite."""
-    category, mode, wl = case["chapter"], case["mode"], case["workload"]
+    chapter, mode, wl = case["chapter"], case["mode"], case["workload"]
     common.warm_up(backend, wl)
-    keep = True  # every category checks that its outputs are there and sane
+    keep = True  # every chapter checks that its outputs are there and sane
     r = common.run_threads(backend, wl, mode, case["threads"], iterations=case.get("iterations"),
                            duration=case.get("duration"), keep=keep)
     return common.finish_case(backend, wl, r, keep,
-                              against_reference=(category == "correctness"),
-                              repeatable=(category == "thread_safety"))
+                              against_reference=(chapter == "correctness"),
+                              repeatable=(chapter == "thread_safety"))
+
+
+def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
+    """Runner target: one case of the comprehensive suite, in a child process."""
+    return common.run_case(case, run_chapter)
 
 
 def comprehensive(device: Optional[str] = None, mode: Any = "all", *,
-                  category: Any = None, threads: Any = (1, 2, 4, 8),
+                  chapter: Any = None, threads: Any = (1, 2, 4, 8),
                   iterations: Optional[int] = None, duration: Optional[float] = None,
                   retries: int = 2, json_path: Optional[str] = None, workloads: Any = None,
                   timeout: float = 120.0, progress: Any = sys.stderr, plot: bool = True,
                   model_options: Optional[Dict[str, Any]] = None) -> Report:
-    """Run the comprehensive suite; return its :class:`~agxguard.report.Report`.
+    """Run the comprehensive suite; return its :class:`~agxguard.lab.report.Report`.
 
-    Options as for :func:`agxguard.suites.complete_story`; ``category`` picks among
+    Options as for :func:`agxguard.lab.story`; ``chapter`` picks among
     correctness, thread_safety, throughput, stress, and ``workloads`` among small_mlp,
     medium_mlp, large_transformer, matmul (default all). ``iterations`` replaces the
     per-workload defaults (requests per thread; stress does twice as many).
     """
     device = common.resolve_device(device)
     modes = common.parse_modes(mode)
-    categories = common.parse_choice("category", category, CATEGORIES)
+    chapters = common.parse_choice("chapter", chapter, CHAPTERS)
     names = common.parse_choice("workload", workloads, WORKLOADS)
     thread_counts = common.parse_threads(threads)
     iterations = common.parse_positive("iterations", iterations)
     duration = common.parse_positive("duration", duration, integer=False)
     retries = common.parse_positive("retries", retries, allow_zero=True)
-    options = {"category": categories, "workloads": names, "threads": thread_counts,
+    options = {"chapter": chapters, "workloads": names, "threads": thread_counts,
                "iterations": iterations or {w: default_iterations(device, w) for w in names},
                "stress_factor": STRESS_FACTOR, "duration": duration, "retries": retries,
                "timeout": timeout}
     return common.run_suite(
         SUITE, device, modes,
-        lambda m: cases(m, device=device, categories=categories, workloads=names,
+        lambda m: cases(m, device=device, chapters=chapters, workloads=names,
                         threads=thread_counts, iterations=iterations, duration=duration),
-        options, retries=retries, timeout=timeout, json_path=json_path, progress=progress,
+        options, target=run_case, retries=retries, timeout=timeout, json_path=json_path, progress=progress,
         plot=plot, backend_options=model_options)

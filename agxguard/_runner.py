@@ -1,7 +1,10 @@
-"""Crash-isolating harness: run work in child processes and record what really happened.
+"""The child runner: run work in child processes and record what really happened.
 
-Every case runs in a child process (``agxguard/_child.py``). The parent classifies each
-attempt as one of:
+The one runner of the project: the pytest plugin (``agxguard_isolated``), the lab's
+suites and the driver model's crash counts all use it, and every report says what
+happened in the words of :data:`OUTCOMES`. It needs no C extension (the child side,
+``agxguard/_runner_child.py``, runs as a script). Every case runs in a child process;
+the parent classifies each attempt as one of:
 
 - ``passed``: the case returned;
 - ``failed``: the case raised (a Python exception, or a check that did not hold);
@@ -26,12 +29,12 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-STATUSES = ("passed", "failed", "signal", "abort", "hang")
-CRASH_KINDS = ("signal", "abort", "hang")
+OUTCOMES = ("passed", "failed", "signal", "abort", "hang")  # every attempt ends in one of these
+CRASHES = ("signal", "abort", "hang")  # the outcomes that are crashes
 
-_CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_child.py")
+_CHILD_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_runner_child.py")
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HEAD_CHARS = 6000  # a crash report keeps this much of a child's output from the start
 _TAIL_CHARS = 4000  # and this much from the end
@@ -50,13 +53,14 @@ class CheckFailed(Exception):
 class Attempt:
     """One try of one case in one child process."""
 
-    status: str
+    outcome: str  # one of OUTCOMES
     value: Any = None
     error: Optional[str] = None
     traceback: Optional[str] = None
     signal: Optional[str] = None
     returncode: Optional[int] = None
     stderr_tail: Optional[str] = None
+    last_words: Optional[str] = None  # the last lines printed before a crash (see abort_message)
     stacks: Optional[str] = None
     duration_s: float = 0.0
     pid: Optional[int] = None
@@ -65,18 +69,29 @@ class Attempt:
 
     @property
     def crashed(self) -> bool:
-        return self.status in CRASH_KINDS
+        return self.outcome in CRASHES
+
+    @property
+    def message(self) -> str:
+        """What the child last said about it: the error of a failed case, the last line
+        printed before a crash (without faulthandler's dump), or "" when it passed."""
+        if self.outcome == "passed":
+            return ""
+        last = self.last_words if self.last_words is not None else abort_message(self.stderr_tail or "")
+        if self.outcome in ("signal", "abort") and last:
+            return last.splitlines()[-1]
+        return self.error or last
 
     def describe(self) -> str:
         """One line: what happened."""
-        if self.status == "signal":
+        if self.outcome == "signal":
             return "crashed with %s" % self.signal
-        if self.status == "abort":
-            message = abort_message(self.stderr_tail or "")
+        if self.outcome == "abort":
+            message = self.last_words if self.last_words is not None else abort_message(self.stderr_tail or "")
             return "aborted (SIGABRT)" + (": " + message.splitlines()[-1] if message else "")
-        if self.status == "hang":
+        if self.outcome == "hang":
             return "hung (watchdog after %.1fs)" % self.duration_s
-        if self.status == "failed":
+        if self.outcome == "failed":
             return "failed: %s" % (self.error or "exit status %s" % self.returncode)
         return "passed"
 
@@ -89,19 +104,19 @@ class CaseRecord:
     attempts: List[Attempt] = field(default_factory=list)
 
     @property
-    def status(self) -> str:
-        """Status of the last attempt (``passed`` if any attempt passed)."""
-        return "passed" if self.passed else (self.attempts[-1].status if self.attempts else "failed")
+    def outcome(self) -> str:
+        """Outcome of the last attempt (``passed`` if any attempt passed)."""
+        return "passed" if self.passed else (self.attempts[-1].outcome if self.attempts else "failed")
 
     @property
     def raw_passed(self) -> bool:
         """Passed on the first attempt."""
-        return bool(self.attempts) and self.attempts[0].status == "passed"
+        return bool(self.attempts) and self.attempts[0].outcome == "passed"
 
     @property
     def passed(self) -> bool:
         """Passed on some attempt (the pass after retries)."""
-        return any(a.status == "passed" for a in self.attempts)
+        return any(a.outcome == "passed" for a in self.attempts)
 
     @property
     def retries(self) -> int:
@@ -111,23 +126,23 @@ class CaseRecord:
     def value(self) -> Any:
         """Result of the passing attempt, else of the last attempt."""
         for a in self.attempts:
-            if a.status == "passed":
+            if a.outcome == "passed":
                 return a.value
         return self.attempts[-1].value if self.attempts else None
 
     @property
     def crashes(self) -> Dict[str, int]:
         """Crashes by kind over all attempts (retried or not)."""
-        out = {k: 0 for k in CRASH_KINDS}
+        out = {k: 0 for k in CRASHES}
         for a in self.attempts:
-            if a.status in out:
-                out[a.status] += 1
+            if a.outcome in out:
+                out[a.outcome] += 1
         return out
 
     def to_dict(self) -> Dict[str, Any]:
         return {
             "case": self.case,
-            "status": self.status,
+            "outcome": self.outcome,
             "raw_passed": self.raw_passed,
             "passed": self.passed,
             "retries": self.retries,
@@ -135,35 +150,6 @@ class CaseRecord:
             "value": self.value,
             "attempts": [asdict(a) for a in self.attempts],
         }
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        # mkstemp makes the file 0600; give it the mode open() would (0666 less the umask)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    """JSON form of :func:`atomic_write_text`."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def abort_message(output: str) -> str:
@@ -351,7 +337,7 @@ def run_cases(target: Union[str, Callable], cases: Sequence[Dict[str, Any]], *,
     records = [CaseRecord(case=dict(c)) for c in cases]
     pending = list(range(len(records)))
     settled = set()
-    with tempfile.TemporaryDirectory(prefix="agxguard-harness-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="agxguard-runner-") as workdir:
         while pending:
             items = [{"index": i, "case": records[i].case} for i in pending]
             pending = []
@@ -394,7 +380,7 @@ def _run_one_child(name, items, records, workdir, env, cwd, timeout, startup_tim
     def finish_done(ev):
         """Record the child's "done" event ``ev`` as an attempt of its case."""
         finish(ev["index"], Attempt(
-            status=ev.get("status", "failed"), value=ev.get("value"),
+            outcome=ev.get("outcome", "failed"), value=ev.get("value"),
             error=ev.get("error"), traceback=ev.get("traceback"),
             duration_s=round(time.monotonic() - current_since, 4),
             pid=child.proc.pid))
@@ -434,18 +420,20 @@ def _run_one_child(name, items, records, workdir, env, cwd, timeout, startup_tim
             # a child that cannot even start still ends in a result.
             victim = next(it["index"] for it in items if it["index"] not in attempted)
         if victim is not None:
-            attempt = Attempt(status="failed", returncode=rc, duration_s=duration,
-                              pid=child.proc.pid, stderr_tail=_tail(output))
+            attempt = Attempt(outcome="failed", returncode=rc, duration_s=duration,
+                              pid=child.proc.pid, stderr_tail=_tail(output),
+                              last_words=abort_message(output))  # from the whole output: the stack
+                                                                # dump after them can outgrow the tail
             if hung:
-                attempt.status = "hang"
+                attempt.outcome = "hang"
                 attempt.signal = "SIGKILL"
                 attempt.stacks = stacks or "(no Python stacks could be dumped)"
                 attempt.error = "no result after %.1fs (watchdog)" % duration
             elif rc < 0 and -rc == signal.SIGABRT:
-                attempt.status, attempt.signal = "abort", "SIGABRT"
+                attempt.outcome, attempt.signal = "abort", "SIGABRT"
                 attempt.error = "child aborted"
             elif rc < 0:
-                attempt.status, attempt.signal = "signal", signal_name(-rc)
+                attempt.outcome, attempt.signal = "signal", signal_name(-rc)
                 attempt.error = "child killed by %s" % attempt.signal
             else:
                 attempt.error = "child exited with status %d before finishing the case" % rc
@@ -467,28 +455,3 @@ def run_in_child(target: Union[str, Callable], case: Optional[Dict[str, Any]] = 
                  timeout: float = 300.0, retries: int = 0, **kwargs) -> CaseRecord:
     """Run one case in a child process (with retries); return its record."""
     return run_cases(target, [case or {}], timeout=timeout, retries=retries, **kwargs)[0]
-
-
-def summarize(records: Iterable[CaseRecord]) -> Dict[str, Any]:
-    """Runs, crashes by kind, raw pass rate and pass rate after retries."""
-    records = list(records)
-    n = len(records)
-    crashes = {k: 0 for k in CRASH_KINDS}
-    failures = 0
-    exit_crashes = 0
-    for r in records:
-        for k, v in r.crashes.items():
-            crashes[k] += v
-        failures += sum(1 for a in r.attempts if a.status == "failed")
-        exit_crashes += sum(1 for a in r.attempts if a.child_exit)
-    return {
-        "runs": n,
-        "attempts": sum(len(r.attempts) for r in records),
-        "crashes": crashes,
-        "failures": failures,
-        "crashes_after_last_case": exit_crashes,
-        "raw_passed": sum(r.raw_passed for r in records),
-        "passed": sum(r.passed for r in records),
-        "raw_pass_rate": (sum(r.raw_passed for r in records) / n) if n else None,
-        "pass_rate_after_retries": (sum(r.passed for r in records) / n) if n else None,
-    }
