@@ -42,6 +42,33 @@ def objc_runtime_flags():
     return {"compile": [], "link": ["-lobjc"]}
 
 
+def ffi_flags():
+    """Compile/link flags for libffi (the swizzle engine's general forwarder), or None.
+
+    macOS ships it (<ffi/ffi.h> in the SDK, /usr/lib/libffi.dylib); on Linux
+    pkg-config or a probe compile finds it (Debian: libffi-dev)."""
+    if os.environ.get("AGXGUARD_NO_FFI") == "1":
+        return None
+    if sys.platform == "darwin":
+        return {"compile": [], "link": ["-lffi"]}
+    try:
+        cflags = subprocess.run(["pkg-config", "--cflags", "libffi"], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True, check=True).stdout.split()
+        libs = subprocess.run(["pkg-config", "--libs", "libffi"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        cflags, libs = [], ["-lffi"]
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    probe = "#include <ffi.h>\nint main(void){return ffi_prep_cif(0, FFI_DEFAULT_ABI, 0, &ffi_type_void, 0);}\n"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(probe)
+        r = subprocess.run([cc] + cflags + [src, "-o", os.path.join(tmp, "probe")] + libs,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return {"compile": cflags, "link": libs} if r.returncode == 0 else None
+
+
 # The product: lock primitives, guard domains and modes, the CPython module.
 CORE_DIRS = ["csrc/sync", "csrc/guard", "csrc/python"]
 # Built only with an Objective-C runtime: the swizzle engine, the AGX hook set
@@ -61,6 +88,7 @@ def c_sources(dirs):
 
 sources = c_sources(CORE_DIRS)
 define_macros = []
+ffi_link = []
 extra_compile = ["-std=gnu11", "-O2", "-Wall", "-Wno-missing-braces"]
 extra_link = ["-pthread"]
 objc = objc_runtime_flags()
@@ -70,6 +98,13 @@ if objc is not None:
     extra_compile += objc["compile"]
     extra_link += objc["link"]
     print("agxguard: building with the Objective-C runtime (swizzling available)")
+    ffi = ffi_flags()
+    define_macros.append(("AGX_HAVE_FFI", "1" if ffi else "0"))
+    if ffi:
+        extra_compile += ffi["compile"]
+        ffi_link = ffi["link"]  # the product only: _model reaches the forwarder through capi.h
+    else:
+        print("agxguard: libffi not found; methods with no typed wrapper cannot be guarded")
 else:
     print("agxguard: no Objective-C runtime found; building without swizzling")
 
@@ -107,7 +142,7 @@ ext_modules = [
         depends=DEPENDS,
         define_macros=define_macros,
         extra_compile_args=extra_compile,
-        extra_link_args=extra_link,
+        extra_link_args=extra_link + ffi_link,
     ),
     Extension(
         "agxguard._model",

@@ -20,6 +20,13 @@ What macOS provides, for this check:
 - libobjc: every function Apple's <objc/*.h> declare with OBJC_EXPORT, plus
   the autorelease-pool entry points that clang's ARC specification documents
   as runtime support (declared in no public header),
+- libffi (/usr/lib/libffi.dylib, not part of libSystem: libSystem.tbd
+  exports no ffi_ symbol): every function and ffi_type_* object that its
+  header declares with FFI_API / FFI_EXTERN. ziglang has neither libffi's
+  headers nor its .tbd, so the check compiles against libffi's own headers
+  configured for each target (scripts/macos_ffi/, pinned to a release, made
+  by scripts/macos_ffi/make_headers.py) and takes its export list from them;
+  a Mac build uses the SDK's <ffi/ffi.h>,
 - the few framework entry points listed in FRAMEWORK_EXPORTS (Metal,
   CoreGraphics, Foundation): ziglang has no framework stubs, so this list is
   ours, taken from Apple's documentation; keep it to what the code calls.
@@ -52,7 +59,8 @@ FRAMEWORK_EXPORTS: Dict[str, Set[str]] = {
     "CoreGraphics": set(),  # linked so that Metal finds the GPU in a command-line process
     "Foundation": set(),
 }
-CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Werror", "-Wno-missing-braces", "-DAGX_HAVE_OBJC=1"]
+CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Werror", "-Wno-missing-braces", "-DAGX_HAVE_OBJC=1", "-DAGX_HAVE_FFI=1"]
+FFI_HEADERS = os.path.join(ROOT, "scripts", "macos_ffi")  # <arch>/ffi/ffi.h, as <ffi/ffi.h> in the SDK
 # The bundles (as setup.py builds them on a Mac): C folders compiled, include folders.
 PRODUCT_PARTS = ("sync", "guard", "python", "objc", "agx")
 BUNDLES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
@@ -86,6 +94,8 @@ def compile_all(arch: str, srcs: Iterable[str], inc_parts: Iterable[str], out_di
                 jobs: int) -> Tuple[List[str], List[str]]:
     """Objects, and compiler messages (empty when every file compiled silently)."""
     inc = ["-I" + d for d in include_dirs(inc_parts)] + ["-I" + sysconfig.get_paths()["include"]]
+    # <ffi/ffi.h> as on a Mac, and <ffitarget.h> beside it as libffi's ffi.h includes it
+    inc += ["-I" + os.path.join(FFI_HEADERS, arch), "-I" + os.path.join(FFI_HEADERS, arch, "ffi")]
 
     def one(src: str) -> Tuple[str, str]:
         obj = os.path.join(out_dir, os.path.relpath(src, ROOT).replace(os.sep, "_") + ".o")
@@ -140,9 +150,22 @@ def objc_exports(zig: str) -> Set[str]:
     return names
 
 
-def classify(undef: Set[str], libsystem: Set[str], objc: Set[str]) -> Tuple[Dict[str, List[str]], List[str]]:
+def ffi_exports(arch: str) -> Set[str]:
+    """Functions and type objects libffi's header (configured for `arch`) declares as exported."""
+    text = open(os.path.join(FFI_HEADERS, arch, "ffi", "ffi.h")).read()
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    names = set(re.findall(r"\bFFI_EXTERN\s+ffi_type\s+(ffi_type_\w+)\s*;", text))
+    for decl in re.findall(r"\bFFI_API\b(.*?)[;{]", text, flags=re.S):
+        m = re.search(r"\b(ffi_\w+)\s*\(", decl)
+        if m:
+            names.add(m.group(1))
+    return names
+
+
+def classify(undef: Set[str], libsystem: Set[str], objc: Set[str],
+             ffi: Set[str] = frozenset()) -> Tuple[Dict[str, List[str]], List[str]]:
     """Group each undefined symbol by the library that provides it; the rest are missing."""
-    groups: Dict[str, List[str]] = {"Python": [], "libSystem": [], "libobjc": []}
+    groups: Dict[str, List[str]] = {"Python": [], "libSystem": [], "libobjc": [], "libffi": []}
     groups.update({fw: [] for fw in FRAMEWORK_EXPORTS})
     missing = []
     for sym in sorted(undef):
@@ -153,6 +176,8 @@ def classify(undef: Set[str], libsystem: Set[str], objc: Set[str]) -> Tuple[Dict
             groups["libSystem"].append(c)
         elif c in objc:
             groups["libobjc"].append(c)
+        elif c in ffi:
+            groups["libffi"].append(c)
         else:
             fw = next((f for f, names in FRAMEWORK_EXPORTS.items() if c in names), None)
             if fw:
@@ -177,7 +202,7 @@ def check_bundle(arch: str, name: str, srcs: List[str], inc_parts: Iterable[str]
             print(f"{arch}-macos: {name}: FAILED to link the bundle:\n{r.stdout}")
             return False
         undef = undefined_symbols(bundle)
-    groups, missing = classify(undef, libsystem_exports(zig, arch), objc_exports(zig))
+    groups, missing = classify(undef, libsystem_exports(zig, arch), objc_exports(zig), ffi_exports(arch))
     counts = ", ".join(f"{k} {len(v)}" for k, v in groups.items() if v)
     if verbose:
         for k, v in groups.items():

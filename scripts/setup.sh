@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up agxguard on a fresh machine: the Objective-C runtime (Debian: apt),
+# Set up agxguard on a fresh machine: the Objective-C runtime and libffi (Debian: apt),
 # Python packages (pip), and the C extension built in place.
 # macOS needs only the Xcode command line tools (xcode-select --install):
 # Apple's Objective-C runtime and Metal come with the system.
@@ -24,6 +24,17 @@ if [ "$(uname -s)" = Linux ] && ! have_objc; then
     echo "setup: installing GCC's Objective-C runtime (gobjc, libobjc-12-dev) with apt"
     apt_install gobjc libobjc-12-dev ||
         echo "setup: could not install the Objective-C runtime; building without swizzling and the driver model"
+fi
+have_ffi() {
+    printf '#include <ffi.h>\nint main(void){return 0;}\n' |
+        ${CC:-cc} -x c - -o /dev/null -lffi >/dev/null 2>&1
+}
+
+# libffi: the swizzle engine's general forwarder (methods with no typed wrapper); macOS ships it
+if [ "$(uname -s)" = Linux ] && ! have_ffi; then
+    echo "setup: installing libffi (libffi-dev) with apt"
+    apt_install libffi-dev ||
+        echo "setup: could not install libffi; methods with no typed wrapper will not be guardable"
 fi
 # a distribution's Python may lack pip or its C headers
 $PYTHON -m pip --version >/dev/null 2>&1 || $PYTHON -m ensurepip --upgrade >/dev/null 2>&1 ||

@@ -49,7 +49,8 @@ def wait_hooked(cls, timeout=10.0):
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         rows = [h for h in agxguard.hooks() if h["class"] == cls]
-        if rows and all(h["installed"] for h in rows):
+        # every row the class implements is installed (the rest: "the class does not implement it")
+        if rows and all(h["installed"] or h["skipped"] == "the class does not implement it" for h in rows):
             return rows
         time.sleep(0.01)
     return [h for h in agxguard.hooks() if h["class"] == cls]
@@ -108,7 +109,8 @@ def test_an_image_loading_while_8_threads_encode_is_hooked_without_a_fault():
         mps_ok = [M.model_mps_run_op(queue=1, a=2.0) for _ in range(20)]
         t.join(60)
         st = agxguard.status()
-        print(json.dumps({"result_ok": res.get("result_ok"), "hooked": bool(rows) and all(h["installed"] for h in rows),
+        hooked = bool(rows) and all(h["installed"] or h["skipped"] == "the class does not implement it" for h in rows)
+        print(json.dumps({"result_ok": res.get("result_ok"), "hooked": hooked and any(h["installed"] for h in rows),
                           "mps_ok": all(mps_ok), "abandoned": st["abandoned"], "open": st["encoders_open"]}))
     """, timeout=120, AGXGUARD_DRIVER="model")
     assert out == {"result_ok": True, "hooked": True, "mps_ok": True, "abandoned": 0, "open": 0}, out
@@ -154,10 +156,13 @@ def test_under_the_debug_layer_discovery_hooks_the_wrappers_and_the_driver_class
     assert classes["command_queue"] == ["MTLModelDebugCommandQueue", "AGXModelG16XFamilyCommandQueue"]
     assert classes["blit_encoder"] == ["MTLModelDebugBlitCommandEncoder", "AGXModelG16XFamilyBlitContext"]
     installed = {(h["class"], h["selector"]) for h in out["hooks"] if h["installed"]}
+    not_there = {(h["class"], h["selector"]) for h in out["hooks"] if h["skipped"] == "the class does not implement it"}
     for row in out["table"]:
         for role in row["roles"]:
             for cls in classes.get(role, []):
-                assert (cls, row["selector"]) in installed, (cls, row["selector"])
+                assert (cls, row["selector"]) in installed | not_there, (cls, row["selector"])
+                # the wrapper and the class under it implement the same selectors
+                assert ((cls, row["selector"]) in installed) == ((classes[role][-1], row["selector"]) in installed)
 
 
 def test_the_debug_layer_can_be_turned_on_before_the_device_is_made():

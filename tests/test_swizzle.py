@@ -93,12 +93,20 @@ def test_hooking_a_subclass_that_only_inherits_leaves_the_superclass_alone():
     assert M.objc_race_run(sub, THREADS, ITERS) < THREADS * ITERS  # forwards unguarded again
 
 
-def test_unsupported_shape_is_refused_naming_class_selector_and_encoding():
+def test_a_shape_with_no_typed_wrapper_goes_through_the_general_forwarder():
+    """{int, char} by value has no typed wrapper: the forwarder (issue 13) takes it."""
     cls = new_race_class()
+    assert swizzle.guard_methods(cls, "oddShape:") == 1
+    (h,) = [h for h in swizzle.hooks() if h["class"] == cls and h["selector"] == "oddShape:"]
+    assert h["shape"] == "ffi v@:{AGXOdd=ic}"
+
+
+def test_unsupported_shape_is_refused_naming_class_selector_and_encoding():
+    M.forward_probes()  # makes AGXForwardRefuse
     with pytest.raises(ValueError) as e:
-        swizzle.guard_methods(cls, "oddShape:")
+        swizzle.guard_methods("AGXForwardRefuse", "takeUnion:")
     msg = str(e.value)
-    assert cls in msg and "oddShape:" in msg and "{AGXOdd=ic}" in msg
+    assert "AGXForwardRefuse" in msg and "takeUnion:" in msg and "(FPUnion=if)" in msg
 
 
 def test_unknown_class_or_selector_is_an_error():

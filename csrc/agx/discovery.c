@@ -109,7 +109,9 @@ static const char *agx_watch_metal_images(void (*fn)(void)) { (void)fn; return N
 
 const char *const agx_driver_names[3] = {NULL, "metal", "model"};
 const char *const agx_role_names[AGX_ROLE_COUNT] = {"command_queue", "command_buffer", "mps_command_buffer",
-                                                     "compute_encoder", "blit_encoder"};
+                                                     "compute_encoder", "blit_encoder", "render_encoder",
+                                                     "parallel_render_encoder", "resource_state_encoder",
+                                                     "acceleration_structure_encoder"};
 
 static int responds(id obj, const char *sel) {
     return obj && class_getInstanceMethod(object_getClass(obj), sel_registerName(sel)) != NULL;
@@ -128,6 +130,11 @@ static id send_id_arg(id obj, const char *sel, uint64_t arg) {
 static void send_void(id obj, const char *sel) {
     SEL s = sel_registerName(sel);
     ((void (*)(id, SEL))agx_objc_lookup(obj, s))(obj, s);
+}
+
+static void send_void_arg(id obj, const char *sel, uint64_t arg) {
+    SEL s = sel_registerName(sel);
+    if (responds(obj, sel)) ((void (*)(id, SEL, uint64_t))agx_objc_lookup(obj, s))(obj, s, arg);
 }
 
 /* The object under a wrapper (MTLDebugDevice, MTLToolsObject: `baseObject`), or NULL. */
@@ -182,6 +189,41 @@ static void probe_encoder(agx_discovery *d, agx_role role, id cb, const char *fa
     }
     add_layers(d, role, enc);
     send_void(enc, "endEncoding");
+}
+
+/* The encoders PyTorch does not make (issue 13): render (through a pass
+ * with no attachments, only a size), parallel render and its sub-encoder,
+ * resource state, acceleration structure. A driver without them (the
+ * model) leaves the roles empty, with a note. */
+static void probe_other_encoders(agx_discovery *d, id cb) {
+    Class pass_cls = objc_getClass("MTLRenderPassDescriptor");
+    id pass = pass_cls ? send_id((id)pass_cls, "renderPassDescriptor") : NULL; /* autoreleased */
+    if (pass) {
+        send_void_arg(pass, "setRenderTargetWidth:", 16);
+        send_void_arg(pass, "setRenderTargetHeight:", 16);
+        send_void_arg(pass, "setDefaultRasterSampleCount:", 1);
+    }
+    if (pass || !responds(cb, "renderCommandEncoderWithDescriptor:"))
+        probe_encoder(d, AGX_ROLE_RENDER_ENCODER, cb, "renderCommandEncoderWithDescriptor:", 1,
+                      (uint64_t)(uintptr_t)pass);
+    else
+        note(d, AGX_ROLE_RENDER_ENCODER, "no MTLRenderPassDescriptor to make one with");
+    if (!responds(cb, "parallelRenderCommandEncoderWithDescriptor:")) {
+        note(d, AGX_ROLE_PARALLEL_RENDER_ENCODER, "parallelRenderCommandEncoderWithDescriptor:: not implemented");
+    } else if (pass) {
+        id par = send_id_arg(cb, "parallelRenderCommandEncoderWithDescriptor:", (uint64_t)(uintptr_t)pass);
+        if (par) {
+            add_layers(d, AGX_ROLE_PARALLEL_RENDER_ENCODER, par);
+            id sub = responds(par, "renderCommandEncoder") ? send_id(par, "renderCommandEncoder") : NULL;
+            if (sub) {
+                add_layers(d, AGX_ROLE_RENDER_ENCODER, sub);
+                send_void(sub, "endEncoding");
+            }
+            send_void(par, "endEncoding");
+        }
+    }
+    probe_encoder(d, AGX_ROLE_RESOURCE_STATE_ENCODER, cb, "resourceStateCommandEncoder", 0, 0);
+    probe_encoder(d, AGX_ROLE_ACCEL_STRUCT_ENCODER, cb, "accelerationStructureCommandEncoder", 0, 0);
 }
 
 /* ------------------------------------------------------------ providers */
@@ -289,6 +331,7 @@ int agx_discover(int driver, agx_discovery *d, char *err, size_t errlen) {
     id desc = desc_cls ? send_id((id)desc_cls, "computePassDescriptor") : NULL; /* autoreleased */
     probe_encoder(d, AGX_ROLE_COMPUTE_ENCODER, cb, "computeCommandEncoderWithDescriptor:", 1, (uint64_t)(uintptr_t)desc);
     probe_encoder(d, AGX_ROLE_BLIT_ENCODER, cb, "blitCommandEncoder", 0, 0);
+    probe_other_encoders(d, cb);
     send_void(cb, "commit");
     if (responds(cb, "waitUntilCompleted")) send_void(cb, "waitUntilCompleted");
 

@@ -34,6 +34,10 @@ typedef enum {
     AGX_ROLE_MPS_COMMAND_BUFFER,
     AGX_ROLE_COMPUTE_ENCODER,
     AGX_ROLE_BLIT_ENCODER,
+    AGX_ROLE_RENDER_ENCODER,          /* render encoders, and a parallel one's sub-encoders */
+    AGX_ROLE_PARALLEL_RENDER_ENCODER,
+    AGX_ROLE_RESOURCE_STATE_ENCODER,
+    AGX_ROLE_ACCEL_STRUCT_ENCODER,    /* acceleration-structure encoders */
     AGX_ROLE_COUNT
 } agx_role;
 extern const char *const agx_role_names[AGX_ROLE_COUNT];

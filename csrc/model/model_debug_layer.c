@@ -86,6 +86,15 @@ IMP agx_model_forwarder(const char *types) {
     return NULL;
 }
 
+/* A shape with no typed forwarder: the swizzle engine's general forwarder
+ * (capi.h), redirecting each call to the inner object. */
+static void *inner_of_object(void *self) { return inner_of((id)self); }
+static IMP any_forwarder(const char *types) {
+    IMP f = agx_model_forwarder(types);
+    char why[160];
+    return f ? f : (IMP)agx_model_capi->forwarder_make_redirect(inner_of_object, types, why, sizeof why);
+}
+
 static int named(SEL sel, const char *const *names) {
     for (; names && *names; names++)
         if (!strcmp(sel_getName(sel), *names)) return 1;
@@ -110,7 +119,7 @@ int agx_model_add_forwarders(Class wrapper, Class base, const char *const *skip)
             SEL sel = method_getName(ms[i]);
             if (named(sel, skip) || defines(wrapper, sel)) continue;
             const char *types = method_getTypeEncoding(ms[i]);
-            IMP f = agx_model_forwarder(types);
+            IMP f = any_forwarder(types);
             if (!f) {
                 fprintf(stderr, "AGXModel: -[%s %s] (%s) cannot be forwarded by %s\n", class_getName(c),
                         sel_getName(sel), types ? types : "?", class_getName(wrapper));

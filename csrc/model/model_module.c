@@ -289,6 +289,7 @@ PyMODINIT_FUNC PyInit__model(void) {
 #ifdef AGX_HAVE_OBJC
     if (agx_model_bindings_add_to_module(m) < 0) goto fail;
     if (agx_race_classes_add_to_module(m) < 0) goto fail;
+    if (agx_forward_probes_add_to_module(m) < 0) goto fail;
     if (PyModule_AddObjectRef(m, "HAVE_MODEL", Py_True) < 0) goto fail;
     if (tell_hooks() < 0) goto fail;
 #else

@@ -12,6 +12,9 @@ int agx_model_bindings_add_to_module(PyObject *m);
 /* race_classes.c: classes with a planted race, the engine's shape probes,
  * and runtime introspection (objc_*, swizzle_probe*); with a runtime. */
 int agx_race_classes_add_to_module(PyObject *m);
+/* forward_probes.c: the general forwarder's test and benchmark classes
+ * (forward_*, swizzle_force_forwarder); with a runtime. */
+int agx_forward_probes_add_to_module(PyObject *m);
 /* measure.c: what tests and benchmarks read or switch inside the product
  * (the lock's cost and knobs, region depth, the stream table); every build. */
 int agx_measure_add_to_module(PyObject *m);

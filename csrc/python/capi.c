@@ -10,8 +10,14 @@
 
 #ifdef AGX_HAVE_OBJC
 #include "discovery.h"
+#include "forwarder.h"
 #include "hook_table.h"
 #include "swizzle.h"
+
+static void (*capi_forwarder_make_redirect(void *(*redirect)(void *self), const char *types, char *why,
+                                           size_t whylen))(void) {
+    return (void (*)(void))agx_forwarder_make_redirect(redirect, types, why, whylen);
+}
 #endif
 
 static void capi_region_enter(agx_entry *e, uint64_t key) {
@@ -59,5 +65,7 @@ const agx_capi agx_capi_table = {
     .swizzle_shape_key = agx_swizzle_shape_key,
     .swizzle_probe_selector = agx_swizzle_probe_selector,
     .swizzle_probe_call = agx_swizzle_probe_call,
+    .forwarder_make_redirect = capi_forwarder_make_redirect,
+    .swizzle_force_forwarder = agx_swizzle_force_forwarder,
 #endif
 };

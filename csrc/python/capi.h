@@ -79,6 +79,12 @@ typedef struct agx_capi {
     const char *(*swizzle_shape_key)(size_t i);
     const char *(*swizzle_probe_selector)(size_t i);
     int (*swizzle_probe_call)(size_t i, char *err, size_t errlen);
+    /* forwarder.h (issue 13): a wrapper layer's closure for a shape with no
+     * typed forwarder (returns the IMP, NULL with why); and the test switch
+     * that sends new hooks through the general forwarder. */
+    void (*(*forwarder_make_redirect)(void *(*redirect)(void *self), const char *types, char *why,
+                                      size_t whylen))(void);
+    void (*swizzle_force_forwarder)(int on);
 } agx_capi;
 
 /* The product's table (capi.c). */

@@ -1,0 +1,397 @@
+"""agxguard: switchable, measurable locking for multi-threaded GPU inference.
+
+Modes (one vocabulary everywhere):
+
+    off     no locks (calls are still counted)
+    op      each driver call / torch op under one process-wide op lock
+    stream  each region or op under the lock of its stream
+    global  each guarded region under one process-wide lock
+
+Typical use::
+
+    import agxguard
+    agxguard.set_mode("stream")
+    with agxguard.guard():          # a region of GPU work
+        y = model(x)
+    with agxguard.ops():            # every torch op of this thread, locked per op
+        y = model(x)
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import sys
+import types
+from typing import Any, Callable, Dict, Generator, Hashable, Iterator, Optional, TypeVar
+
+from . import _C, _config
+from ._C import Guard, Lock, LockTimeout, LockWaitWarning
+from ._config import ConfigWarning
+from .batcher import Batcher
+from .swizzle import guard_methods, swizzle_available, unguard_methods
+
+__all__ = [
+    "MODES", "OPS_LEVELS", "set_mode", "get_mode", "mode", "guard", "ops", "use_stream",
+    "set_throttle", "get_throttle", "throttle", "set_lock_timeout", "get_lock_timeout",
+    "stats", "reset_stats", "global_lock", "op_lock", "stream_lock", "stream_key",
+    "Guard", "Lock", "LockTimeout", "LockWaitWarning", "ConfigWarning", "config",
+    "Batcher", "guard_methods", "unguard_methods", "swizzle_available",
+    "complete_story", "comprehensive",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # the suites pull in the harness and report modules: load them on first use
+    if name in ("complete_story", "comprehensive"):
+        from . import suites
+
+        return getattr(suites, name)
+    raise AttributeError(f"module 'agxguard' has no attribute {name!r}")
+
+__version__ = "0.1.0"
+
+MODES = _C.MODES
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _stepped(g: Guard, it: Any) -> Generator[Any, Any, Any]:
+    """Drive generator-like `it` (a generator, or a coroutine's ``__await__`` iterator)
+    one step at a time, each step inside `g` on the thread that takes the step: the
+    region is entered before the body resumes and left when it yields (or suspends),
+    so nothing is held while it is suspended, whichever thread resumes it next.
+    Values sent, exceptions thrown and close() reach `it` as with ``yield from``."""
+    send: Any = None
+    thrown: Optional[BaseException] = None
+    while True:
+        try:
+            with g:
+                value = it.send(send) if thrown is None else it.throw(thrown)
+        except StopIteration as stop:
+            return stop.value
+        finally:
+            send = thrown = None
+        try:
+            send = yield value
+        except GeneratorExit:
+            with g:
+                it.close()
+            raise
+        except BaseException as e:  # passed on to `it`, as yield from would
+            thrown = e
+
+
+class _SteppedAwaitable:
+    """An awaitable whose await runs an awaitable's steps each inside a guard."""
+
+    __slots__ = ("_steps",)
+
+    def __init__(self, g: Guard, awaitable: Any) -> None:
+        self._steps = _stepped(g, awaitable.__await__())
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        return self._steps
+
+
+def _guard_generator(g: Guard, gen: Any) -> Generator[Any, Any, Any]:
+    """A generator that runs `gen`'s body inside `g`, step by step."""
+    return (yield from _stepped(g, gen))
+
+
+async def _guard_coroutine(g: Guard, coro: Any) -> Any:
+    """A coroutine that runs `coro`'s body inside `g`, step by step."""
+    return await _SteppedAwaitable(g, coro)
+
+
+def _async_generator_wrapper(g: Guard, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """An async generator function that runs the body of `fn`'s async generator
+    inside `g`: each step of each asend/athrow/aclose, so the lock is given back at
+    every await that suspends and at every yield."""
+    async def guarded_async_generator(*args: Any, **kwargs: Any) -> Any:
+        agen = fn(*args, **kwargs)
+        send: Any = None
+        thrown: Optional[BaseException] = None
+        while True:
+            try:
+                step = agen.asend(send) if thrown is None else agen.athrow(thrown)
+                send = thrown = None
+                value = await _SteppedAwaitable(g, step)
+            except StopAsyncIteration:
+                return
+            try:
+                send = yield value
+            except GeneratorExit:
+                await _SteppedAwaitable(g, agen.aclose())
+                raise
+            except BaseException as e:  # passed on to agen, as athrow would
+                thrown = e
+
+    return guarded_async_generator
+
+
+def _guard_result(g: Guard, result: Any) -> Any:
+    """A plain function's result: a generator, coroutine or async generator it
+    returned (a partial, a lambda, a factory) gets its body guarded too."""
+    if isinstance(result, types.GeneratorType):
+        return _guard_generator(g, result)
+    if isinstance(result, types.CoroutineType):
+        return _guard_coroutine(g, result)
+    if isinstance(result, types.AsyncGeneratorType):
+        return _async_generator_wrapper(g, lambda: result)()
+    return result
+
+
+def _decorate(g: Guard, fn: F) -> F:
+    """``@guard()``: `fn` runs inside guard `g`, its whole body under the lock.
+
+    A generator function, an ``async def`` and an async generator keep their kind,
+    and their body runs under the lock one step at a time: the lock is taken when
+    the body resumes and given back at each ``yield`` and at each ``await`` that
+    suspends (so a suspended generator or coroutine holds nothing, and the thread
+    that resumes it takes the lock). A function that returns one of these is
+    treated the same way for what it returns."""
+    if inspect.isasyncgenfunction(fn):
+        return functools.wraps(fn)(_async_generator_wrapper(g, fn))  # type: ignore[return-value]
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def guarded_generator(*args: Any, **kwargs: Any) -> Any:
+            return (yield from _stepped(g, fn(*args, **kwargs)))
+
+        return guarded_generator  # type: ignore[return-value]
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def guarded_coroutine(*args: Any, **kwargs: Any) -> Any:
+            return await _SteppedAwaitable(g, fn(*args, **kwargs))
+
+        return guarded_coroutine  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        with g:
+            result = fn(*args, **kwargs)
+        return _guard_result(g, result)
+
+    return guarded  # type: ignore[return-value]
+
+
+
+
+def _current_stream_key() -> int:
+    """The caller's current stream when none was set with use_stream():
+    torch's current CUDA stream once CUDA is initialized, else the default stream 0
+    (MPS and CPU have one stream per device)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        device = getattr(torch._C, "_cuda_getDevice", None)
+        if raw is None or device is None:  # an older torch: the slower public way
+            return torch.cuda.current_stream().cuda_stream
+        # from now on two C calls, no Stream object (this runs on every stream-mode region)
+        _C.set_stream_resolver(lambda: raw(device()))
+        return raw(device())
+    return 0
+
+
+_C.set_stream_resolver(_current_stream_key)
+
+
+# ---------------------------------------------------------------- modes
+
+def set_mode(name: str) -> str:
+    """Switch the process-wide mode; returns the previous one.
+
+    Raises TypeError for a non-str, ValueError for a name not in MODES (a name
+    with a NUL in it is not a mode). Regions already open keep the
+    lock they took; the new mode applies to regions entered from now on."""
+    return _C.set_mode(name)
+
+
+def get_mode() -> str:
+    """The current mode's name."""
+    return _C.get_mode()
+
+
+@contextlib.contextmanager
+def mode(name: str) -> Iterator[str]:
+    """``with agxguard.mode("global"):`` switch the mode for the block, then restore."""
+    previous = _C.set_mode(name)
+    try:
+        yield name
+    finally:
+        _C.set_mode(previous)
+
+
+# ---------------------------------------------------------------- streams
+
+_KEY_MIN, _KEY_MAX = -(1 << 63), (1 << 64) - 1
+
+
+def stream_key(stream: Any) -> int:
+    """The 64-bit lock key of a stream: an int from -2**63 to 2**64-1 as is (a
+    negative one in two's complement), a torch CUDA stream by its handle, an object
+    with ``cuda_stream`` likewise, any other hashable by hash(). Distinct keys with
+    equal hashes share a lock (more serialization, never less). None, a bool and an
+    int outside 64 bits are refused: None is no stream (see use_stream)."""
+    if stream is None:
+        raise TypeError("a stream key cannot be None (None means no stream: guard(stream=None) and "
+                        "use_stream(None) use the caller's current stream)")
+    if isinstance(stream, bool):
+        raise TypeError("a stream key cannot be a bool")
+    if isinstance(stream, int):
+        if not _KEY_MIN <= stream <= _KEY_MAX:
+            raise ValueError(f"a stream key must be an int from -2**63 to 2**64-1 (64 bits), not {stream!r:.60}")
+        return stream & 0xFFFFFFFFFFFFFFFF
+    handle = getattr(stream, "cuda_stream", None)
+    if isinstance(handle, int):
+        return handle & 0xFFFFFFFFFFFFFFFF
+    if not isinstance(stream, Hashable):
+        raise TypeError(f"a stream must be an int, a torch stream or hashable, not {type(stream).__name__}")
+    return hash(stream) & 0xFFFFFFFFFFFFFFFF
+
+
+@contextlib.contextmanager
+def use_stream(stream: Any) -> Iterator[Optional[int]]:
+    """Make `stream` this thread's current stream for ``stream`` mode regions and ops
+    (CPU threads and the driver model have no stream of their own); yields its key.
+
+    ``use_stream(None)`` sets no stream for the block: an outer use_stream() does not
+    apply in it, and regions use the caller's current stream as guard(stream=None)
+    does (torch's current CUDA stream, else 0); it yields None."""
+    key = None if stream is None else stream_key(stream)
+    previous = _C.set_thread_stream(key)
+    try:
+        yield key
+    finally:
+        _C.set_thread_stream(previous)
+
+
+# ---------------------------------------------------------------- guards
+
+guard = _C.guard  # guard(stream=None) -> Guard; in C, since it sits on every region's path
+
+
+OPS_LEVELS = ("function", "dispatch")
+
+
+def ops(pin_cpus: Any = None, level: str = "function") -> Any:
+    """A torch mode that runs each torch op of this thread under the lock the
+    current mode assigns to one op (``op``: the op lock). Use as a context manager
+    in each worker thread (torch keeps its modes per thread).
+
+    ``level``: ``"function"`` (default) locks each torch function call (a torch
+    function mode; torch then skips its fused transformer path); ``"dispatch"`` locks
+    each ATen operator at torch's Python dispatch key (a dispatch mode: below
+    autograd, fused operators stay fused and are one locked call).
+
+    ``pin_cpus`` (Linux, e.g. ``{0}``): pin the thread to these CPUs while inside,
+    which makes op-lock handoffs between threads far cheaper on many-core VMs."""
+    if level not in OPS_LEVELS:
+        raise ValueError(f"unknown ops level {level!r}; allowed: {', '.join(OPS_LEVELS)}")
+    from ._torch import GuardedDispatch, GuardedOps
+
+    return (GuardedOps if level == "function" else GuardedDispatch)(pin_cpus)
+
+
+_C._set_helpers(_decorate, stream_key)
+
+
+# ---------------------------------------------------------------- throttle, waits
+
+def set_throttle(n: Optional[int]) -> int:
+    """Let at most `n` outermost guarded regions run at once (None or 0: no limit).
+    Returns the previous limit (0 = none)."""
+    if n is None:
+        n = 0
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"throttle must be None or an int from 0 (no limit) to {_config.THROTTLE_MAX}, "
+                        f"not {type(n).__name__}")
+    return _C.set_throttle(n)  # ValueError naming the range outside 0..THROTTLE_MAX
+
+
+def get_throttle() -> int:
+    """The throttle limit (0 = no limit)."""
+    return _C.get_throttle()
+
+
+@contextlib.contextmanager
+def throttle(n: Optional[int]) -> Iterator[int]:
+    """``with agxguard.throttle(2):`` at most 2 guarded regions at once in the block."""
+    previous = set_throttle(n)
+    try:
+        yield get_throttle()
+    finally:
+        _C.set_throttle(previous)
+
+
+def set_lock_timeout(timeout_ms: Optional[float] = None, warn_ms: Optional[float] = None,
+                     action: str = "raise") -> None:
+    """Warn once when a wait passes `warn_ms`; past `timeout_ms`, raise LockTimeout
+    (action="raise") or abort the process (action="abort"). None or 0 turns each off.
+
+    Each limit is a number of milliseconds from 0.001 (1 us) to 1e12: a positive
+    value below 0.001 is refused (ValueError) rather than rounded to no limit, and a
+    bool is refused (TypeError)."""
+    if not isinstance(action, str):
+        raise TypeError(f"timeout action must be a str, one of {', '.join(_config.TIMEOUT_ACTIONS)}; "
+                        f"not {type(action).__name__}")
+    if action not in _config.TIMEOUT_ACTIONS:
+        raise ValueError(f"unknown timeout action {action!r}; allowed: {', '.join(_config.TIMEOUT_ACTIONS)}")
+    _C.set_wait(warn_ms=warn_ms, timeout_ms=timeout_ms, abort=(action == "abort"))
+
+
+def get_lock_timeout() -> Dict[str, Any]:
+    """The wait policy: ``{"warn_ms", "timeout_ms", "action"}``."""
+    w = _C.get_wait()
+    return {"warn_ms": w["warn_ms"], "timeout_ms": w["timeout_ms"], "action": "abort" if w["abort"] else "raise"}
+
+
+# ---------------------------------------------------------------- locks, stats
+
+def global_lock() -> Lock:
+    """The process-wide region lock (the one ``global`` mode takes)."""
+    return _C.global_lock()
+
+
+def op_lock() -> Lock:
+    """The process-wide op lock (the one ``op`` mode takes per call)."""
+    return _C.op_lock()
+
+
+def stream_lock(stream: Any) -> Lock:
+    """The lock of a stream (see stream_key)."""
+    return _C.stream_lock(stream_key(stream))
+
+
+def stats() -> Dict[str, Any]:
+    """Counters since the last reset: per domain (global, op, stream, object)
+    acquisitions, reentries, contentions, timeouts, wait/hold/max-wait ns; the
+    throttle; the current mode; nested_skips (nested entries that ran under their
+    thread's stream locks because the lock of their own stream was busy and came
+    before those in the lock order: README, "Modes")."""
+    return _C.stats()
+
+
+def reset_stats() -> None:
+    """Zero every counter."""
+    _C.reset_stats()
+
+
+# ---------------------------------------------------------------- import-time config
+
+config = _config.from_env()
+_C.set_mode(config.mode)
+_C.set_wait(warn_ms=config.warn_ms, timeout_ms=config.timeout_ms, abort=config.timeout_action == "abort")
+_C.set_throttle(config.throttle)
+
+
+# ---------------------------------------------------------------- driver hooks at import (issue 4)
+# Installs the AGX hook set when a supported driver is present (Apple GPU, or
+# AGXGUARD_DRIVER=model) unless AGXGUARD_DISABLE=1; otherwise quiet and cheap,
+# and agxguard.status() says why (a Mac with a GPU and no hooks also warns).
+# Classes of frameworks loaded later (MPS with torch) are hooked as they load.
+# See agxguard/hooks.py.
+from . import hooks as _hooks_module  # noqa: E402
+from .hooks import hooks, install, installed, rediscover, status, uninstall  # noqa: E402
+
+__all__ += ["install", "uninstall", "installed", "hooks", "status", "rediscover"]
+_hooks_module._install_at_import(config)

@@ -1,0 +1,107 @@
+"""Uncontended cost of one enter/exit, all measured in this one run.
+
+Prints nanoseconds per ``with`` for agxguard.guard() in each mode, for
+threading.Lock, for an empty ``with`` on a trivial context manager, and for
+the C lock path alone (try + release, no Python), with the ratios that the
+targets are stated in:
+
+    global guard / threading.Lock   <= 1.0
+    C lock path                     <  50 ns
+
+Usage: python benchmarks/overhead.py [--n N] [--repeats R] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import agxguard  # noqa: E402
+from agxguard import _C  # noqa: E402
+
+
+class Trivial:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _loop_lock(lock, n):
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        with lock:
+            pass
+    return (time.perf_counter_ns() - t0) / n
+
+
+def _loop_guard(n):
+    guard = agxguard.guard  # as a user writes it: `with agxguard.guard():`
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        with guard():
+            pass
+    return (time.perf_counter_ns() - t0) / n
+
+
+def _loop_empty(n):
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        pass
+    return (time.perf_counter_ns() - t0) / n
+
+
+def measure(n: int, repeats: int) -> dict:
+    """Best of `repeats` per case; cases are interleaved so drift hits all alike."""
+    lock = threading.Lock()
+    trivial = Trivial()
+    best: dict = {}
+
+    def keep(name, v):
+        best[name] = min(best.get(name, float("inf")), v)
+
+    for _ in range(repeats):
+        keep("with trivial (empty __enter__/__exit__)", _loop_lock(trivial, n))
+        keep("with threading.Lock()", _loop_lock(lock, n))
+        for m in agxguard.MODES:
+            with agxguard.mode(m):
+                keep(f"with agxguard.guard() [{m}]", _loop_guard(n))
+        keep("C lock path (try+release, no Python)", _C.c_lock_ns(n * 10))
+        keep("empty loop", _loop_empty(n))
+    return best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=200_000, help="iterations per timing (default 200000)")
+    p.add_argument("--repeats", type=int, default=7, help="timings per case; the best is kept (default 7)")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    a = p.parse_args(argv)
+    if a.n < 1 or a.repeats < 1:
+        p.error(f"--n and --repeats must be >= 1, got {a.n} and {a.repeats}")
+    best = measure(a.n, a.repeats)
+    lock_ns = best["with threading.Lock()"]
+    print(f"agxguard overhead, best of {a.repeats} x {a.n} on {platform.machine()} "
+          f"{platform.python_implementation()} {platform.python_version()}")
+    print(f"{'case':42s} {'ns/with':>9s} {'vs Lock':>8s}")
+    for name, v in best.items():
+        print(f"{name:42s} {v:9.1f} {v / lock_ns:8.2f}")
+    ratio = best["with agxguard.guard() [global]"] / lock_ns
+    c_ns = best["C lock path (try+release, no Python)"]
+    print(f"target global/threading.Lock <= 1.0: {ratio:.2f} {'PASS' if ratio <= 1.0 else 'FAIL'}")
+    print(f"target C lock path < 50 ns: {c_ns:.1f} ns {'PASS' if c_ns < 50 else 'FAIL'}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"ns_per_with": best, "global_vs_lock": ratio, "n": a.n, "repeats": a.repeats,
+                       "machine": platform.machine(), "python": platform.python_version()}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

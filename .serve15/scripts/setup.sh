@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Set up agxguard on a fresh machine: the Objective-C runtime (Debian: apt),
+# Python packages (pip), and the C extension built in place.
+# macOS needs only the Xcode command line tools (xcode-select --install):
+# Apple's Objective-C runtime and Metal come with the system.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+apt_install() {
+    command -v apt-get >/dev/null 2>&1 || return 1
+    local SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get install -y -q "$@" >/dev/null ||
+        { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q "$@" >/dev/null; }
+}
+
+have_objc() {
+    printf '#include <objc/runtime.h>\nint main(void){return 0;}\n' |
+        ${CC:-cc} -x c - -o /dev/null -lobjc >/dev/null 2>&1
+}
+
+if [ "$(uname -s)" = Linux ] && ! have_objc; then
+    echo "setup: installing GCC's Objective-C runtime (gobjc, libobjc-12-dev) with apt"
+    apt_install gobjc libobjc-12-dev ||
+        echo "setup: could not install the Objective-C runtime; building without swizzling and the driver model"
+fi
+# a distribution's Python may lack pip or its C headers
+$PYTHON -m pip --version >/dev/null 2>&1 || $PYTHON -m ensurepip --upgrade >/dev/null 2>&1 ||
+    apt_install python3-pip || { echo "setup: pip is missing and could not be installed"; exit 1; }
+$PYTHON -c "import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" ||
+    apt_install python3-dev || { echo "setup: Python's C headers are missing (Debian: python3-dev)"; exit 1; }
+# Debian's own Python refuses pip installs outside a venv (PEP 668); this script installs on purpose
+export PIP_BREAK_SYSTEM_PACKAGES=1
+pip_install() { $PYTHON -m pip install -q --disable-pip-version-check "$@"; }
+# torch: keep one that is already there (e.g. a CUDA build); else the pinned CPU build
+$PYTHON -c "import torch" 2>/dev/null || pip_install "torch==2.13.0"
+$PYTHON -c "import pytest" 2>/dev/null || pip_install "pytest>=7"
+$PYTHON -c "import setuptools, wheel" 2>/dev/null || pip_install setuptools wheel
+# the macOS cross-build check (make macos-check, part of the tests): Apple's headers
+# come with the pinned ziglang, and macholib reads the bundle's symbols
+$PYTHON -c "import ziglang, macholib" 2>/dev/null || pip_install -r scripts/macos-check-requirements.txt
+pip_install --no-build-isolation --no-deps -e .
+$PYTHON setup.py build_ext --inplace -q
+$PYTHON -c "import agxguard; print('setup: agxguard', agxguard.__version__, '| swizzling:', agxguard.swizzle_available())"
