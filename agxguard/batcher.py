@@ -48,6 +48,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -155,15 +156,18 @@ _tls = threading.local()  # .req: the calling thread's reusable blocking request
 
 _perf_counter = time.perf_counter
 _torch = None
+_Size: Any = None  # torch.Size and torch.dtype once torch is imported (fast path in _describe)
+_dtype: Any = None
 
 
 def _get_torch() -> Any:
     """Import torch on first use (the module imports without it)."""
-    global _torch
+    global _torch, _Size, _dtype
     if _torch is None:
         import torch
 
         _torch = torch
+        _Size, _dtype = torch.Size, torch.dtype
     return _torch
 
 
@@ -177,20 +181,26 @@ def _describe(r: _Request, x: Any, pad_dim: Optional[int], buckets: Optional[tup
     except AttributeError:
         raise TypeError(f"Batcher requests must be tensors with a batch dimension, "
                         f"got {type(x).__name__}") from None
-    try:
-        dims = tuple([int(s) for s in shape])
-        hash((dtype, device))
-    except Exception as exc:
-        raise TypeError(f"Batcher requests must have a shape of ints and a hashable dtype and "
-                        f"device; this {type(x).__name__}'s could not be read: {exc!r}") from None
+    if type(shape) is not _Size or type(dtype) is not _dtype:
+        # not a torch.Size of ints and a torch.dtype: check it all here, in the caller,
+        # so that nothing the dispatcher compares can raise there
+        try:
+            dims = tuple([int(s) for s in shape])
+            hash((dtype, device))
+        except Exception as exc:
+            raise TypeError(f"Batcher requests must have a shape of ints and a hashable dtype "
+                            f"and device; this {type(x).__name__}'s could not be read: "
+                            f"{exc!r}") from None
+    else:
+        dims = shape
     if not dims:
         raise ValueError("Batcher requests need a batch dimension (dim 0); got a 0-d tensor")
     r.rows = dims[0]
     if pad_dim is None:
-        r.key = (dims[1:], dtype, device)
+        r.key = (tuple(dims[1:]), dtype, device)
         return
     if pad_dim >= len(dims):
-        raise ValueError(f"pad_dim={pad_dim} is out of range for a request of shape {dims} "
+        raise ValueError(f"pad_dim={pad_dim} is out of range for a request of shape {tuple(dims)} "
                          f"({len(dims)} dims); allowed: 1 to {len(dims) - 1} (dim 0 is the "
                          f"batch dimension)")
     length = dims[pad_dim]
@@ -467,6 +477,8 @@ class Batcher:
             latency_target_ms = float(latency_target_ms)
         self.latency_target_ms = latency_target_ms
         self.device = self._check_device(device)
+        if "torch" in sys.modules:  # the fast path of _describe needs torch.Size
+            _get_torch()
         self.fn = fn
         self.name = name if name is not None else getattr(fn, "__name__", type(fn).__name__)
         self._guard = self._guard_factory(guard)

@@ -637,3 +637,28 @@ def test_the_cuda_pipeline_answers_cpu_requests_with_cpu_tensors_equal_to_single
     s = b.stats()
     assert s["answered"] == 400 and s["mean_batch_size"] > 4
     assert s["overlapped_batches"] > 0, "no batch was collated while another ran"
+
+
+# ---------------------------------------------------------------- benchmarks/serving.py
+def test_the_serving_benchmark_runs_every_mode_and_writes_json_and_table(tmp_path):
+    out = tmp_path / "serving.json"
+    r = run_child(f"""
+        import sys
+        sys.argv = ["serving.py", "--device", "cpu", "--seconds", "0.15", "--repeats", "1",
+                    "--clients", "2", "--workloads", "small_mlp,story_var", "--json", {str(out)!r}]
+        sys.path.insert(0, "benchmarks")
+        import serving
+        sys.exit(serving.main())
+    """, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"small_mlp", "story_var"}
+    for w in data["results"].values():
+        assert set(w["2"]) == {"free", "lock", "guard_global", "batcher", "batcher_async",
+                               "offline_sync", "offline_pipe"}
+        assert all(runs[0]["req_s"] > 0 for runs in w["2"].values())
+    assert data["results"]["story_var"]["2"]["batcher"][0]["max_abs_diff_vs_alone"] < 1e-3
+    assert (tmp_path / "serving.txt").read_text().count("req/s") >= 1
+    assert any(t["target"].startswith("story_var: mean batch") for t in data["targets"])
