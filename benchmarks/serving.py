@@ -343,7 +343,10 @@ def measure(work: Work, mode: str, clients: int, seconds: float) -> dict:
 
 
 def git_commit() -> str:
-    """The checkout's commit (and +dirty), or 'unknown'."""
+    """The checkout's commit (and +dirty), or 'unknown'; $AGXGUARD_BENCH_COMMIT wins (a copy
+    of the tree run elsewhere, e.g. from an archive, has no git of its own)."""
+    if os.environ.get("AGXGUARD_BENCH_COMMIT"):
+        return os.environ["AGXGUARD_BENCH_COMMIT"]
     try:
         c = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                            text=True, timeout=10).stdout.strip()
