@@ -8,6 +8,8 @@ sees). One run measures, on the same models and the same device:
     guard_global    the same inside ``agxguard.guard()`` in mode "global"
     batcher         N client threads calling one Batcher(device=...) (pipelined on cuda/mps)
     batcher_async   N coroutines on one event loop awaiting Batcher.acall
+    batcher_nospin  the batcher mode with Batcher(spin_us=0): waiting threads sleep at once
+                    instead of spinning (a design variant for many client threads)
     batcher_half    N client threads, Batcher(max_batch=N/2): two half batches in the
                     pipeline, one collated while the other runs (a design variant)
     offline_sync    1 thread, batches of 8 requests: collate in pinned memory, one copy in,
@@ -59,7 +61,8 @@ except ImportError:
     from agxguard import workloads as W  # noqa: E402
 
 WORKLOADS = ("story_transformer", "small_mlp", "story_var")
-MODES = ("free", "lock", "guard_global", "batcher", "batcher_async", "batcher_half")
+MODES = ("free", "lock", "guard_global", "batcher", "batcher_async", "batcher_half",
+         "batcher_nospin")
 OFFLINE = ("offline_sync", "offline_pipe")
 OFFLINE_BATCH = 8
 VAR_LENGTHS = (8, 32)  # story_var: tokens per request, inclusive
@@ -102,9 +105,8 @@ class Work:
             out = self.fn(d)
         return out.cpu()
 
-    def batcher(self, clients: int, max_batch: Optional[int] = None) -> Batcher:
+    def batcher(self, clients: int, max_batch: Optional[int] = None, **kw: Any) -> Batcher:
         """The Batcher this workload is served by for ``clients`` clients."""
-        kw: dict = {}
         if self.variable:
             kw["pad_dim"] = 1
         dev = self.device.type if self.device.type in ("cuda", "mps") else None
@@ -322,9 +324,10 @@ def measure(work: Work, mode: str, clients: int, seconds: float) -> dict:
         finally:
             if mode == "guard_global":
                 agxguard.set_mode("off")
-    b = work.batcher(clients, max(1, clients // 2) if mode == "batcher_half" else None)
+    b = work.batcher(clients, max(1, clients // 2) if mode == "batcher_half" else None,
+                     **({"spin_us": 0} if mode == "batcher_nospin" else {}))
     try:
-        if mode in ("batcher", "batcher_half"):
+        if mode in ("batcher", "batcher_half", "batcher_nospin"):
             out = run_threads(work, clients, seconds, b)
         else:
             out = run_async(work, b, clients, seconds)

@@ -656,7 +656,8 @@ def test_the_serving_benchmark_runs_every_mode_and_writes_json_and_table(tmp_pat
     data = json.loads(out.read_text())
     assert set(data["results"]) == {"small_mlp", "story_var"}
     for w in data["results"].values():
-        assert set(w["2"]) == {"free", "lock", "guard_global", "batcher", "batcher_async", "batcher_half",
+        assert set(w["2"]) == {"free", "lock", "guard_global", "batcher", "batcher_async",
+                               "batcher_half", "batcher_nospin",
                                "offline_sync", "offline_pipe"}
         assert all(runs[0]["req_s"] > 0 for runs in w["2"].values())
     assert data["results"]["story_var"]["2"]["batcher"][0]["max_abs_diff_vs_alone"] < 1e-3
