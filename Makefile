@@ -33,7 +33,7 @@ bench: build
 	$(PYTHON) benchmarks/efficiency.py --quick
 
 story: build
-	$(PYTHON) -m agxguard story --mode all
+	$(PYTHON) -m agxguard.lab story --mode all
 
 clean:
 	rm -rf build agxguard/*.so csrc/tests/*.bin

@@ -18,41 +18,55 @@ Typical use::
 """
 from __future__ import annotations
 
-import contextlib
-import functools
-import inspect
-import sys
-import types
-from typing import Any, Callable, Dict, Generator, Hashable, Iterator, Optional, TypeVar
+del annotations  # the __future__ feature object, not API (the compiler flag stays)
 
-from . import _C, _config
-from ._C import Guard, Lock, LockTimeout, LockWaitWarning
+# Helper modules and typing names under underscore names: the public namespace
+# (dir(agxguard)) is __all__ and the package's own submodules (tests/test_layout.py).
+import contextlib as _contextlib
+import dataclasses as _dataclasses
+import functools as _functools
+import inspect as _inspect
+import sys as _sys
+import types as _types
+from collections.abc import Hashable as _Hashable
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+from typing import TypeVar as _TypeVar
+
+try:
+    from . import _C
+except ImportError:  # pragma: no cover - exercised in a child by tests/test_build.py
+    import os as _os
+
+    _here = _os.path.dirname(_os.path.abspath(__file__))
+    if not any(f.startswith("_C.") and f.endswith((".so", ".pyd")) for f in _os.listdir(_here)):
+        raise ImportError(
+            f"agxguard's C extension is not built in {_here}. Python imported this source tree "
+            "(it comes first on sys.path and shadows any installed agxguard): build it there with "
+            "'python3 setup.py build_ext --inplace', or run Python from another directory") from None
+    raise
+from . import _config
+from ._C import LockTimeout, LockWaitWarning
 from ._config import ConfigWarning
 from .batcher import Batcher
-from .swizzle import guard_methods, swizzle_available, unguard_methods
+from .swizzle import guard_methods, unguard_methods
 
+if _TYPE_CHECKING:  # annotations only (they are strings at run time)
+    from typing import Any, Callable, Dict, Generator, Iterator, Optional
+
+    from ._C import Guard, Lock
+
+# The documented API, one to one with README.md's "The API in short" (tests/test_layout.py).
 __all__ = [
-    "MODES", "OPS_LEVELS", "set_mode", "get_mode", "mode", "guard", "ops", "use_stream",
-    "set_throttle", "get_throttle", "throttle", "set_lock_timeout", "get_lock_timeout",
-    "stats", "reset_stats", "global_lock", "op_lock", "stream_lock", "stream_key",
-    "Guard", "Lock", "LockTimeout", "LockWaitWarning", "ConfigWarning", "config",
-    "Batcher", "guard_methods", "unguard_methods", "swizzle_available",
-    "complete_story", "comprehensive",
+    "MODES", "set_mode", "get_mode", "mode", "guard", "ops", "use_stream",
+    "set_throttle", "throttle", "set_lock_timeout", "stats", "reset_stats", "status",
+    "global_lock", "op_lock", "stream_lock", "LockTimeout", "LockWaitWarning", "ConfigWarning",
+    "Batcher", "guard_methods", "unguard_methods", "install", "uninstall", "hooks",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # the suites pull in the harness and report modules: load them on first use
-    if name in ("complete_story", "comprehensive"):
-        from . import suites
-
-        return getattr(suites, name)
-    raise AttributeError(f"module 'agxguard' has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
-MODES = _C.MODES
-F = TypeVar("F", bound=Callable[..., Any])
+MODES = _C.MODES  # the one list of the modes, from the C core
+_F = _TypeVar("_F", bound="Callable[..., Any]")
 
 
 def _stepped(g: Guard, it: Any) -> Generator[Any, Any, Any]:
@@ -132,16 +146,16 @@ def _async_generator_wrapper(g: Guard, fn: Callable[..., Any]) -> Callable[..., 
 def _guard_result(g: Guard, result: Any) -> Any:
     """A plain function's result: a generator, coroutine or async generator it
     returned (a partial, a lambda, a factory) gets its body guarded too."""
-    if isinstance(result, types.GeneratorType):
+    if isinstance(result, _types.GeneratorType):
         return _guard_generator(g, result)
-    if isinstance(result, types.CoroutineType):
+    if isinstance(result, _types.CoroutineType):
         return _guard_coroutine(g, result)
-    if isinstance(result, types.AsyncGeneratorType):
+    if isinstance(result, _types.AsyncGeneratorType):
         return _async_generator_wrapper(g, lambda: result)()
     return result
 
 
-def _decorate(g: Guard, fn: F) -> F:
+def _decorate(g: Guard, fn: _F) -> _F:
     """``@guard()``: `fn` runs inside guard `g`, its whole body under the lock.
 
     A generator function, an ``async def`` and an async generator keep their kind,
@@ -150,22 +164,22 @@ def _decorate(g: Guard, fn: F) -> F:
     suspends (so a suspended generator or coroutine holds nothing, and the thread
     that resumes it takes the lock). A function that returns one of these is
     treated the same way for what it returns."""
-    if inspect.isasyncgenfunction(fn):
-        return functools.wraps(fn)(_async_generator_wrapper(g, fn))  # type: ignore[return-value]
-    if inspect.isgeneratorfunction(fn):
-        @functools.wraps(fn)
+    if _inspect.isasyncgenfunction(fn):
+        return _functools.wraps(fn)(_async_generator_wrapper(g, fn))  # type: ignore[return-value]
+    if _inspect.isgeneratorfunction(fn):
+        @_functools.wraps(fn)
         def guarded_generator(*args: Any, **kwargs: Any) -> Any:
             return (yield from _stepped(g, fn(*args, **kwargs)))
 
         return guarded_generator  # type: ignore[return-value]
-    if inspect.iscoroutinefunction(fn):
-        @functools.wraps(fn)
+    if _inspect.iscoroutinefunction(fn):
+        @_functools.wraps(fn)
         async def guarded_coroutine(*args: Any, **kwargs: Any) -> Any:
             return await _SteppedAwaitable(g, fn(*args, **kwargs))
 
         return guarded_coroutine  # type: ignore[return-value]
 
-    @functools.wraps(fn)
+    @_functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:
         with g:
             result = fn(*args, **kwargs)
@@ -180,7 +194,7 @@ def _current_stream_key() -> int:
     """The caller's current stream when none was set with use_stream():
     torch's current CUDA stream once CUDA is initialized, else the default stream 0
     (MPS and CPU have one stream per device)."""
-    torch = sys.modules.get("torch")
+    torch = _sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
         device = getattr(torch._C, "_cuda_getDevice", None)
@@ -211,7 +225,7 @@ def get_mode() -> str:
     return _C.get_mode()
 
 
-@contextlib.contextmanager
+@_contextlib.contextmanager
 def mode(name: str) -> Iterator[str]:
     """``with agxguard.mode("global"):`` switch the mode for the block, then restore."""
     previous = _C.set_mode(name)
@@ -226,7 +240,7 @@ def mode(name: str) -> Iterator[str]:
 _KEY_MIN, _KEY_MAX = -(1 << 63), (1 << 64) - 1
 
 
-def stream_key(stream: Any) -> int:
+def _stream_key(stream: Any) -> int:
     """The 64-bit lock key of a stream: an int from -2**63 to 2**64-1 as is (a
     negative one in two's complement), a torch CUDA stream by its handle, an object
     with ``cuda_stream`` likewise, any other hashable by hash(). Distinct keys with
@@ -244,12 +258,12 @@ def stream_key(stream: Any) -> int:
     handle = getattr(stream, "cuda_stream", None)
     if isinstance(handle, int):
         return handle & 0xFFFFFFFFFFFFFFFF
-    if not isinstance(stream, Hashable):
+    if not isinstance(stream, _Hashable):
         raise TypeError(f"a stream must be an int, a torch stream or hashable, not {type(stream).__name__}")
     return hash(stream) & 0xFFFFFFFFFFFFFFFF
 
 
-@contextlib.contextmanager
+@_contextlib.contextmanager
 def use_stream(stream: Any) -> Iterator[Optional[int]]:
     """Make `stream` this thread's current stream for ``stream`` mode regions and ops
     (CPU threads and the driver model have no stream of their own); yields its key.
@@ -257,7 +271,7 @@ def use_stream(stream: Any) -> Iterator[Optional[int]]:
     ``use_stream(None)`` sets no stream for the block: an outer use_stream() does not
     apply in it, and regions use the caller's current stream as guard(stream=None)
     does (torch's current CUDA stream, else 0); it yields None."""
-    key = None if stream is None else stream_key(stream)
+    key = None if stream is None else _stream_key(stream)
     previous = _C.set_thread_stream(key)
     try:
         yield key
@@ -270,7 +284,7 @@ def use_stream(stream: Any) -> Iterator[Optional[int]]:
 guard = _C.guard  # guard(stream=None) -> Guard; in C, since it sits on every region's path
 
 
-OPS_LEVELS = ("function", "dispatch")
+_OPS_LEVELS = ("function", "dispatch")
 
 
 def ops(pin_cpus: Any = None, level: str = "function") -> Any:
@@ -285,14 +299,14 @@ def ops(pin_cpus: Any = None, level: str = "function") -> Any:
 
     ``pin_cpus`` (Linux, e.g. ``{0}``): pin the thread to these CPUs while inside,
     which makes op-lock handoffs between threads far cheaper on many-core VMs."""
-    if level not in OPS_LEVELS:
-        raise ValueError(f"unknown ops level {level!r}; allowed: {', '.join(OPS_LEVELS)}")
+    if level not in _OPS_LEVELS:
+        raise ValueError(f"unknown ops level {level!r}; allowed: {', '.join(_OPS_LEVELS)}")
     from ._torch import GuardedDispatch, GuardedOps
 
     return (GuardedOps if level == "function" else GuardedDispatch)(pin_cpus)
 
 
-_C._set_helpers(_decorate, stream_key)
+_C._set_helpers(_decorate, _stream_key)
 
 
 # ---------------------------------------------------------------- throttle, waits
@@ -308,25 +322,22 @@ def set_throttle(n: Optional[int]) -> int:
     return _C.set_throttle(n)  # ValueError naming the range outside 0..THROTTLE_MAX
 
 
-def get_throttle() -> int:
-    """The throttle limit (0 = no limit)."""
-    return _C.get_throttle()
-
-
-@contextlib.contextmanager
+@_contextlib.contextmanager
 def throttle(n: Optional[int]) -> Iterator[int]:
     """``with agxguard.throttle(2):`` at most 2 guarded regions at once in the block."""
     previous = set_throttle(n)
     try:
-        yield get_throttle()
+        yield _C.get_throttle()
     finally:
         _C.set_throttle(previous)
 
 
 def set_lock_timeout(timeout_ms: Optional[float] = None, warn_ms: Optional[float] = None,
-                     action: str = "raise") -> None:
+                     action: str = "raise") -> Dict[str, Any]:
     """Warn once when a wait passes `warn_ms`; past `timeout_ms`, raise LockTimeout
     (action="raise") or abort the process (action="abort"). None or 0 turns each off.
+    Returns the previous policy, ``{"timeout_ms", "warn_ms", "action"}`` (pass it back
+    as keywords to restore it; ``status()["lock_timeout"]`` reads the current one).
 
     Each limit is a number of milliseconds from 0.001 (1 us) to 1e12: a positive
     value below 0.001 is refused (ValueError) rather than rounded to no limit, and a
@@ -336,13 +347,15 @@ def set_lock_timeout(timeout_ms: Optional[float] = None, warn_ms: Optional[float
                         f"not {type(action).__name__}")
     if action not in _config.TIMEOUT_ACTIONS:
         raise ValueError(f"unknown timeout action {action!r}; allowed: {', '.join(_config.TIMEOUT_ACTIONS)}")
-    _C.set_wait(warn_ms=warn_ms, timeout_ms=timeout_ms, abort=(action == "abort"))
+    previous = _lock_timeout()
+    _C.set_lock_timeout(warn_ms=warn_ms, timeout_ms=timeout_ms, abort=(action == "abort"))
+    return previous
 
 
-def get_lock_timeout() -> Dict[str, Any]:
-    """The wait policy: ``{"warn_ms", "timeout_ms", "action"}``."""
-    w = _C.get_wait()
-    return {"warn_ms": w["warn_ms"], "timeout_ms": w["timeout_ms"], "action": "abort" if w["abort"] else "raise"}
+def _lock_timeout() -> Dict[str, Any]:
+    """The wait policy: ``{"timeout_ms", "warn_ms", "action"}``."""
+    w = _C.get_lock_timeout()
+    return {"timeout_ms": w["timeout_ms"], "warn_ms": w["warn_ms"], "action": "abort" if w["abort"] else "raise"}
 
 
 # ---------------------------------------------------------------- locks, stats
@@ -358,8 +371,8 @@ def op_lock() -> Lock:
 
 
 def stream_lock(stream: Any) -> Lock:
-    """The lock of a stream (see stream_key)."""
-    return _C.stream_lock(stream_key(stream))
+    """The lock of a stream (see _stream_key: an int, a torch stream, any hashable)."""
+    return _C.stream_lock(_stream_key(stream))
 
 
 def stats() -> Dict[str, Any]:
@@ -378,10 +391,10 @@ def reset_stats() -> None:
 
 # ---------------------------------------------------------------- import-time config
 
-config = _config.from_env()
-_C.set_mode(config.mode)
-_C.set_wait(warn_ms=config.warn_ms, timeout_ms=config.timeout_ms, abort=config.timeout_action == "abort")
-_C.set_throttle(config.throttle)
+_env = _config.from_env()
+_C.set_mode(_env.mode)
+_C.set_lock_timeout(warn_ms=_env.warn_ms, timeout_ms=_env.timeout_ms, abort=_env.timeout_action == "abort")
+_C.set_throttle(_env.throttle)
 
 
 # ---------------------------------------------------------------- driver hooks at import (issue 4)
@@ -391,7 +404,19 @@ _C.set_throttle(config.throttle)
 # Classes of frameworks loaded later (MPS with torch) are hooked as they load.
 # See agxguard/hooks.py.
 from . import hooks as _hooks_module  # noqa: E402
-from .hooks import hooks, install, installed, rediscover, status, uninstall  # noqa: E402
+from .hooks import hooks, install, uninstall  # noqa: E402
 
-__all__ += ["install", "uninstall", "installed", "hooks", "status", "rediscover"]
-_hooks_module._install_at_import(config)
+
+def status() -> Dict[str, Any]:
+    """What agxguard is doing now: ``mode``, ``throttle`` (0 = none), ``lock_timeout``
+    (the wait policy), ``config`` (what the environment asked for at import), and the
+    driver hooks: driver found ('metal' | 'model' | None), ``installed``, why nothing is
+    installed when nothing is, what discovery found, hook counts, image-load watching
+    and the encoder lifecycle counters (see agxguard/hooks.py)."""
+    out: Dict[str, Any] = {"mode": _C.get_mode(), "throttle": _C.get_throttle(),
+                           "lock_timeout": _lock_timeout(), "config": _dataclasses.asdict(_env)}
+    out.update(_hooks_module.status())
+    return out
+
+
+_hooks_module._install_at_import(_env)

@@ -10,7 +10,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
-MODES = ("off", "op", "stream", "global")
+from ._C import MODES  # the one list of modes is the C core's
+
 DEFAULT_MODE = "op"
 TIMEOUT_ACTIONS = ("raise", "abort")
 #: The throttle's range (0 = no limit); the C core enforces the same bounds.

@@ -558,12 +558,11 @@ class Batcher:
         if guard is False or guard is None:
             return None
         if guard is True:
-            import agxguard  # late: the package may still be importing this module
+            # agxguard.guard is the C core's guard(); taken from _C, not from the package,
+            # so that this module does not import the package that imports it
+            from . import _C
 
-            factory = getattr(agxguard, "guard", None)
-            if factory is None:
-                raise RuntimeError("guard=True needs agxguard.guard(), which this build lacks")
-            return factory
+            return _C.guard
         if callable(guard):
             return guard
         raise TypeError(f"guard must be True, False or a callable returning a context manager, "

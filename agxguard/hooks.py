@@ -17,6 +17,12 @@ image-load callback; ``rediscover()`` does the same on demand. Under Metal API
 validation or frame capture (``MTL_DEBUG_LAYER=1``, Xcode) both the validation
 layer's wrapper classes and the AGX classes under them are hooked.
 
+The driver model is not part of the product: it lives in ``agxguard._model``,
+the lab's C module (the model's Python wrapper imports it), which registers the
+model with the product when it loads. ``AGXGUARD_DRIVER=model`` before that
+waits for it: the hook set is installed the moment it registers. The product
+never imports it.
+
 Use ``agxguard.install()``, ``agxguard.status()`` ... (the package exports these
 names; ``agxguard.hooks`` is the function that lists the hooks, so import this
 module's other names with ``from agxguard.hooks import ...``).
@@ -36,9 +42,13 @@ _NO_METAL = ("no supported driver: Metal exists only on macOS with an Apple GPU 
 
 _DISABLED = "disabled by AGXGUARD_DISABLE=1"
 _NONE = "AGXGUARD_DRIVER=none"
+_WAITING = ("AGXGUARD_DRIVER={driver}: waiting for the driver model to load (it is not part of the product: "
+            "import agxguard._model, the lab's module); its hooks are installed when it registers")
 
 # Why nothing is installed (None while installed); set by every install/uninstall.
 _reason: Optional[str] = "not installed yet"
+# A driver asked for by AGXGUARD_DRIVER that was not there yet; installed when it registers.
+_waiting_for: Optional[str] = None
 
 
 def _have_objc() -> bool:
@@ -64,9 +74,10 @@ def install(driver: Optional[str] = None) -> Dict[str, Any]:
     hooks are removed first. Returns {"driver", "new", "hooks", "skipped"}.
     Raises RuntimeError saying why when the driver is not there (no runtime, no
     Metal, no Apple GPU); status() keeps the reason."""
-    global _reason
+    global _reason, _waiting_for
     try:
         d = _pick(driver)
+        _waiting_for = None
         new = int(_C.hooks_install(d))
     except RuntimeError as e:
         if not installed():
@@ -81,8 +92,10 @@ def install(driver: Optional[str] = None) -> Dict[str, Any]:
 def uninstall() -> Dict[str, Any]:
     """Remove every hook of the set (originals restored exactly). Encoders open
     right now are forgotten, their retain kept (a bounded leak, never a use
-    after free). Returns {"driver": what was installed, "removed"}."""
-    global _reason
+    after free). Returns {"driver": what was installed, "removed"}. A driver
+    that AGXGUARD_DRIVER was waiting for is no longer installed when it loads."""
+    global _reason, _waiting_for
+    _waiting_for = None
     if not _have_objc():
         return {"driver": None, "removed": 0}
     was = _C.hooks_driver()
@@ -175,10 +188,14 @@ def _install_at_import(config: Any) -> None:
     if driver == "none":
         _reason = _NONE
         return
+    global _waiting_for
     if not _have_objc():
         _reason = _NO_RUNTIME
     elif driver == "auto" and not getattr(_C, "METAL_SUPPORTED", False):
         _reason = _NO_METAL
+    elif driver == "model" and not _C.hooks_driver_present("model"):
+        _waiting_for, _reason = "model", _WAITING.format(driver=driver)
+        return
     else:
         try:
             install(driver)
@@ -195,3 +212,20 @@ def _install_at_import(config: Any) -> None:
             warnings.warn(f"agxguard: no driver hooks installed on this Mac with a GPU ({', '.join(gpus)}): "
                           f"{_reason}. The GPU driver is not guarded; agxguard.status() has the details "
                           f"(AGXGUARD_DRIVER=none silences this)", RuntimeWarning, stacklevel=3)
+
+
+def _driver_registered(driver: str) -> None:
+    """Called by agxguard._model once it has registered the driver model with
+    the product: install the hook set now when AGXGUARD_DRIVER asked for that
+    driver before it was there. Never raises (it runs inside that import); a
+    failure warns as the import-time install does and is kept for status()."""
+    global _reason
+    if _waiting_for != driver:
+        return
+    try:
+        install(driver)
+    except Exception as e:  # the importing code must not fail for the hooks
+        _reason = f"{type(e).__name__}: {e}" if not isinstance(e, RuntimeError) else str(e)
+        from ._config import ConfigWarning
+        warnings.warn(f"agxguard: AGXGUARD_DRIVER={driver}: no hooks installed: {_reason}", ConfigWarning,
+                      stacklevel=2)

@@ -2,10 +2,10 @@
 
 - ``lock_mode`` fixture: a test that asks for it runs once per selected mode, with
   the mode set for the test and the previous one restored after. Modes come from
-  ``--agxguard-mode=off,op,stream,global`` (or ``all``), else the ini key
+  ``--agxguard-mode=op,global`` (names from agxguard.MODES, or ``all``), else the ini key
   ``agxguard_modes``, else the environment variable ``AGXGUARD_TEST_MODES``, else all.
 - ``@pytest.mark.agxguard_isolated(timeout=...)``: the test body runs in a child
-  process (agxguard.harness); a crash fails the test with the signal's name (an abort
+  process (agxguard's child runner, agxguard/_runner.py); a crash fails the test with the signal's name (an abort
   with the driver's last words, a hang with the child's Python stacks).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ DEFAULT_ISOLATED_TIMEOUT = 300.0
 
 
 def _all_modes() -> List[str]:
-    from agxguard._config import MODES
+    from agxguard import MODES
     return list(MODES)
 
 
@@ -42,8 +42,8 @@ def parse_modes(value: str, source: str) -> List[str]:
 def pytest_addoption(parser):
     group = parser.getgroup("agxguard")
     group.addoption("--agxguard-mode", dest="agxguard_modes", default=None, metavar="MODES",
-                    help="modes for the lock_mode fixture: off,op,stream,global or all "
-                         "(default: ini agxguard_modes, env %s, else all)" % ENV_MODES)
+                    help="modes for the lock_mode fixture: names of agxguard.MODES, comma-"
+                         "separated, or all (default: ini agxguard_modes, env %s, else all)" % ENV_MODES)
     parser.addini("agxguard_modes", "modes for the lock_mode fixture (comma-separated or all)",
                   default=None)
     parser.addini("agxguard_isolated_timeout",
@@ -115,18 +115,18 @@ def _plugin_args(config) -> List[str]:
 def pytest_pyfunc_call(pyfuncitem):
     if os.environ.get(ENV_CHILD) or pyfuncitem.get_closest_marker("agxguard_isolated") is None:
         return None
-    from agxguard import harness
+    from agxguard import _runner
     config = pyfuncitem.config
     args = _plugin_args(config) + [
         "-p", "no:cacheprovider", "-q", "-s", "--no-header", "-rN",
         "--agxguard-mode=%s" % ",".join(config._agxguard_modes),
         "--rootdir", str(config.rootpath), pyfuncitem.nodeid]
     env = dict(os.environ, **{ENV_CHILD: "1"})
-    rec = harness.run_in_child(_run_child_pytest, {"args": args, "cwd": str(config.rootpath)},
+    rec = _runner.run_in_child(_run_child_pytest, {"args": args, "cwd": str(config.rootpath)},
                                timeout=_isolated_timeout(pyfuncitem), env=env,
                                cwd=str(config.rootpath))
     attempt = rec.attempts[-1]
-    if attempt.status == "passed":
+    if attempt.outcome == "passed":
         outcome = attempt.value or {}
         if outcome.get("outcome") == "skipped":
             pytest.skip("(in child process) %s" % outcome.get("reason", ""))
@@ -138,9 +138,9 @@ def pytest_pyfunc_call(pyfuncitem):
         pytest.fail("child pytest ran no test for %s (exit status %s):\n%s"
                     % (pyfuncitem.nodeid, outcome.get("exitstatus"), outcome.get("output", "")),
                     pytrace=False)
-    detail = attempt.stacks if attempt.status == "hang" else attempt.stderr_tail
+    detail = attempt.stacks if attempt.outcome == "hang" else attempt.stderr_tail
     pytest.fail("%s in its child process (agxguard_isolated)\n%s"
-                % (attempt.describe(), (detail or attempt.traceback or "")[-3000:]), pytrace=False)
+                % (attempt.describe(), _runner.clip(detail or attempt.traceback or "")), pytrace=False)
 
 
 class _Outcome:
@@ -162,7 +162,7 @@ class _Outcome:
 
 
 def _run_child_pytest(case: Dict[str, Any]) -> Dict[str, Any]:
-    """Harness target: run one test id with pytest in this (child) process."""
+    """Runner target: run one test id with pytest in this (child) process."""
     import io
     import contextlib
     os.chdir(case["cwd"])

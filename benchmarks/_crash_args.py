@@ -3,7 +3,7 @@ build has no driver model."""
 import argparse
 import sys
 
-from agxguard import model
+from agxguard.lab import model
 
 
 def parse(doc: str, default_runs: int) -> argparse.Namespace:

@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from agxguard import workloads as W  # noqa: E402
+from agxguard.lab import workloads as W  # noqa: E402
 from agxguard.batcher import Batcher  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """Efficiency vs threads, side by side, for every way of running GPU work from threads.
 
-One run measures, on the same models (agxguard.workloads) and the same device:
+One run measures, on the same models (agxguard.lab.workloads) and the same device:
 
     free        N threads, no lock                     (one model per thread)
     lock        N threads, one threading.Lock around each request
@@ -59,7 +59,7 @@ sys.path.insert(0, ROOT)
 
 try:  # the package with its C core
     import agxguard  # noqa: E402
-    from agxguard import workloads as W  # noqa: E402
+    from agxguard.lab import workloads as W  # noqa: E402
     from agxguard.batcher import Batcher  # noqa: E402
     AGX_ERROR: Optional[str] = None
 except ImportError as exc:  # not built: measure what does not need the C core
@@ -135,7 +135,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="op config: agxguard.ops(pin_cpus=...) in each worker, e.g. 0 (Linux)")
     p.add_argument("--heir-seat", choices=("on", "off"), default="on",
                    help="off: every Python waiter watches a contended lock (measuring what the "
-                        "heir seat buys; agxguard._C._set_heir_seat)")
+                        "heir seat buys; agxguard._model._set_heir_seat)")
     p.add_argument("--batcher-guard", default=None, metavar="MODE",
                    help="run the Batcher's batches inside agxguard.guard() in this mode")
     p.add_argument("--streams", choices=("auto", "per-thread", "shared"), default="auto",
@@ -689,7 +689,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch  # noqa: F401  (after option errors, which need no torch)
 
     if agxguard is not None:
-        agxguard._C._set_heir_seat(opts.heir_seat == "on")
+        from agxguard import _model as lab  # the lab's knobs (not part of the product)
+        lab._set_heir_seat(opts.heir_seat == "on")
     info = machine_info(opts)
     log(f"agxguard efficiency benchmark: device {info['device']} ({info['device_name']}), "
         f"torch {info['torch']}, python {info['python']}, {info['cpu_count']} cpus")

@@ -11,7 +11,7 @@ import platform
 import sys
 import time
 
-from agxguard import model
+from agxguard.lab import model
 
 import _crash_args  # benchmarks/_crash_args.py, beside this script
 
@@ -56,8 +56,8 @@ def main() -> int:
     t0 = time.monotonic()
     for name, bugs, mode, kw in ROWS:
         outcomes, messages, lc_ok = run_row(bugs, mode, kw, a.runs, a.threads, a.iterations, a.window_yields)
-        crashed = a.runs - outcomes["ok"]
-        print(f"{name:30} {mode:7} {crashed:>5}/{a.runs:<3} {crashed / a.runs:>7.1%} {lc_ok:>8}/{outcomes['ok']:<6}"
+        crashed = a.runs - outcomes["passed"]
+        print(f"{name:30} {mode:7} {crashed:>5}/{a.runs:<3} {crashed / a.runs:>7.1%} {lc_ok:>8}/{outcomes['passed']:<6}"
               f"  {dict(outcomes)}", flush=True)
         rows.append({"race_class": name, "bugs": bugs, "mode": mode, "runs": a.runs, "crashed": crashed,
                      "outcomes": dict(outcomes), "lifecycle_balanced_runs": lc_ok,

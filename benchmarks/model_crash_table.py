@@ -8,7 +8,7 @@ import json
 import platform
 import sys
 
-from agxguard import model
+from agxguard.lab import model
 
 import _crash_args  # benchmarks/_crash_args.py, beside this script
 
@@ -35,7 +35,7 @@ def main() -> int:
         b = dict(bugs, **extra_bugs)
         outcomes, messages, _ = model.tally_in_child(mode, a.runs, message_chars=90, threads=a.threads,
                                                      iterations=a.iterations, bugs=b, timeout=60, **kw)
-        crashed = a.runs - outcomes["ok"]
+        crashed = a.runs - outcomes["passed"]
         queues = "per-thread" if kw.get("shared_queue") is False else "shared"
         bug_note = "all" if not extra_bugs else "all but " + ",".join(k for k, v in extra_bugs.items() if not v)
         print(f"{mode:7} {queues:9} {bug_note:16} {crashed:>5}/{a.runs:<3} {crashed / a.runs:>7.1%}  {dict(outcomes)}")

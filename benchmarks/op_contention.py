@@ -21,7 +21,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import agxguard  # noqa: E402
-from agxguard import workloads as W  # noqa: E402
+import agxguard._model  # noqa: E402
+from agxguard.lab import workloads as W  # noqa: E402
 
 
 def run(models, inputs, sync_of, n: int, duration: float, op: bool, pin=None) -> float:
@@ -114,8 +115,8 @@ def main() -> int:
             return torch.cuda.current_stream().synchronize
         return lambda: None
 
-    default_spin = agxguard._C._set_heir_spin_us(0)
-    agxguard._C._set_heir_spin_us(default_spin)
+    default_spin = agxguard._model._set_heir_spin_us(0)
+    agxguard._model._set_heir_spin_us(default_spin)
     # (name, op mode?, pin set, heir seat?, heir spin us)
     variants = [("free", False, None, True, default_spin), ("op", True, None, True, default_spin)]
     if not a.no_heir_variant:
@@ -130,8 +131,8 @@ def main() -> int:
     stats = {v[0]: [] for v in variants}
     for rep in range(a.repeats):
         for name, op, pin, heir, spin in variants:
-            agxguard._C._set_heir_seat(heir)
-            agxguard._C._set_heir_spin_us(spin)
+            agxguard._model._set_heir_seat(heir)
+            agxguard._model._set_heir_spin_us(spin)
             agxguard.set_mode("op" if op else "off")
             agxguard.reset_stats()
             t0 = time.perf_counter()
@@ -143,8 +144,8 @@ def main() -> int:
             stats[name].append((acq / max(requests, 1), st["contentions"] / max(acq, 1),
                                 st["wait_ns"] / max(st["contentions"], 1) / 1000,
                                 st["hold_ns"] / max(acq, 1) / 1000))
-        agxguard._C._set_heir_seat(True)
-        agxguard._C._set_heir_spin_us(default_spin)
+        agxguard._model._set_heir_seat(True)
+        agxguard._model._set_heir_spin_us(default_spin)
         print(f"round {rep + 1}: " + ", ".join(f"{k} {v[-1]:,.0f}" for k, v in results.items()), flush=True)
     agxguard.set_mode("off")
     free = results["free"]

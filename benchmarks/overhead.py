@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import agxguard  # noqa: E402
-from agxguard import _C  # noqa: E402
+from agxguard import _C, _model  # noqa: E402
 
 
 class Trivial:
@@ -72,7 +72,7 @@ def measure(n: int, repeats: int) -> dict:
         for m in agxguard.MODES:
             with agxguard.mode(m):
                 keep(f"with agxguard.guard() [{m}]", _loop_guard(n))
-        keep("C lock path (try+release, no Python)", _C.c_lock_ns(n * 10))
+        keep("C lock path (try+release, no Python)", _model.c_lock_ns(n * 10))
         keep("empty loop", _loop_empty(n))
     return best
 

@@ -18,7 +18,8 @@ import platform
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from agxguard import _C, model  # noqa: E402
+from agxguard import _C, _model  # noqa: E402
+from agxguard.lab import model  # noqa: E402
 
 FAKE_BASE = 0x5A5A_0000_0000  # addresses no real object has: the table only stores them
 
@@ -35,7 +36,7 @@ def fill(n: int, start: int) -> int:
     failed = 0
     for i in range(start, start + n):
         try:
-            _C.swizzle_set_stream(FAKE_BASE + 16 * i, i)
+            _model.swizzle_set_stream(FAKE_BASE + 16 * i, i)
         except RuntimeError:
             failed += 1
     return failed
@@ -60,7 +61,7 @@ def main() -> int:
     empty = {t: min(ns_per_op(t, a.ops) for _ in range(a.repeats)) for t in threads}
     failed = fill(a.fill, 0)
     full = {t: min(ns_per_op(t, a.ops) for _ in range(a.repeats)) for t in threads}
-    table = _C.swizzle_stream_table() if hasattr(_C, "swizzle_stream_table") else None
+    table = _model.swizzle_stream_table() if hasattr(_model, "swizzle_stream_table") else None
     print(f"driver model (not Apple hardware), {platform.node()} {platform.machine()}, stream mode, "
           f"{a.ops} ops, best of {a.repeats}")
     print(f"fill: {a.fill} objects, {failed} inserts failed; table: {table}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up agxguard on a fresh machine: the Objective-C runtime (Debian: apt),
+# Set up agxguard on a fresh machine: the Objective-C runtime and libffi (Debian: apt),
 # Python packages (pip), and the C extension built in place.
 # macOS needs only the Xcode command line tools (xcode-select --install):
 # Apple's Objective-C runtime and Metal come with the system.
@@ -25,6 +25,17 @@ if [ "$(uname -s)" = Linux ] && ! have_objc; then
     apt_install gobjc libobjc-12-dev ||
         echo "setup: could not install the Objective-C runtime; building without swizzling and the driver model"
 fi
+have_ffi() {
+    printf '#include <ffi.h>\nint main(void){return 0;}\n' |
+        ${CC:-cc} -x c - -o /dev/null -lffi >/dev/null 2>&1
+}
+
+# libffi: the swizzle engine's general forwarder (methods with no typed wrapper); macOS ships it
+if [ "$(uname -s)" = Linux ] && ! have_ffi; then
+    echo "setup: installing libffi (libffi-dev) with apt"
+    apt_install libffi-dev ||
+        echo "setup: could not install libffi; methods with no typed wrapper will not be guardable"
+fi
 # a distribution's Python may lack pip or its C headers
 $PYTHON -m pip --version >/dev/null 2>&1 || $PYTHON -m ensurepip --upgrade >/dev/null 2>&1 ||
     apt_install python3-pip || { echo "setup: pip is missing and could not be installed"; exit 1; }
@@ -40,6 +51,14 @@ $PYTHON -c "import setuptools, wheel" 2>/dev/null || pip_install setuptools whee
 # the macOS cross-build check (make macos-check, part of the tests): Apple's headers
 # come with the pinned ziglang, and macholib reads the bundle's symbols
 $PYTHON -c "import ziglang, macholib" 2>/dev/null || pip_install -r scripts/macos-check-requirements.txt
-pip_install --no-build-isolation --no-deps -e .
-$PYTHON setup.py build_ext --inplace -q
-$PYTHON -c "import agxguard; print('setup: agxguard', agxguard.__version__, '| swizzling:', agxguard.swizzle_available())"
+# the import-graph check of the tests (tests/test_layout.py: no import circles, the
+# product never imports the lab) reads the sources with the pinned grimp
+$PYTHON -c "import grimp" 2>/dev/null || pip_install -r scripts/layout-check-requirements.txt
+# compiler command lines go to a log, shown only when the build fails
+BUILD_LOG=$(mktemp)
+quiet() { "$@" >"$BUILD_LOG" 2>&1 || { cat "$BUILD_LOG"; echo "setup: failed: $*"; exit 1; }; }
+quiet pip_install --no-build-isolation --no-deps -e .
+quiet $PYTHON setup.py build_ext --inplace -q
+grep -h "^agxguard: " "$BUILD_LOG" || true
+rm -f "$BUILD_LOG"
+$PYTHON -c "import agxguard; print('setup: agxguard', agxguard.__version__, '| swizzling:', agxguard.status()['runtime'] or 'unavailable')"

@@ -10,20 +10,20 @@ from typing import Dict, Hashable, Optional
 import pytest
 
 import agxguard
+import agxguard._model
 
 
 @pytest.fixture(autouse=True)
 def clean_agxguard():
     mode = agxguard.set_mode("off")
     throttle = agxguard.set_throttle(0)
-    wait = agxguard.get_lock_timeout()
-    agxguard.set_lock_timeout(None, None)
+    wait = agxguard.set_lock_timeout(None, None)
     agxguard.reset_stats()
     yield
-    assert agxguard._C.region_depth() == 0, "a test left a guarded region open"
+    assert agxguard._model.region_depth() == 0, "a test left a guarded region open"
     agxguard.set_mode(mode)
     agxguard.set_throttle(throttle)
-    agxguard.set_lock_timeout(wait["timeout_ms"], wait["warn_ms"], wait["action"])
+    agxguard.set_lock_timeout(**wait)
 
 
 class OverlapDetector:

@@ -8,7 +8,9 @@ import sys
 import pytest
 
 import agxguard._C as C
-from agxguard import model, swizzle
+import agxguard._model as M
+from agxguard import swizzle
+from agxguard.lab import model
 
 pytestmark = pytest.mark.skipif(not swizzle.swizzle_available(),
                                 reason="this build has no Objective-C runtime (install gobjc, libobjc-12-dev)")
@@ -20,12 +22,12 @@ pytestmark = pytest.mark.skipif(not swizzle.swizzle_available(),
 # so that the debug layer stays out of this process.
 ROOTS_CHILD = """
 import json
-import agxguard._C as C
-C.model_run_op(0, 2.0, 4)
-C.model_load_image("mps")
-C.swizzle_probe_call(0)
-C.objc_make_race_class("AGXInitRace", 1)
-print(json.dumps(C.objc_root_classes()))
+import agxguard._model as M
+M.model_run_op(0, 2.0, 4)
+M.model_load_image("mps")
+M.swizzle_probe_call(0)
+M.objc_make_race_class("AGXInitRace", 1)
+print(json.dumps(M.objc_root_classes()))
 """
 
 
@@ -86,7 +88,7 @@ def test_apple_arm64_accepts_narrow_arguments_in_registers(types):
 
 
 def test_the_host_abi_is_one_the_classifier_knows():
-    assert C.swizzle_host_abi() in swizzle.ABIS
+    assert M.swizzle_host_abi() in swizzle.ABIS
 
 
 def test_an_unknown_abi_is_refused_naming_the_allowed_ones():

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from agxguard import workloads  # noqa: E402
+from agxguard.lab import workloads  # noqa: E402
 from agxguard.batcher import Batcher  # noqa: E402
 from conftest import run_threads  # noqa: E402
 

@@ -64,7 +64,7 @@ def test_batch_anatomy_reports_each_part():
 
 @pytest.mark.parametrize("script", ["benchmarks/model_crash_table.py", "benchmarks/hooks_crash_table.py"])
 def test_crash_tables_run_one_child_per_row(script):
-    from agxguard import model
+    from agxguard.lab import model
 
     if not model.available():
         pytest.skip("the driver model needs an Objective-C runtime (Debian: gobjc, libobjc-12-dev)")
@@ -72,3 +72,13 @@ def test_crash_tables_run_one_child_per_row(script):
     assert "driver model (not Apple hardware)" in text
     assert "global" in text
     assert re.search(r" [01]/1 ", text), text  # one child run per row, crashed or not
+
+
+def test_forwarder_benchmark_reports_each_variant():
+    M = pytest.importorskip("agxguard._model", reason="the lab's module agxguard._model is not built")
+    if not hasattr(M, "forward_bench"):
+        pytest.skip("this build has no Objective-C runtime: no forwarder probes")
+    text = run("benchmarks/forwarder.py", "--calls", "2000", "--rounds", "1")
+    for name in ("unhooked", "typed wrapper", "forwarder (libffi)", "copy: unhooked", "copy: forwarder"):
+        assert f" {name} " in text, (name, text)
+    assert "command: python benchmarks/forwarder.py" in text and "commit: " in text

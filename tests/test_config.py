@@ -54,7 +54,7 @@ def test_bad_value_warns_naming_it_and_uses_the_default(name, value, allowed):
 def test_import_with_bad_values_warns_and_still_works():
     env = dict(os.environ, AGXGUARD_MODE="bogus", AGXGUARD_LOCK_TIMEOUT_MS="x", PYTHONPATH=ROOT)
     code = ("import json, warnings, agxguard; "
-            "print(json.dumps([agxguard.get_mode(), agxguard.get_lock_timeout()['timeout_ms']]))")
+            "print(json.dumps([agxguard.get_mode(), agxguard.status()['lock_timeout']['timeout_ms']]))")
     r = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -66,7 +66,7 @@ def test_import_applies_mode_throttle_and_timeouts():
     env = dict(os.environ, AGXGUARD_MODE="stream", AGXGUARD_THROTTLE="3", AGXGUARD_LOCK_WARN_MS="100",
                AGXGUARD_LOCK_TIMEOUT_MS="2000", AGXGUARD_LOCK_TIMEOUT_ACTION="abort", PYTHONPATH=ROOT)
     code = ("import json, agxguard; "
-            "print(json.dumps([agxguard.get_mode(), agxguard.get_throttle(), agxguard.get_lock_timeout()]))")
+            "print(json.dumps([agxguard.get_mode(), agxguard.status()['throttle'], agxguard.status()['lock_timeout']]))")
     r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     mode, throttle, wait = json.loads(r.stdout.strip().splitlines()[-1])

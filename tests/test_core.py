@@ -15,6 +15,7 @@ import warnings
 import pytest
 
 import agxguard
+import agxguard._model
 from conftest import run_threads, another_thread_can_take_the_global_lock
 
 THREADS = 8
@@ -75,7 +76,7 @@ def test_stream_mode_uses_the_threads_current_stream(detector):
 
 def test_call_site_in_op_mode_serializes_calls(detector):
     agxguard.set_mode("op")
-    call = agxguard.Guard(site="call").call
+    call = agxguard._C.Guard(site="call").call
 
     def worker(i):
         for _ in range(ITERS):
@@ -121,7 +122,7 @@ def test_exception_inside_region_releases_the_lock():
         with agxguard.guard():
             1 / 0
     assert not agxguard.global_lock().locked()
-    assert agxguard._C.region_depth() == 0
+    assert agxguard._model.region_depth() == 0
 
 
 def test_keyboard_interrupt_inside_region_releases_the_lock():

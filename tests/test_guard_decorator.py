@@ -11,6 +11,7 @@ import threading
 import pytest
 
 import agxguard
+import agxguard._model
 from conftest import run_threads, another_thread_can_take_the_global_lock
 
 TIMEOUT = 30
@@ -110,7 +111,7 @@ def test_an_exception_in_a_guarded_generator_releases_the_lock(global_mode):
     with pytest.raises(ValueError, match="boom"):
         next(it)
     assert not agxguard.global_lock().locked()
-    assert agxguard._C.region_depth() == 0
+    assert agxguard._model.region_depth() == 0
 
 
 def test_a_generator_resumed_on_another_thread_leaves_no_lock_held(global_mode):

@@ -12,6 +12,7 @@ import threading
 import pytest
 
 import agxguard
+import agxguard._model
 from agxguard import _config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +32,7 @@ def _child(code: str, env: dict = None) -> subprocess.CompletedProcess:
 
 _IMPORT_AND_REPORT = (
     "import json, agxguard; "
-    "print(json.dumps([agxguard.get_mode(), agxguard.get_throttle(), agxguard.get_lock_timeout()]))")
+    "print(json.dumps([agxguard.get_mode(), agxguard.status()['throttle'], agxguard.status()['lock_timeout']]))")
 _DEFAULTS = ["op", 0, {"warn_ms": None, "timeout_ms": None, "action": "raise"}]
 
 # Every variable agxguard reads at import, with values that are out of range, of the
@@ -85,7 +86,7 @@ def test_environment_limits_are_the_ones_the_core_enforces():
     with pytest.raises(ValueError):
         agxguard.set_throttle(_config.THROTTLE_MAX + 1)
     agxguard.set_lock_timeout(_config.WAIT_MS_MIN, _config.WAIT_MS_MAX)
-    assert agxguard.get_lock_timeout()["timeout_ms"] == pytest.approx(_config.WAIT_MS_MIN)
+    assert agxguard.status()["lock_timeout"]["timeout_ms"] == pytest.approx(_config.WAIT_MS_MIN)
     for bad in (_config.WAIT_MS_MIN / 2, _config.WAIT_MS_MAX * 2):
         with pytest.raises(ValueError):
             agxguard.set_lock_timeout(bad)
@@ -99,7 +100,7 @@ def test_a_long_bad_environment_value_is_shortened_in_the_warning():
 
 # ---------------------------------------------------------------- point 5: the type-encoding parser
 
-needs_objc = pytest.mark.skipif(not agxguard.swizzle_available(),
+needs_objc = pytest.mark.skipif(not agxguard.swizzle.swizzle_available(),
                                 reason="this build has no Objective-C runtime (no swizzle engine)")
 
 DEEP_ENCODINGS = {
@@ -162,7 +163,7 @@ def test_a_tiny_positive_timeout_is_refused_not_turned_off(value):
         agxguard.set_lock_timeout(value)
     with pytest.raises(ValueError, match=r"0\.001 to 1e\+12"):
         agxguard.set_lock_timeout(None, warn_ms=value)
-    assert agxguard.get_lock_timeout()["timeout_ms"] is None
+    assert agxguard.status()["lock_timeout"]["timeout_ms"] is None
 
 
 @pytest.mark.parametrize("value", [True, False])
@@ -172,7 +173,7 @@ def test_a_bool_timeout_is_refused(value):
     with pytest.raises(TypeError, match="bool"):
         agxguard.set_lock_timeout(None, warn_ms=value)
     with pytest.raises(TypeError, match="bool"):
-        agxguard._C.set_wait(timeout_ms=value)
+        agxguard._C.set_lock_timeout(timeout_ms=value)
 
 
 @pytest.mark.parametrize("value", [10**400, float("inf"), float("nan"), -1, 1e12 * 1.5])
@@ -183,9 +184,9 @@ def test_an_out_of_range_timeout_names_the_range(value):
 
 def test_timeouts_in_range_apply():
     agxguard.set_lock_timeout(0.001, 2.5)
-    assert agxguard.get_lock_timeout() == {"timeout_ms": pytest.approx(0.001), "warn_ms": 2.5, "action": "raise"}
+    assert agxguard.status()["lock_timeout"] == {"timeout_ms": pytest.approx(0.001), "warn_ms": 2.5, "action": "raise"}
     agxguard.set_lock_timeout(0, 0)  # 0 is off, as None
-    assert agxguard.get_lock_timeout() == {"timeout_ms": None, "warn_ms": None, "action": "raise"}
+    assert agxguard.status()["lock_timeout"] == {"timeout_ms": None, "warn_ms": None, "action": "raise"}
 
 
 @pytest.mark.parametrize("value", ["raise\x00", b"raise", None, ["raise"]])
@@ -199,7 +200,7 @@ def test_an_out_of_range_throttle_names_the_range(value):
     for setter in (agxguard.set_throttle, agxguard._C.set_throttle):
         with pytest.raises(ValueError, match="0 .*to 1000000"):
             setter(value)
-    assert agxguard.get_throttle() == 0
+    assert agxguard.status()["throttle"] == 0
 
 
 @pytest.mark.parametrize("value", [True, 2.0, "2"])
@@ -211,7 +212,7 @@ def test_a_throttle_that_is_not_an_int_is_a_type_error(value):
 
 def test_a_thread_cannot_leave_another_threads_region():
     agxguard.set_mode("global")
-    theirs = agxguard.Guard()
+    theirs = agxguard._C.Guard()
     entered, release, done = threading.Event(), threading.Event(), threading.Event()
 
     def owner():
@@ -226,10 +227,10 @@ def test_a_thread_cannot_leave_another_threads_region():
     try:
         assert entered.wait(30)
         with agxguard.guard(stream=7) as mine:
-            depth = agxguard._C.region_depth()
+            depth = agxguard._model.region_depth()
             with pytest.raises(RuntimeError, match="did not enter"):
                 theirs.__exit__(None, None, None)
-            assert agxguard._C.region_depth() == depth, "another thread's exit popped this thread's region"
+            assert agxguard._model.region_depth() == depth, "another thread's exit popped this thread's region"
         with pytest.raises(RuntimeError):
             theirs.__exit__(None, None, None)  # this thread is in no region at all
     finally:
@@ -240,13 +241,13 @@ def test_a_thread_cannot_leave_another_threads_region():
 
 
 def test_regions_are_left_innermost_first():
-    outer, inner = agxguard.Guard(), agxguard.Guard(stream=3)
+    outer, inner = agxguard._C.Guard(), agxguard._C.Guard(stream=3)
     with outer:
         inner.__enter__()
         with pytest.raises(RuntimeError, match="did not enter"):
             outer.__exit__(None, None, None)
         inner.__exit__(None, None, None)
-    assert agxguard._C.region_depth() == 0
+    assert agxguard._model.region_depth() == 0
 
 
 def test_the_shared_guard_is_left_by_each_thread_that_entered_it():
@@ -259,7 +260,7 @@ def test_the_shared_guard_is_left_by_each_thread_that_entered_it():
             with agxguard.guard():
                 with agxguard.guard():
                     pass
-        done.append(agxguard._C.region_depth())  # each thread left every region it entered
+        done.append(agxguard._model.region_depth())  # each thread left every region it entered
 
     from conftest import run_threads
     run_threads(4, body)
@@ -271,11 +272,11 @@ def test_use_stream_none_means_no_explicit_stream():
     with agxguard.use_stream(5):
         with agxguard.use_stream(None) as key:
             assert key is None
-            assert agxguard._C.get_thread_stream() is None
-        assert agxguard._C.get_thread_stream() == 5
+            assert agxguard._model.get_thread_stream() is None
+        assert agxguard._model.get_thread_stream() == 5
 
 
-@pytest.mark.parametrize("fn", [agxguard.stream_key, agxguard.stream_lock])
+@pytest.mark.parametrize("fn", [agxguard._stream_key, agxguard.stream_lock])
 def test_a_none_stream_key_is_refused(fn):
     with pytest.raises(TypeError, match="None"):
         fn(None)
@@ -283,16 +284,16 @@ def test_a_none_stream_key_is_refused(fn):
 
 @pytest.mark.parametrize("value", [2**64, -2**63 - 1, 10**30])
 def test_a_stream_int_outside_64_bits_is_refused(value):
-    for call in (agxguard.stream_key, agxguard.stream_lock, agxguard.guard, agxguard.Guard,
+    for call in (agxguard._stream_key, agxguard.stream_lock, agxguard.guard, agxguard._C.Guard,
                  agxguard._C.stream_lock, agxguard._C.set_thread_stream):
         with pytest.raises(ValueError, match="64"):
             call(value)
 
 
 def test_stream_ints_at_the_ends_of_the_range_are_keys():
-    assert agxguard.stream_key(2**64 - 1) == 2**64 - 1
-    assert agxguard.stream_key(-2**63) == 2**63
-    assert agxguard.stream_key(-1) == 2**64 - 1
+    assert agxguard._stream_key(2**64 - 1) == 2**64 - 1
+    assert agxguard._stream_key(-2**63) == 2**63
+    assert agxguard._stream_key(-1) == 2**64 - 1
 
 
 @pytest.mark.parametrize("selectors,words", [

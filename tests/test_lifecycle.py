@@ -18,7 +18,8 @@ import textwrap
 import pytest
 
 import agxguard._C as C
-from agxguard import model
+import agxguard._model as M
+from agxguard.lab import model
 
 pytestmark = pytest.mark.skipif(not model.available(),
                                 reason="this build has no Objective-C runtime (install gobjc, libobjc-12-dev)")
@@ -43,9 +44,9 @@ def child(code, driver="model", timeout=60, **env):
 
 PRELUDE = """
     import json, sys, threading, time
-    import agxguard, agxguard._C as C
-    S = C.model_send
-    dev = C.model_device()
+    import agxguard, agxguard._C as C, agxguard._model as M
+    S = M.model_send
+    dev = M.model_device()
 """
 
 
@@ -77,13 +78,13 @@ def test_the_model_reports_a_call_on_an_encoder_after_its_end():
 
 
 def test_the_model_has_every_factory_and_end_path_on_both_encoders():
-    C.model_device()  # the classes exist once the model does
+    M.model_device()  # the classes exist once the model does
     classes = model.classes()
     for role in ("compute_encoder", "blit_encoder"):
         for sel in ("endEncoding", "deferredEndEncoding", "dealloc"):
-            assert C.objc_method_imp(classes[role], sel)
+            assert M.objc_method_imp(classes[role], sel)
     for sel, _ in FACTORIES:
-        assert C.objc_method_imp(classes["command_buffer"], sel)
+        assert M.objc_method_imp(classes["command_buffer"], sel)
 
 
 def test_the_queue_blocks_at_its_maximum_until_a_completion_frees_a_slot():
@@ -182,7 +183,7 @@ DEADLOCK = """
     agxguard.set_mode(mode)
     KEY = 0x51AB
     q = S(dev, "newCommandQueueWithMaxCommandBufferCount:", 1)
-    C.swizzle_set_stream(q, KEY)
+    M.swizzle_set_stream(q, KEY)
     ev = S(dev, "newSharedEvent")
     # cb1 takes the only slot; on the GPU it waits for `ev`, so it completes (and its
     # encoder is dealloc'd and its slot freed, on the driver's completion thread) only

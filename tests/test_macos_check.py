@@ -38,6 +38,17 @@ def test_a_symbol_macos_does_not_provide_fails_the_check(tmp_path):
     assert "does not provide: sched_getaffinity" in out, out
 
 
+def test_the_model_bundle_linking_a_product_function_fails_the_check(tmp_path):
+    # _model must reach _C through the capsule agxguard._C._capi: a direct call to
+    # a product function compiles (its header is on _model's include path) and is
+    # caught only as an undefined symbol of the _model bundle
+    src = extra(tmp_path, '#include "guard.h"\nint agx_model_depth_by_link(void) { return agx_region_depth(); }\n')
+    rc, out = run_check("--arch", "aarch64", "--extra-model-source", src)
+    assert rc == 1, out
+    assert "aarch64-macos: OK: _C" in out, out
+    assert "_model: FAILED" in out and "agx_region_depth" in out and "agxguard._C._capi" in out, out
+
+
 def test_a_linux_only_type_fails_the_check(tmp_path):
     src = extra(tmp_path, "#include <pthread.h>\nint agx_n(pthread_barrier_t *b) { return b != 0; }\n")
     rc, out = run_check("--arch", "x86_64", "--extra-source", src)
@@ -58,3 +69,27 @@ def test_a_warning_fails_the_check(tmp_path):
 def test_bad_arguments_are_refused_naming_the_value(args, word):
     rc, out = run_check(*args)
     assert rc == 2 and word in out, out
+
+
+def _check_module():
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        import macos_check
+    finally:
+        sys.path.pop(0)
+    return macos_check
+
+
+@pytest.mark.parametrize("arch", ["aarch64", "x86_64"])
+def test_libffi_is_allowed_from_its_own_header_not_from_libsystem(arch):
+    """The forwarder's libffi calls are provided by /usr/lib/libffi.dylib (their
+    names from libffi's header for the target); libSystem exports none of them,
+    and a name the header does not declare is still missing."""
+    m = _check_module()
+    ffi = m.ffi_exports(arch)
+    assert {"ffi_prep_cif", "ffi_call", "ffi_closure_alloc", "ffi_closure_free", "ffi_prep_closure_loc",
+            "ffi_type_pointer", "ffi_type_uint64", "ffi_type_double"} <= ffi
+    libsystem = m.libsystem_exports(m.zig_root(), arch)
+    assert not {s for s in libsystem if s.startswith("_ffi_")}
+    groups, missing = m.classify({"_ffi_call", "_ffi_type_sint8", "_ffi_made_up"}, libsystem, set(), ffi)
+    assert groups["libffi"] == ["ffi_call", "ffi_type_sint8"] and missing == ["ffi_made_up"]

@@ -19,7 +19,8 @@ import time
 import pytest
 
 import agxguard
-from agxguard import model
+import agxguard._model
+from agxguard.lab import model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAMMER_S = float(os.environ.get("AGXGUARD_HAMMER_S", "1.0"))
@@ -30,13 +31,13 @@ HAMMER_S = float(os.environ.get("AGXGUARD_HAMMER_S", "1.0"))
 _CHILD = textwrap.dedent(r"""
     import json, random, sys, threading, time
     import agxguard
-    from agxguard import _C
+    from agxguard import _C, _model
     cfg = json.loads(sys.argv[1])
     agxguard.set_throttle(cfg["throttle"])
     agxguard.set_mode(cfg["start"])
     use_model = cfg["model"]
     if use_model:
-        from agxguard import model
+        from agxguard.lab import model
         model.configure(**{b: False for b in model.BUGS})
         model.hook()
     stop = threading.Event()
@@ -82,7 +83,7 @@ _CHILD = textwrap.dedent(r"""
     sw.join()
     print("NESTED-RESULT " + json.dumps({"done": done, "errors": errors,
                                           "native_ok": None if native is None else native["result_ok"],
-                                          "depth": _C.region_depth()}), flush=True)
+                                          "depth": _model.region_depth()}), flush=True)
 """)
 
 
@@ -136,7 +137,8 @@ def test_hooked_calls_inside_regions_survive_mode_switches(throttle):
 _WAIT_CHILD = textwrap.dedent(r"""
     import os, signal, sys, threading, time
     import agxguard
-    from agxguard import _C, model
+    from agxguard import _C
+    from agxguard.lab import model
     how = sys.argv[1]
     model.configure(**{b: False for b in model.BUGS})
     model.hook()
@@ -206,7 +208,7 @@ def test_a_nested_region_keeps_the_mode_its_thread_is_bound_to():
         with agxguard.guard(stream=5):
             assert agxguard.global_lock().owned()
             assert not agxguard._C.stream_lock(5).locked()
-            assert agxguard._C.region_depth() == 2
+            assert agxguard._model.region_depth() == 2
     assert not agxguard.global_lock().locked()
 
 

@@ -109,3 +109,27 @@ def test_bad_mode_is_a_usage_error_naming_it(tmp_path):
     proc = run_pytest(tmp_path, "--agxguard-mode=off,turbo")
     assert proc.returncode == 4  # pytest's usage error
     assert "turbo" in proc.stderr and "off, op, stream, global" in proc.stderr
+
+
+def test_a_crash_report_keeps_the_fatal_error_and_the_tests_frame(tmp_path):
+    """The report of a crashed isolated test starts with the child's first lines (the
+    fatal error and the faulting frames: the test's own), keeps the tail, and marks the
+    cut between them (issue 14 point 4). The segfault happens under pytest's ~40 frames,
+    so the whole stack is longer than the report keeps."""
+    proc = run_pytest(tmp_path, "-k", "test_segfault")
+    report = proc.stdout
+    assert "Fatal Python error: Segmentation fault" in report, report
+    assert "in test_segfault" in report, report
+
+
+def test_clip_keeps_head_and_tail_and_marks_the_cut():
+    from agxguard import _runner as harness
+    lines = ["line %05d" % i for i in range(5000)]
+    text = "\n".join(lines) + "\n"
+    out = harness.clip(text, head=1000, tail=500)
+    assert out.startswith("line 00000\n") and out.endswith("line 04999\n")
+    head, marker, tail = out.partition("[... ")
+    cut = int(marker and tail.split(" ", 1)[0])
+    assert len(head) <= 1000 and len(tail.split("\n", 1)[1]) <= 500
+    assert len(head) + cut + len(tail.split("\n", 1)[1]) == len(text)
+    assert harness.clip("short\n", head=10, tail=10) == "short\n"

@@ -8,16 +8,14 @@ does). CI runs AGXGUARD_STREAM_TABLE_RUNS of them (default 20); the issue's 200
 is ``AGXGUARD_STREAM_TABLE_RUNS=200``."""
 from __future__ import annotations
 
-import json
 import shutil
 import os
 import subprocess
-import sys
-import textwrap
 
 import pytest
 
-from agxguard import _C, model
+from agxguard import _C, _model, _runner
+from agxguard.lab import model
 
 pytestmark = pytest.mark.skipif(not model.available(), reason="the driver model needs an Objective-C runtime build")
 
@@ -29,44 +27,37 @@ FAKE_BASE = 0x5A5A_0000_0000  # addresses no real object has: the table only sto
 # region (timed), and ops with no region (only the hooked calls' stream locks
 # protect them; no internal-path ops, which no hook sees), once before and once
 # after 100,000 distinct (never freed) addresses went into the table, in this
-# one process.
-_CHILD = textwrap.dedent(r"""
-    import json, sys
-    from agxguard import _C, model
-    fill, iterations = int(sys.argv[1]), int(sys.argv[2])
+# one process (a child of agxguard's child runner: a crash is an outcome, not the end).
+def fill_case(case):
+    """Runner target: the speed and protection of stream mode before and after
+    ``case["fill"]`` addresses went into the stream table."""
+    fill, iterations = case["fill"], case["iterations"]
     _C.set_mode("stream")
     model.configure(context_race=True, encoder_recycle=True, buffer_recycle=True, bypass=True, window_yields=1)
     model.hook()
+
     def run():  # the speed: the best of 3 region runs (one slow run is the machine, not the table)
         rs = [model.run_threads(8, iterations, shared_queue=True, region=True, hooks=False) for _ in range(3)]
         calls = model.run_threads(8, iterations, shared_queue=True, region=False, internal_every=0, hooks=False)
         return max(r["ops_per_s"] for r in rs), all(r["result_ok"] for r in rs) and calls["result_ok"]
+
     before, ok_before = run()
     failed = 0
     for i in range(fill):
         try:
-            _C.swizzle_set_stream(%d + 16 * i, i)
+            _model.swizzle_set_stream(FAKE_BASE + 16 * i, i)
         except Exception:
             failed += 1
     after, ok_after = run()
-    table = _C.swizzle_stream_table() if hasattr(_C, "swizzle_stream_table") else {}
-    print("TABLE-RESULT " + json.dumps({"before": before, "after": after, "failed": failed,
-                                         "ok": ok_before and ok_after, "table": table}), flush=True)
-""" % FAKE_BASE)
+    table = _model.swizzle_stream_table() if hasattr(_model, "swizzle_stream_table") else {}
+    return {"before": before, "after": after, "failed": failed, "ok": ok_before and ok_after, "table": table}
 
 
 def _child(fill: int, iterations: int):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("AGXGUARD_DRIVER", None)
-    try:
-        p = subprocess.run([sys.executable, "-c", _CHILD, str(fill), str(iterations)], capture_output=True,
-                           text=True, timeout=120, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"outcome": "hang"}
-    line = [x for x in p.stdout.splitlines() if x.startswith("TABLE-RESULT ")]
-    if p.returncode != 0 or not line:
-        return {"outcome": f"exit {p.returncode}", "stderr": p.stderr.strip()[-300:]}
-    return dict(json.loads(line[0].split(" ", 1)[1]), outcome="ok")
+    return _runner.run_in_child(fill_case, {"fill": fill, "iterations": iterations}, timeout=120,
+                                env=env, cwd=ROOT).attempts[-1]
 
 
 def test_stream_mode_keeps_protection_and_speed_after_100000_objects():
@@ -76,12 +67,12 @@ def test_stream_mode_keeps_protection_and_speed_after_100000_objects():
     16,384 fail, calls fall back to per-object locks and the model crashes, and
     every lookup of an unknown object probes the whole table."""
     results = [_child(100_000, 40) for _ in range(RUNS)]
-    bad = [r for r in results if r["outcome"] != "ok" or not r["ok"] or r["failed"]]
-    assert not bad, f"{len(bad)}/{RUNS} runs went wrong: {bad[:3]}"
-    ratios = sorted(r["after"] / r["before"] for r in results)
+    bad = [a for a in results if a.outcome != "passed" or not a.value["ok"] or a.value["failed"]]
+    assert not bad, f"{len(bad)}/{RUNS} runs went wrong: {[(a.outcome, a.message, a.value) for a in bad[:3]]}"
+    ratios = sorted(a.value["after"] / a.value["before"] for a in results)
     median = ratios[len(ratios) // 2]
     assert median >= 0.5, f"stream mode after the fill ran at {median:.2f} of its speed before ({ratios})"
-    assert min(r["table"]["entries"] for r in results) >= 100_000
+    assert min(a.value["table"]["entries"] for a in results) >= 100_000
 
 
 def test_entries_of_deallocated_encoders_are_removed():
@@ -93,10 +84,10 @@ def test_entries_of_deallocated_encoders_are_removed():
     try:
         with_mode = _C.set_mode("stream")
         model.run_op(queue=3, length=8)  # the queue, its command buffer pool
-        t0 = _C.swizzle_stream_table()
+        t0 = _model.swizzle_stream_table()
         for _ in range(200):
             assert model.run_op(queue=3, length=8)
-        t1 = _C.swizzle_stream_table()
+        t1 = _model.swizzle_stream_table()
     finally:
         _C.set_mode(with_mode)
     assert t1["removed"] - t0["removed"] >= 200, (t0, t1)
@@ -108,26 +99,26 @@ def test_the_table_grows_past_any_fixed_size_and_forgets_cleared_objects():
     ones lose them, and clearing makes room without a new allocation."""
     base = FAKE_BASE + (1 << 36)
     n = 40_000
-    t0 = _C.swizzle_stream_table()
+    t0 = _model.swizzle_stream_table()
     for i in range(n):
-        _C.swizzle_set_stream(base + 16 * i, 7 + i)
-    t1 = _C.swizzle_stream_table()
+        _model.swizzle_set_stream(base + 16 * i, 7 + i)
+    t1 = _model.swizzle_stream_table()
     assert t1["entries"] - t0["entries"] == n
     assert t1["capacity"] > 16_384
-    assert all(_C.swizzle_stream_of(base + 16 * i) == 7 + i for i in range(0, n, 97))
+    assert all(_model.swizzle_stream_of(base + 16 * i) == 7 + i for i in range(0, n, 97))
     for i in range(n):
-        _C.swizzle_clear_stream(base + 16 * i)
-    t2 = _C.swizzle_stream_table()
+        _model.swizzle_clear_stream(base + 16 * i)
+    t2 = _model.swizzle_stream_table()
     assert t2["entries"] == t0["entries"]
-    assert _C.swizzle_stream_of(base + 16 * 5) is None
+    assert _model.swizzle_stream_of(base + 16 * 5) is None
     for i in range(n):  # the same number again: tombstones are reused or rehashed away, no doubling
-        _C.swizzle_set_stream(base + 8 + 16 * i, 1)
-    t3 = _C.swizzle_stream_table()
+        _model.swizzle_set_stream(base + 8 + 16 * i, 1)
+    t3 = _model.swizzle_stream_table()
     assert t3["capacity"] == t2["capacity"], (t2, t3)
     for i in range(n):
-        _C.swizzle_clear_stream(base + 8 + 16 * i)
+        _model.swizzle_clear_stream(base + 8 + 16 * i)
     with pytest.raises(ValueError, match="not an object address"):
-        _C.swizzle_set_stream(1, 5)
+        _model.swizzle_set_stream(1, 5)
 
 
 @pytest.mark.skipif(shutil.which("make") is None or shutil.which("gcc") is None, reason="needs make and gcc")

@@ -7,12 +7,13 @@ import sys
 import pytest
 
 import agxguard
-from agxguard import harness, model
-from agxguard.report import Report
-from agxguard.suites import OptionError, complete_story, comprehensive, common
+from agxguard import _runner as harness
+from agxguard.lab import OptionError, comprehensive, model, story
+from agxguard.lab.report import Report
+from agxguard.lab.suites import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODES = ["off", "op", "stream", "global"]
+MODES = list(agxguard.MODES)
 needs_model = pytest.mark.skipif(not model.available(),
                                  reason="driver model not built (no Objective-C runtime in this build)")
 
@@ -20,8 +21,8 @@ needs_model = pytest.mark.skipif(not model.available(),
 @pytest.fixture(scope="module")
 def story_cpu(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("story") / "story.json")
-    report = complete_story("cpu", "all", threads="1,2", iterations=2, retries=0,
-                            json_path=path, progress=None)
+    report = story("cpu", "all", threads="1,2", iterations=2, retries=0,
+                   json_path=path, progress=None)
     return report, path
 
 
@@ -70,7 +71,7 @@ def test_story_report_file_is_complete_with_summary_and_table(story_cpu):
     report, path = story_cpu
     with open(path) as f:
         data = json.load(f)
-    assert data["complete"] and data["suite"] == "complete_story" and data["device"] == "cpu"
+    assert data["complete"] and data["suite"] == "story" and data["device"] == "cpu"
     assert data["machine"]["cpu_count"] and data["machine"]["torch"]
     assert len(data["results"]) == 4 * 7
     for mode in MODES:
@@ -106,8 +107,8 @@ def test_comprehensive_on_cpu_under_every_mode(tmp_path):
 
 @needs_model
 def test_model_story_with_bugs_on_crashes_off_and_not_global(tmp_path):
-    report = complete_story("model", "off,global", threads="1,2,8", iterations=20, retries=0,
-                            json_path=str(tmp_path / "m.json"), progress=None)
+    report = story("model", "off,global", threads="1,2,8", iterations=20, retries=0,
+                   json_path=str(tmp_path / "m.json"), progress=None)
     s = report.summary()
     assert sum(s["off"]["crashes"].values()) > 0, report
     assert s["off"]["raw_pass_rate"] < 1.0
@@ -115,8 +116,8 @@ def test_model_story_with_bugs_on_crashes_off_and_not_global(tmp_path):
     assert s["global"]["raw_pass_rate"] == 1.0
     assert any("not Apple GPU" in n for n in report.notes)
     assert "driver-model figures" in repr(report)
-    crashed = [a for r in report.results_for("off") for a in r["attempts"] if a["status"] != "passed"]
-    assert all(a["status"] in ("signal", "abort") for a in crashed)
+    crashed = [a for r in report.results_for("off") for a in r["attempts"] if a["outcome"] != "passed"]
+    assert all(a["outcome"] in ("signal", "abort") for a in crashed)
 
 
 @needs_model
@@ -146,33 +147,33 @@ def test_a_rigged_off_run_is_caught():
 @pytest.mark.parametrize("kwargs, bad", [
     ({"mode": "fast"}, "fast"),
     ({"threads": "1,zero"}, "zero"),
-    ({"category": "speed"}, "speed"),
+    ({"chapter": "speed"}, "speed"),
     ({"iterations": 0}, "0"),
     ({"device": "tpu"}, "tpu"),
 ])
 def test_bad_options_name_the_value_and_the_allowed_ones(kwargs, bad):
     with pytest.raises(OptionError) as info:
-        complete_story(**dict({"device": "cpu", "progress": None}, **kwargs))
+        story(**dict({"device": "cpu", "progress": None}, **kwargs))
     assert repr(bad) in str(info.value) or bad in str(info.value)
     assert "allowed" in str(info.value)
 
 
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "agxguard", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "agxguard.lab", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
 def test_cli_bad_value_exits_2_naming_it():
     proc = _cli("story", "--device", "cpu", "--mode", "off,turbo")
     assert proc.returncode == 2
-    assert "turbo" in proc.stderr and "off, op, stream, global" in proc.stderr
+    assert "turbo" in proc.stderr and ", ".join(agxguard.MODES) in proc.stderr
 
 
 def test_cli_runs_and_writes_json_with_progress(tmp_path):
     path = str(tmp_path / "cli.json")
     proc = _cli("story", "--device", "cpu", "--mode", "off", "--threads", "1", "--iterations", "2",
-                "--category", "thread_safety,correctness", "--retries", "0", "--json", path)
+                "--chapter", "thread_safety,correctness", "--retries", "0", "--json", path)
     assert proc.returncode == 0, proc.stderr
     assert "pass after retry" in proc.stdout  # the table
     assert "off thread_safety" in proc.stderr  # progress lines

@@ -5,6 +5,7 @@ import threading
 import pytest
 
 import agxguard._C as C
+import agxguard._model as M
 from agxguard import swizzle
 
 pytestmark = pytest.mark.skipif(not swizzle.swizzle_available(),
@@ -16,7 +17,7 @@ THREADS, ITERS = 4, 300
 
 def new_race_class(step=1):
     name = f"AGXTestRace{next(_names)}"
-    C.objc_make_race_class(name, step)
+    M.objc_make_race_class(name, step)
     return name
 
 
@@ -31,7 +32,7 @@ def test_off_mode_loses_updates_of_a_guarded_read_modify_write():
     cls = new_race_class()
     assert swizzle.guard_methods(cls, ["increment"]) == 1
     C.set_mode("off")
-    assert C.objc_race_run(cls, THREADS, ITERS) < THREADS * ITERS
+    assert M.objc_race_run(cls, THREADS, ITERS) < THREADS * ITERS
 
 
 @pytest.mark.parametrize("mode", ["op", "stream", "global"])
@@ -39,27 +40,27 @@ def test_guarded_read_modify_write_loses_no_update(mode):
     cls = new_race_class()
     swizzle.guard_methods(cls, "increment")
     C.set_mode(mode)
-    assert C.objc_race_run(cls, THREADS, ITERS) == THREADS * ITERS
+    assert M.objc_race_run(cls, THREADS, ITERS) == THREADS * ITERS
     assert swizzle.hooked_calls(cls) == THREADS * ITERS
 
 
 def test_installing_twice_is_a_no_op():
     cls = new_race_class()
     assert swizzle.guard_methods(cls, ["increment"]) == 1
-    imp = C.objc_method_imp(cls, "increment")
+    imp = M.objc_method_imp(cls, "increment")
     assert swizzle.guard_methods(cls, ["increment"]) == 0
-    assert C.objc_method_imp(cls, "increment") == imp
+    assert M.objc_method_imp(cls, "increment") == imp
 
 
 def test_uninstall_restores_the_original_exactly():
     cls = new_race_class()
-    original = C.objc_method_imp(cls, "increment")
+    original = M.objc_method_imp(cls, "increment")
     swizzle.guard_methods(cls, ["increment", "value"])
-    assert C.objc_method_imp(cls, "increment") != original
+    assert M.objc_method_imp(cls, "increment") != original
     assert swizzle.unguard_methods(cls) == 2
-    assert C.objc_method_imp(cls, "increment") == original
+    assert M.objc_method_imp(cls, "increment") == original
     C.set_mode("global")  # no hook any more: the race is back even in global mode
-    v = C.objc_race_run(cls, THREADS, ITERS)
+    v = M.objc_race_run(cls, THREADS, ITERS)
     assert v < THREADS * ITERS, (swizzle.hooks(), C.get_mode())
 
 
@@ -68,36 +69,44 @@ def test_same_selector_on_two_classes_calls_each_original():
     swizzle.guard_methods(one, "increment")
     swizzle.guard_methods(ten, "increment")
     C.set_mode("op")
-    assert C.objc_race_run(one, 2, 100) == 200
-    assert C.objc_race_run(ten, 2, 100) == 2000
+    assert M.objc_race_run(one, 2, 100) == 200
+    assert M.objc_race_run(ten, 2, 100) == 2000
 
 
 def test_subclass_inheriting_a_hooked_method_goes_through_the_hook():
     cls = new_race_class()
     swizzle.guard_methods(cls, "increment")
     C.set_mode("op")
-    assert C.objc_race_run(cls + "Sub", THREADS, ITERS) == THREADS * ITERS
+    assert M.objc_race_run(cls + "Sub", THREADS, ITERS) == THREADS * ITERS
     assert swizzle.hooked_calls(cls) == THREADS * ITERS
 
 
 def test_hooking_a_subclass_that_only_inherits_leaves_the_superclass_alone():
     cls = new_race_class()
     sub = cls + "Sub"
-    base_imp = C.objc_method_imp(cls, "increment")
+    base_imp = M.objc_method_imp(cls, "increment")
     assert swizzle.guard_methods(sub, "increment") == 1
-    assert C.objc_method_imp(cls, "increment") == base_imp
+    assert M.objc_method_imp(cls, "increment") == base_imp
     C.set_mode("op")
-    assert C.objc_race_run(sub, THREADS, ITERS) == THREADS * ITERS
+    assert M.objc_race_run(sub, THREADS, ITERS) == THREADS * ITERS
     assert swizzle.unguard_methods(sub, "increment") == 1
-    assert C.objc_race_run(sub, THREADS, ITERS) < THREADS * ITERS  # forwards unguarded again
+    assert M.objc_race_run(sub, THREADS, ITERS) < THREADS * ITERS  # forwards unguarded again
+
+
+def test_a_shape_with_no_typed_wrapper_goes_through_the_general_forwarder():
+    """{int, char} by value has no typed wrapper: the forwarder (issue 13) takes it."""
+    cls = new_race_class()
+    assert swizzle.guard_methods(cls, "oddShape:") == 1
+    (h,) = [h for h in swizzle.hooks() if h["class"] == cls and h["selector"] == "oddShape:"]
+    assert h["shape"] == "ffi v@:{AGXOdd=ic}"
 
 
 def test_unsupported_shape_is_refused_naming_class_selector_and_encoding():
-    cls = new_race_class()
+    M.forward_probes()  # makes AGXForwardRefuse
     with pytest.raises(ValueError) as e:
-        swizzle.guard_methods(cls, "oddShape:")
+        swizzle.guard_methods("AGXForwardRefuse", "takeUnion:")
     msg = str(e.value)
-    assert cls in msg and "oddShape:" in msg and "{AGXOdd=ic}" in msg
+    assert "AGXForwardRefuse" in msg and "takeUnion:" in msg and "(FPUnion=if)" in msg
 
 
 def test_unknown_class_or_selector_is_an_error():
@@ -108,16 +117,16 @@ def test_unknown_class_or_selector_is_an_error():
 
 
 def test_every_supported_shape_forwards_arguments_and_return_exactly():
-    probes = C.swizzle_probes()
+    probes = M.swizzle_probes()
     assert {"v(q3,q3)", "q6(u64)", "f64(f64,f64)", "v(u64,q2,u64)", "d4()",
             "u64(u64,u64,u64,u64,u64,u64,u64,u64)", "f64(u64,f64,f32,u64,q3,f64,f32,u64)"} <= {k for k, _ in probes}
     for i, _ in enumerate(probes):
-        assert C.swizzle_probe_call(i) is None  # unhooked baseline
+        assert M.swizzle_probe_call(i) is None  # unhooked baseline
     installed = swizzle.guard_methods("AGXShapeProbe", [s for _, s in probes])
     assert installed in (0, len(probes))
     before = {h["selector"]: h["calls"] for h in swizzle.hooks() if h["class"] == "AGXShapeProbe"}
     C.set_mode("op")
-    failures = [C.swizzle_probe_call(i) for i in range(len(probes))]
+    failures = [M.swizzle_probe_call(i) for i in range(len(probes))]
     assert [f for f in failures if f] == []
     after = {h["selector"]: h["calls"] for h in swizzle.hooks() if h["class"] == "AGXShapeProbe"}
     assert all(after[s] == before[s] + 1 for _, s in probes)  # each call went through its wrapper
@@ -144,7 +153,7 @@ def test_install_and_uninstall_are_safe_while_other_threads_call():
     cls = new_race_class()
     C.set_mode("op")
     result = {}
-    t = threading.Thread(target=lambda: result.setdefault("v", C.objc_race_run(cls, 4, 2000)))
+    t = threading.Thread(target=lambda: result.setdefault("v", M.objc_race_run(cls, 4, 2000)))
     t.start()
     while t.is_alive():
         swizzle.guard_methods(cls, "increment")

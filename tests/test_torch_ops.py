@@ -9,6 +9,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="agxguard.ops() needs torch; install torch to run these")
 
 import agxguard  # noqa: E402
+import agxguard._model  # noqa: E402
 from conftest import run_threads  # noqa: E402
 
 THREADS, ITERS = 8, 20
@@ -92,7 +93,7 @@ def test_ops_results_equal_unguarded_results_and_errors_propagate():
         with pytest.raises(RuntimeError):
             torch.mm(torch.ones(2, 3), torch.ones(2, 3))
     assert not agxguard.op_lock().locked()
-    assert agxguard._C.region_depth() == 0
+    assert agxguard._model.region_depth() == 0
 
 
 def test_ops_in_global_mode_is_reentrant_with_a_region():
@@ -178,14 +179,14 @@ def test_dispatch_level_keeps_the_fused_transformer_path_as_one_locked_call():
     """Under a function mode torch runs nn.TransformerEncoderLayer as separate ops;
     under the dispatch mode the fused layer stays one operator: far fewer locks,
     same results."""
-    from agxguard import workloads
+    from agxguard.lab import workloads
 
     agxguard.set_mode("op")
     w = workloads.build("story_transformer")
     x = w.make_input()
     expected = w.model(x)
     counts = {}
-    for level in agxguard.OPS_LEVELS:
+    for level in ("function", "dispatch"):
         agxguard.reset_stats()
         with agxguard.ops(level=level):
             got = w.model(x)

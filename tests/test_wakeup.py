@@ -112,16 +112,16 @@ def test_wait_takes_at_most_two_arguments():
 def test_usable_cpus_is_the_affinity_mask_at_most():
     """Spinning is allowed while fewer threads spin than the usable CPUs less two;
     that count is the thread's affinity mask capped by a cgroup CPU quota."""
-    from agxguard import _C
+    from agxguard import _model
 
-    n = _C._usable_cpus()
+    n = _model._usable_cpus()
     assert 1 <= n <= len(os.sched_getaffinity(0))
     from agxguard._affinity import set_affinity
 
     saved = os.sched_getaffinity(0)
     set_affinity({min(saved)})
     try:
-        assert _C._usable_cpus() == 1  # pinned to one CPU: no spinning at all
+        assert _model._usable_cpus() == 1  # pinned to one CPU: no spinning at all
     finally:
         set_affinity(saved)
-    assert _C._usable_cpus() == n
+    assert _model._usable_cpus() == n

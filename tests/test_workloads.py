@@ -1,4 +1,4 @@
-"""agxguard.workloads: the shared models build, run, and reject bad names."""
+"""agxguard.lab.workloads: the shared models build, run, and reject bad names."""
 import subprocess
 import sys
 
@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from agxguard import workloads  # noqa: E402
+from agxguard.lab import workloads  # noqa: E402
 
 OUTPUT_SHAPES = {
     "small_mlp": (32, 256),
@@ -73,5 +73,5 @@ def test_best_device_is_one_torch_can_use_and_sync_accepts_it():
 
 def test_module_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import agxguard.workloads as w; assert 'small_mlp' in w.WORKLOADS\n")
+            "import agxguard.lab.workloads as w; assert 'small_mlp' in w.WORKLOADS\n")
     subprocess.run([sys.executable, "-c", code], check=True)

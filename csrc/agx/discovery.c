@@ -3,12 +3,11 @@
  * image-load callbacks of Apple's runtime and dyld. */
 #include "discovery.h"
 
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
-#include "driver_model.h"
-#include "model_images.h"
 
 static id send_id(id obj, const char *sel);
 static id send_id_arg(id obj, const char *sel, uint64_t arg);
@@ -110,7 +109,9 @@ static const char *agx_watch_metal_images(void (*fn)(void)) { (void)fn; return N
 
 const char *const agx_driver_names[3] = {NULL, "metal", "model"};
 const char *const agx_role_names[AGX_ROLE_COUNT] = {"command_queue", "command_buffer", "mps_command_buffer",
-                                                     "compute_encoder", "blit_encoder"};
+                                                     "compute_encoder", "blit_encoder", "render_encoder",
+                                                     "parallel_render_encoder", "resource_state_encoder",
+                                                     "acceleration_structure_encoder"};
 
 static int responds(id obj, const char *sel) {
     return obj && class_getInstanceMethod(object_getClass(obj), sel_registerName(sel)) != NULL;
@@ -129,6 +130,11 @@ static id send_id_arg(id obj, const char *sel, uint64_t arg) {
 static void send_void(id obj, const char *sel) {
     SEL s = sel_registerName(sel);
     ((void (*)(id, SEL))agx_objc_lookup(obj, s))(obj, s);
+}
+
+static void send_void_arg(id obj, const char *sel, uint64_t arg) {
+    SEL s = sel_registerName(sel);
+    if (responds(obj, sel)) ((void (*)(id, SEL, uint64_t))agx_objc_lookup(obj, s))(obj, s, arg);
 }
 
 /* The object under a wrapper (MTLDebugDevice, MTLToolsObject: `baseObject`), or NULL. */
@@ -185,21 +191,76 @@ static void probe_encoder(agx_discovery *d, agx_role role, id cb, const char *fa
     send_void(enc, "endEncoding");
 }
 
+/* The encoders PyTorch does not make (issue 13): render (through a pass
+ * with no attachments, only a size), parallel render and its sub-encoder,
+ * resource state, acceleration structure. A driver without them (the
+ * model) leaves the roles empty, with a note. */
+static void probe_other_encoders(agx_discovery *d, id cb) {
+    Class pass_cls = objc_getClass("MTLRenderPassDescriptor");
+    id pass = pass_cls ? send_id((id)pass_cls, "renderPassDescriptor") : NULL; /* autoreleased */
+    if (pass) {
+        send_void_arg(pass, "setRenderTargetWidth:", 16);
+        send_void_arg(pass, "setRenderTargetHeight:", 16);
+        send_void_arg(pass, "setDefaultRasterSampleCount:", 1);
+    }
+    if (pass || !responds(cb, "renderCommandEncoderWithDescriptor:"))
+        probe_encoder(d, AGX_ROLE_RENDER_ENCODER, cb, "renderCommandEncoderWithDescriptor:", 1,
+                      (uint64_t)(uintptr_t)pass);
+    else
+        note(d, AGX_ROLE_RENDER_ENCODER, "no MTLRenderPassDescriptor to make one with");
+    if (!responds(cb, "parallelRenderCommandEncoderWithDescriptor:")) {
+        note(d, AGX_ROLE_PARALLEL_RENDER_ENCODER, "parallelRenderCommandEncoderWithDescriptor:: not implemented");
+    } else if (pass) {
+        id par = send_id_arg(cb, "parallelRenderCommandEncoderWithDescriptor:", (uint64_t)(uintptr_t)pass);
+        if (par) {
+            add_layers(d, AGX_ROLE_PARALLEL_RENDER_ENCODER, par);
+            id sub = responds(par, "renderCommandEncoder") ? send_id(par, "renderCommandEncoder") : NULL;
+            if (sub) {
+                add_layers(d, AGX_ROLE_RENDER_ENCODER, sub);
+                send_void(sub, "endEncoding");
+            }
+            send_void(par, "endEncoding");
+        }
+    }
+    probe_encoder(d, AGX_ROLE_RESOURCE_STATE_ENCODER, cb, "resourceStateCommandEncoder", 0, 0);
+    probe_encoder(d, AGX_ROLE_ACCEL_STRUCT_ENCODER, cb, "accelerationStructureCommandEncoder", 0, 0);
+}
+
+/* ------------------------------------------------------------ providers */
+
+static _Atomic(const agx_driver_provider *) model_provider;
+
+int agx_discovery_set_provider(int driver, const agx_driver_provider *p) {
+    if (driver != AGX_DRIVER_MODEL) return -1;
+    atomic_store(&model_provider, p);
+    return 0;
+}
+
+int agx_driver_present(int driver) {
+    if (driver == AGX_DRIVER_METAL) return agx_metal_supported();
+    if (driver == AGX_DRIVER_MODEL) return atomic_load(&model_provider) != NULL;
+    return 0;
+}
+
 /* Classes known by name, per driver: MetalPerformanceShaders' command
  * buffer, and the model's stand-in (from its "mps" image). */
 static const char *mps_class_name(int driver) {
-    return driver == AGX_DRIVER_MODEL ? agx_model_mps_cmdbuf_class : "MPSCommandBuffer";
+    const agx_driver_provider *p = atomic_load(&model_provider);
+    if (driver != AGX_DRIVER_MODEL) return "MPSCommandBuffer";
+    return p && p->named_command_buffer_class ? p->named_command_buffer_class : NULL;
 }
 
 int agx_discover_named(agx_discovery *d) {
     const char *name = mps_class_name(d->driver);
+    if (!name) return 0; /* a provider without such a class */
     Class mps = objc_getClass(name);
     if (!mps) {
         if (!d->notes[AGX_ROLE_MPS_COMMAND_BUFFER][0]) {
+            const agx_driver_provider *p = atomic_load(&model_provider);
+            const char *image = d->driver == AGX_DRIVER_MODEL && p && p->named_class_image ? p->named_class_image
+                                                                                           : "MetalPerformanceShaders";
             char t[160];
-            snprintf(t, sizeof t, "no class %s (%s not loaded yet; hooked when it loads)", name,
-                     d->driver == AGX_DRIVER_MODEL ? "the model's mps image, standing in for MPSCommandBuffer,"
-                                                   : "MetalPerformanceShaders");
+            snprintf(t, sizeof t, "no class %s (%s not loaded yet; hooked when it loads)", name, image);
             note(d, AGX_ROLE_MPS_COMMAND_BUFFER, t);
         }
         return 0;
@@ -229,10 +290,16 @@ int agx_discover(int driver, agx_discovery *d, char *err, size_t errlen) {
     id dev = NULL, queue = NULL, cb = NULL;
     int own_dev = 0, own_cb = 0;
     if (driver == AGX_DRIVER_MODEL) {
-        dev = agx_model_device(); /* the model's device lives as long as the process: not ours */
-        snprintf(d->how, sizeof d->how, "the driver model%s", base_of(dev) ? " under its debug layer" : "");
-        if (!dev) { snprintf(err, errlen, "the driver model could not be created (its class names are taken)"); goto out; }
-        own_cb = 1; /* the model's commandBuffer hands out an owned buffer; Metal's is autoreleased */
+        const agx_driver_provider *p = atomic_load(&model_provider);
+        if (!p) {
+            snprintf(err, errlen, "the driver model is not loaded: it is not part of the product; import "
+                                  "agxguard._model (the lab's module, which registers it) first");
+            goto out;
+        }
+        dev = p->device(); /* the model's device lives as long as the process: not ours */
+        snprintf(d->how, sizeof d->how, "%s%s", p->name, base_of(dev) ? " under its debug layer" : "");
+        if (!dev) { snprintf(err, errlen, "%s could not be created (its class names are taken)", p->name); goto out; }
+        own_cb = p->command_buffers_owned; /* the model's commandBuffer hands out an owned buffer; Metal's is autoreleased */
     } else {
         dev = agx_metal_device(d->how, sizeof d->how);
         own_dev = dev != NULL;
@@ -264,6 +331,7 @@ int agx_discover(int driver, agx_discovery *d, char *err, size_t errlen) {
     id desc = desc_cls ? send_id((id)desc_cls, "computePassDescriptor") : NULL; /* autoreleased */
     probe_encoder(d, AGX_ROLE_COMPUTE_ENCODER, cb, "computeCommandEncoderWithDescriptor:", 1, (uint64_t)(uintptr_t)desc);
     probe_encoder(d, AGX_ROLE_BLIT_ENCODER, cb, "blitCommandEncoder", 0, 0);
+    probe_other_encoders(d, cb);
     send_void(cb, "commit");
     if (responds(cb, "waitUntilCompleted")) send_void(cb, "waitUntilCompleted");
 
@@ -298,9 +366,14 @@ const char *agx_watch_images(int driver, void (*fn)(void)) {
     if (watching[driver]) return mechanism[driver];
     watching[driver] = 1;
     if (driver == AGX_DRIVER_MODEL) {
+        const agx_driver_provider *p = atomic_load(&model_provider);
+        if (!p || !p->add_image_func) {
+            watching[driver] = 0; /* nothing to watch yet: a later install tries again */
+            return NULL;
+        }
         model_image_fn = fn;
-        agx_model_add_image_func(on_model_image);
-        mechanism[driver] = "the driver model's image loader";
+        p->add_image_func(on_model_image);
+        mechanism[driver] = p->image_mechanism;
     } else {
         mechanism[driver] = agx_watch_metal_images(fn);
     }

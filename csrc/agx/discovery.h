@@ -12,7 +12,12 @@
  *
  * Ownership: discovery releases everything it owns (new*, Create, Copy
  * results; the driver model's command buffer) and, on Apple, drains an
- * autorelease pool pushed before the first object is made. */
+ * autorelease pool pushed before the first object is made.
+ *
+ * Providers: Metal is the system's; the driver model is not part of the
+ * product (agxguard._model builds it) and registers itself here when it
+ * loads (agx_discovery_set_provider, reached through the capsule of capi.h).
+ * Until it has, the "model" driver is not there to be discovered. */
 #ifndef AGX_DISCOVERY_H
 #define AGX_DISCOVERY_H
 
@@ -29,6 +34,10 @@ typedef enum {
     AGX_ROLE_MPS_COMMAND_BUFFER,
     AGX_ROLE_COMPUTE_ENCODER,
     AGX_ROLE_BLIT_ENCODER,
+    AGX_ROLE_RENDER_ENCODER,          /* render encoders, and a parallel one's sub-encoders */
+    AGX_ROLE_PARALLEL_RENDER_ENCODER,
+    AGX_ROLE_RESOURCE_STATE_ENCODER,
+    AGX_ROLE_ACCEL_STRUCT_ENCODER,    /* acceleration-structure encoders */
     AGX_ROLE_COUNT
 } agx_role;
 extern const char *const agx_role_names[AGX_ROLE_COUNT];
@@ -48,6 +57,28 @@ typedef struct agx_discovery {
     char notes[AGX_ROLE_COUNT][160]; /* why a role has no class, or what was tried */
     char how[96];                    /* how the device was obtained */
 } agx_discovery;
+
+/* A driver that registers itself instead of being found in the system (the
+ * driver model): what discovery and image watching need of it. Static: the
+ * provider must outlive the process's hooks. */
+typedef struct agx_driver_provider {
+    const char *name;                /* for discovery's `how`: "the driver model" */
+    id (*device)(void);              /* its device, not owned by the caller; NULL if none can be made */
+    int command_buffers_owned;       /* commandBuffer hands out an owned (+1) object */
+    const char *named_command_buffer_class; /* its stand-in for MPSCommandBuffer, found by name */
+    const char *named_class_image;   /* what loads that class, for the note when it is missing */
+    /* its image loader: `fn` is called for every image already loaded, then
+     * for each later load, in the context agx_watch_images describes */
+    void (*add_image_func)(void (*fn)(const char *image));
+    const char *image_mechanism;     /* the loader's name, for status() */
+} agx_driver_provider;
+
+/* Register `p` (NULL: none) as AGX_DRIVER_MODEL's provider. 0, or -1 for
+ * another driver (Metal is the system's). */
+int agx_discovery_set_provider(int driver, const agx_driver_provider *p);
+/* Whether `driver` can be discovered now: Metal where this build reaches it,
+ * the model once its provider is registered. */
+int agx_driver_present(int driver);
 
 /* Whether this build can reach Metal at all (macOS only). */
 int agx_metal_supported(void);

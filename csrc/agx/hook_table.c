@@ -14,18 +14,34 @@
 #define BUFFERS (ROLE(COMMAND_BUFFER) | ROLE(MPS_COMMAND_BUFFER))
 #define COMPUTE ROLE(COMPUTE_ENCODER)
 #define BLIT ROLE(BLIT_ENCODER)
-#define ENCODERS (COMPUTE | BLIT)
+#define RENDER ROLE(RENDER_ENCODER)
+#define PARALLEL ROLE(PARALLEL_RENDER_ENCODER)
+#define RSTATE ROLE(RESOURCE_STATE_ENCODER)
+#define ACCEL ROLE(ACCEL_STRUCT_ENCODER)
+#define ENCODERS (COMPUTE | BLIT | RENDER | PARALLEL | RSTATE | ACCEL)
+#define C(sel) {COMPUTE, sel, AGX_KIND_CALL, 0}
+#define B(sel) {BLIT, sel, AGX_KIND_CALL, 0}
+#define R(sel) {RENDER, sel, AGX_KIND_CALL, 0}
 
+/* Selectors whose shape has no typed wrapper (a q2 range among pointers, two
+ * floats, a region among counters, ...) go through the swizzle engine's
+ * general forwarder: every row here is installable wherever a class has it. */
 const agx_hook_row agx_hook_rows[] = {
     /* command queue: the buffer factories (a buffer's stream is its queue) */
     {ROLE(QUEUE), "commandBuffer", AGX_KIND_MAKE_BUFFER, 0},
     {ROLE(QUEUE), "commandBufferWithUnretainedReferences", AGX_KIND_MAKE_BUFFER, 0},
-    /* command buffers: encoder factories, commit, events */
+    /* command buffers: every encoder factory, commit, events */
     {BUFFERS, "computeCommandEncoder", AGX_KIND_MAKE_ENCODER, 0},
     {BUFFERS, "computeCommandEncoderWithDescriptor:", AGX_KIND_MAKE_ENCODER, 0},
     {BUFFERS, "computeCommandEncoderWithDispatchType:", AGX_KIND_MAKE_ENCODER, 0},
     {BUFFERS, "blitCommandEncoder", AGX_KIND_MAKE_ENCODER, 0},
     {BUFFERS, "blitCommandEncoderWithDescriptor:", AGX_KIND_MAKE_ENCODER, 0},
+    {BUFFERS, "renderCommandEncoderWithDescriptor:", AGX_KIND_MAKE_ENCODER, 0},
+    {BUFFERS, "parallelRenderCommandEncoderWithDescriptor:", AGX_KIND_MAKE_ENCODER, 0},
+    {BUFFERS, "resourceStateCommandEncoder", AGX_KIND_MAKE_ENCODER, 0},
+    {BUFFERS, "resourceStateCommandEncoderWithDescriptor:", AGX_KIND_MAKE_ENCODER, 0},
+    {BUFFERS, "accelerationStructureCommandEncoder", AGX_KIND_MAKE_ENCODER, 0},
+    {BUFFERS, "accelerationStructureCommandEncoderWithDescriptor:", AGX_KIND_MAKE_ENCODER, 0},
     {BUFFERS, "commit", AGX_KIND_COMMIT, 0},
     {BUFFERS, "encodeSignalEvent:value:", AGX_KIND_CALL, 0},
     {BUFFERS, "encodeWaitForEvent:value:", AGX_KIND_CALL, 0},
@@ -33,29 +49,91 @@ const agx_hook_row agx_hook_rows[] = {
      * does, on its completion thread): counted, never locked; NSObject's is
      * not the driver's and is left alone */
     {ROLE(COMMAND_BUFFER), "release", AGX_KIND_CALL, AGX_ROW_OWN | AGX_ROW_UNLOCKED},
+    /* a parallel render encoder makes render sub-encoders (they take its stream) */
+    {PARALLEL, "renderCommandEncoder", AGX_KIND_MAKE_ENCODER, 0},
     /* compute encoder: state, bindings, residency, barriers, fences, dispatch */
-    {COMPUTE, "setComputePipelineState:", AGX_KIND_CALL, 0},
-    {COMPUTE, "setBuffer:offset:atIndex:", AGX_KIND_CALL, 0},
-    {COMPUTE, "setBytes:length:atIndex:", AGX_KIND_CALL, 0},
-    {COMPUTE, "setTexture:atIndex:", AGX_KIND_CALL, 0},
-    {COMPUTE, "setSamplerState:atIndex:", AGX_KIND_CALL, 0},
-    {COMPUTE, "setThreadgroupMemoryLength:atIndex:", AGX_KIND_CALL, 0},
-    {COMPUTE, "useResource:usage:", AGX_KIND_CALL, 0},
-    {COMPUTE, "useResources:count:usage:", AGX_KIND_CALL, 0},
-    {COMPUTE, "useHeap:", AGX_KIND_CALL, 0},
-    {COMPUTE, "useHeaps:count:", AGX_KIND_CALL, 0},
-    {COMPUTE, "memoryBarrierWithScope:", AGX_KIND_CALL, 0},
-    {COMPUTE, "memoryBarrierWithResources:count:", AGX_KIND_CALL, 0},
-    {COMPUTE, "dispatchThreads:threadsPerThreadgroup:", AGX_KIND_CALL, 0},
-    {COMPUTE, "dispatchThreadgroups:threadsPerThreadgroup:", AGX_KIND_CALL, 0},
-    {COMPUTE, "dispatchThreadgroupsWithIndirectBuffer:indirectBufferOffset:threadsPerThreadgroup:", AGX_KIND_CALL, 0},
-    /* blit encoder: fill, copies, synchronize */
-    {BLIT, "fillBuffer:range:value:", AGX_KIND_CALL, 0},
-    {BLIT, "copyFromBuffer:sourceOffset:toBuffer:destinationOffset:size:", AGX_KIND_CALL, 0},
-    {BLIT, "copyFromTexture:sourceSlice:sourceLevel:sourceOrigin:sourceSize:toTexture:destinationSlice:"
-           "destinationLevel:destinationOrigin:", AGX_KIND_CALL, 0},
-    {BLIT, "synchronizeResource:", AGX_KIND_CALL, 0},
-    /* both encoders: fences, every end, destruction (on the completion path) */
+    C("setComputePipelineState:"),
+    C("setBuffer:offset:atIndex:"),
+    C("setBuffers:offsets:withRange:"),
+    C("setBufferOffset:atIndex:"),
+    C("setBuffer:offset:attributeStride:atIndex:"),
+    C("setBuffers:offsets:attributeStrides:withRange:"),
+    C("setBytes:length:atIndex:"),
+    C("setTexture:atIndex:"),
+    C("setTextures:withRange:"),
+    C("setSamplerState:atIndex:"),
+    C("setSamplerStates:withRange:"),
+    C("setSamplerState:lodMinClamp:lodMaxClamp:atIndex:"),
+    C("setSamplerStates:lodMinClamps:lodMaxClamps:withRange:"),
+    C("setThreadgroupMemoryLength:atIndex:"),
+    C("setImageblockWidth:height:"),
+    C("setStageInRegion:"),
+    C("setStageInRegionWithIndirectBuffer:indirectBufferOffset:"),
+    C("setFunction:atIndex:"),
+    C("setVisibleFunctionTable:atBufferIndex:"),
+    C("setVisibleFunctionTables:withBufferRange:"),
+    C("setIntersectionFunctionTable:atBufferIndex:"),
+    C("setIntersectionFunctionTables:withBufferRange:"),
+    C("setAccelerationStructure:atBufferIndex:"),
+    C("useResource:usage:"),
+    C("useResource:usage:stages:"),
+    C("useResources:count:usage:"),
+    C("useResources:count:usage:stages:"),
+    C("useHeap:"),
+    C("useHeap:stages:"),
+    C("useHeaps:count:"),
+    C("useHeaps:count:stages:"),
+    C("memoryBarrierWithScope:"),
+    C("memoryBarrierWithScope:afterStages:beforeStages:"),
+    C("memoryBarrierWithResources:count:"),
+    C("executeCommandsInBuffer:withRange:"),
+    C("executeCommandsInBuffer:indirectBuffer:indirectBufferOffset:"),
+    C("dispatchThreads:threadsPerThreadgroup:"),
+    C("dispatchThreadgroups:threadsPerThreadgroup:"),
+    C("dispatchThreadgroupsWithIndirectBuffer:indirectBufferOffset:threadsPerThreadgroup:"),
+    C("dispatchThreadsWithIndirectBuffer:indirectBufferOffset:threadsPerThreadgroup:"),
+    /* the AGX compute context's own flush and fence entry points */
+    C("dispatchWaitFlush"),
+    C("dispatchFlushInvalidate"),
+    C("dispatchFlushOnly"),
+    C("dispatchInvalidateOnly"),
+    C("dispatchFenceOnly"),
+    /* blit encoder: fill, copies, synchronize, mipmaps, residency hints, command buffers, counters */
+    B("fillBuffer:range:value:"),
+    B("copyFromBuffer:sourceOffset:toBuffer:destinationOffset:size:"),
+    B("copyFromBuffer:sourceOffset:sourceBytesPerRow:sourceBytesPerImage:sourceSize:toTexture:destinationSlice:"
+      "destinationLevel:destinationOrigin:"),
+    B("copyFromTexture:sourceSlice:sourceLevel:sourceOrigin:sourceSize:toTexture:destinationSlice:"
+      "destinationLevel:destinationOrigin:"),
+    B("copyFromTexture:sourceSlice:sourceLevel:sourceOrigin:sourceSize:toBuffer:destinationOffset:"
+      "destinationBytesPerRow:destinationBytesPerImage:"),
+    B("synchronizeResource:"),
+    B("synchronizeTexture:slice:level:"),
+    B("generateMipmapsForTexture:"),
+    B("optimizeContentsForGPUAccess:"),
+    B("optimizeContentsForGPUAccess:slice:level:"),
+    B("optimizeContentsForCPUAccess:"),
+    B("optimizeContentsForCPUAccess:slice:level:"),
+    B("resetCommandsInBuffer:withRange:"),
+    B("copyIndirectCommandBuffer:sourceRange:destination:destinationIndex:"),
+    B("optimizeIndirectCommandBuffer:withRange:"),
+    B("resolveCounters:inRange:destinationBuffer:destinationOffset:"),
+    B("getTextureAccessCounters:region:mipLevel:slice:resetCounters:countersBuffer:countersBufferOffset:"),
+    B("resetTextureAccessCounters:region:mipLevel:slice:"),
+    {COMPUTE | BLIT, "sampleCountersInBuffer:atSampleIndex:withBarrier:", AGX_KIND_CALL, 0},
+    /* render encoder: the state and draws the seed guarded */
+    R("setRenderPipelineState:"),
+    R("setVertexBuffer:offset:atIndex:"),
+    R("setVertexBytes:length:atIndex:"),
+    R("setVertexTexture:atIndex:"),
+    R("setFragmentBuffer:offset:atIndex:"),
+    R("setFragmentBytes:length:atIndex:"),
+    R("setFragmentTexture:atIndex:"),
+    R("drawPrimitives:vertexStart:vertexCount:"),
+    R("drawPrimitives:vertexStart:vertexCount:instanceCount:"),
+    /* every encoder: fences, every end, destruction (on the completion path).
+     * destroyImpl (AGX's, which the seed also hooks) runs inside dealloc on
+     * the completion path: a locked row there would break the lock order. */
     {ENCODERS, "updateFence:", AGX_KIND_CALL, 0},
     {ENCODERS, "waitForFence:", AGX_KIND_CALL, 0},
     {ENCODERS, "endEncoding", AGX_KIND_END_ENCODER, 0},

@@ -9,8 +9,9 @@
  * Metal and the driver model.
  *
  * Ends: every selector that ends an encoder (endEncoding, deferredEndEncoding)
- * is an END_ENCODER row on both encoder roles, and every factory of those
- * roles is a MAKE_ENCODER row, so lifecycle sees each end of each encoder it
+ * is an END_ENCODER row on every encoder role (compute, blit, render,
+ * parallel render, resource state, acceleration structure), and every
+ * factory of those roles is a MAKE_ENCODER row, so lifecycle sees each end of each encoder it
  * tracks; an encoder from a factory the table does not hook is never
  * tracked, hence never ended by commit safety.
  *
@@ -106,7 +107,7 @@ size_t agx_hooks_report_count(void);
 const agx_hook_report *agx_hooks_report(size_t i);
 /* A copy of the report taken under the install lock (a rediscovery may be
  * rebuilding it on another thread): how many entries, at most `max`. */
-#define AGX_HOOKS_REPORT_MAX 320
+#define AGX_HOOKS_REPORT_MAX 1024
 size_t agx_hooks_report_snapshot(agx_hook_report *out, size_t max);
 const agx_discovery *agx_hooks_discovery(void); /* the last driver discovered; NULL before any */
 

@@ -728,6 +728,34 @@ static void enc_note3(id self, SEL cmd, uint64_t a, uint64_t b, uint64_t c) {
     IV(enc_ivars, self)->resources++;
 }
 
+/* Metal's selectors with no typed wrapper (issue 13; the swizzle engine's
+ * general forwarder takes them): exact prototypes, counted on the live
+ * encoder like the notes above. */
+typedef struct model_region { agx_mtl_size origin, size; } model_region;
+static void enc_setBuffersWithRange(id self, SEL cmd, id const *buffers, const uint64_t *offsets, agx_ns_range r) {
+    (void)cmd, (void)buffers, (void)offsets, (void)r;
+    live_bindings(self)->count++;
+}
+static void enc_setSamplerLod(id self, SEL cmd, id sampler, float lo, float hi, uint64_t index) {
+    (void)cmd, (void)sampler, (void)lo, (void)hi, (void)index;
+    live_bindings(self)->count++;
+}
+static void blit_copyBufferToTexture(id self, SEL cmd, id buf, uint64_t off, uint64_t row, uint64_t image,
+                                     agx_mtl_size size, id tex, uint64_t slice, uint64_t level, agx_mtl_size origin) {
+    (void)cmd, (void)buf, (void)off, (void)row, (void)image, (void)size, (void)tex, (void)slice, (void)level,
+        (void)origin;
+    enc_note1(self, cmd, 0);
+}
+static void blit_resolveCounters(id self, SEL cmd, id heap, agx_ns_range r, id dst, uint64_t off) {
+    (void)heap, (void)r, (void)dst, (void)off;
+    enc_note1(self, cmd, 0);
+}
+static void blit_resetTextureAccessCounters(id self, SEL cmd, id tex, model_region region, uint64_t level,
+                                            uint64_t slice) {
+    (void)tex, (void)region, (void)level, (void)slice;
+    enc_note1(self, cmd, 0);
+}
+
 static void end_encoding(id self, SEL cmd, int blit) {
     enc_ivars *ei = IV(enc_ivars, self);
     model_bindings *b = ei->bindings;
@@ -894,6 +922,8 @@ int agx_model_init(void) {
     add(c_compute, "useHeaps:count:", enc_note2, "v@:r^@Q");
     add(c_compute, "memoryBarrierWithScope:", enc_note1, "v@:Q");
     add(c_compute, "memoryBarrierWithResources:count:", enc_note2, "v@:r^@Q");
+    add(c_compute, "setBuffers:offsets:withRange:", enc_setBuffersWithRange, "v@:r^@r^Q{_NSRange=QQ}");
+    add(c_compute, "setSamplerState:lodMinClamp:lodMaxClamp:atIndex:", enc_setSamplerLod, "v@:@ffQ");
     add(c_compute, "endEncoding", enc_endEncoding, "v@:");
     add(c_compute, "deferredEndEncoding", enc_endEncoding, "v@:");
     add_encoder_common(c_compute);
@@ -906,6 +936,13 @@ int agx_model_init(void) {
                "destinationLevel:destinationOrigin:",
         blit_copyTexture, "v@:@QQ{MTLOrigin=QQQ}{MTLSize=QQQ}@QQ{MTLOrigin=QQQ}");
     add(c_blit, "synchronizeResource:", enc_note1, "v@:@");
+    add(c_blit, "copyFromBuffer:sourceOffset:sourceBytesPerRow:sourceBytesPerImage:sourceSize:toTexture:"
+               "destinationSlice:destinationLevel:destinationOrigin:",
+        blit_copyBufferToTexture, "v@:@QQQ{MTLSize=QQQ}@QQ{MTLOrigin=QQQ}");
+    add(c_blit, "resolveCounters:inRange:destinationBuffer:destinationOffset:", blit_resolveCounters,
+        "v@:@{_NSRange=QQ}@Q");
+    add(c_blit, "resetTextureAccessCounters:region:mipLevel:slice:", blit_resetTextureAccessCounters,
+        "v@:@{MTLRegion={MTLOrigin=QQQ}{MTLSize=QQQ}}QQ");
     add(c_blit, "endEncoding", blit_endEncoding, "v@:");
     /* AGX's private deferred end: the driver finishes the encoder's work
      * later, but for its caller the encoder has ended, as after endEncoding.

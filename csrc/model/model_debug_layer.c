@@ -16,8 +16,8 @@
 #include <string.h>
 
 #include "driver_model.h"
+#include "model_capi.h"
 #include "model_images.h"
-#include "swizzle.h"
 #include "swizzle_shapes.h"
 
 const char *const agx_model_debug_device_class = "MTLModelDebugDevice";
@@ -79,11 +79,20 @@ static const struct { const char *key; IMP imp; } forwarders[] = {AGX_SHAPES(FWD
 
 IMP agx_model_forwarder(const char *types) {
     char why[160];
-    const char *key = agx_swizzle_shape_for(types, why, sizeof why);
+    const char *key = agx_model_capi->swizzle_shape_for(types, why, sizeof why);
     if (!key) return NULL;
     for (size_t i = 0; i < sizeof forwarders / sizeof forwarders[0]; i++)
         if (!strcmp(forwarders[i].key, key)) return forwarders[i].imp;
     return NULL;
+}
+
+/* A shape with no typed forwarder: the swizzle engine's general forwarder
+ * (capi.h), redirecting each call to the inner object. */
+static void *inner_of_object(void *self) { return inner_of((id)self); }
+static IMP any_forwarder(const char *types) {
+    IMP f = agx_model_forwarder(types);
+    char why[160];
+    return f ? f : (IMP)agx_model_capi->forwarder_make_redirect(inner_of_object, types, why, sizeof why);
 }
 
 static int named(SEL sel, const char *const *names) {
@@ -110,7 +119,7 @@ int agx_model_add_forwarders(Class wrapper, Class base, const char *const *skip)
             SEL sel = method_getName(ms[i]);
             if (named(sel, skip) || defines(wrapper, sel)) continue;
             const char *types = method_getTypeEncoding(ms[i]);
-            IMP f = agx_model_forwarder(types);
+            IMP f = any_forwarder(types);
             if (!f) {
                 fprintf(stderr, "AGXModel: -[%s %s] (%s) cannot be forwarded by %s\n", class_getName(c),
                         sel_getName(sel), types ? types : "?", class_getName(wrapper));
@@ -304,7 +313,7 @@ static Class wrapper_class_for(Class base, int kind) {
         const char *types = method_getTypeEncoding(ms[i]);
         if (!types || types[0] != '@' || kind_made_by(kind, sel) < 0) continue;
         char why[160];
-        const char *key = agx_swizzle_shape_for(types, why, sizeof why);
+        const char *key = agx_model_capi->swizzle_shape_for(types, why, sizeof why);
         if (key && !strcmp(key, "u64()")) class_addMethod(c, sel, (IMP)factory0, types);
         else if (key && !strcmp(key, "u64(u64)")) class_addMethod(c, sel, (IMP)factory1, types);
     }

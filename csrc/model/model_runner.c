@@ -8,17 +8,15 @@
 #include <string.h>
 #include <time.h>
 
-#include "acquire.h"
+#include "discovery.h"
 #include "driver_model.h"
-#include "guard.h"
-#include "hook_table.h"
-#include "swizzle.h"
+#include "model_capi.h"
 
-/* The model is hooked by the one AGX hook set (hook_table.c), found by
- * discovery as Metal is. */
-int agx_model_hook(char *err, size_t errlen) { return agx_hooks_install(AGX_DRIVER_MODEL, err, errlen); }
+/* The model is hooked by the product's one AGX hook set (hook_table.c),
+ * found by discovery as Metal is; reached through the C API (model_capi.h). */
+int agx_model_hook(char *err, size_t errlen) { return agx_model_capi->hooks_install(AGX_DRIVER_MODEL, err, errlen); }
 
-int agx_model_unhook(void) { return agx_hooks_uninstall(); }
+int agx_model_unhook(void) { return agx_model_capi->hooks_uninstall(); }
 
 uint64_t agx_model_stream_key(int queue) { return 0x4147584d00000000ull | (uint32_t)queue; }
 
@@ -96,12 +94,9 @@ static void *worker_main(void *arg) {
     for (int it = 0; it < o->iterations; it++) {
         int internal = o->internal_every > 0 && it % o->internal_every == o->internal_every - 1;
         agx_entry region; /* a region as guard() takes it, under the nesting rule (guard.h) */
-        if (o->region) {
-            agx_thread_entries *t = agx_entries();
-            agx_entry_enter_native(t, &region, agx_entry_mode_in(t), AGX_SITE_REGION, 1, w->key, NULL);
-        }
+        if (o->region) agx_model_capi->region_enter(&region, w->key);
         one_op(w->queue, w->pipe, w->x, w->y, 1.0f, o->length, internal, 1);
-        if (o->region) agx_entry_pop(&region);
+        if (o->region) agx_model_capi->region_exit(&region);
         w->internal_ops += internal;
     }
     w->t_end = now_s();
@@ -137,7 +132,7 @@ int agx_model_run(const agx_run_options *o, agx_run_result *r, char *err, size_t
         w->o = o;
         w->queue = shared ? shared : SEND0(id, dev, s_newQueue);
         w->key = agx_model_stream_key(shared ? 0 : t + 1);
-        agx_swizzle_set_stream(w->queue, w->key);
+        agx_model_capi->swizzle_set_stream(w->queue, w->key);
         w->pipe = pipe;
         w->x = new_buffer(dev, o->length * sizeof(float));
         w->y = new_buffer(dev, o->length * sizeof(float));
@@ -187,7 +182,7 @@ int agx_model_run_op(int queue, float a, uint64_t length, int internal, int end,
         op_pipe = ((id(*)(id, SEL, const char *))agx_objc_lookup(dev, s_newPipeline))(dev, s_newPipeline, "saxpy");
     if (!op_queues[queue]) {
         op_queues[queue] = SEND0(id, dev, s_newQueue);
-        agx_swizzle_set_stream(op_queues[queue], agx_model_stream_key(1000 + queue));
+        agx_model_capi->swizzle_set_stream(op_queues[queue], agx_model_stream_key(1000 + queue));
     }
     id q = op_queues[queue];
     pthread_mutex_unlock(&op_mu);
@@ -216,7 +211,7 @@ int agx_model_send(uint64_t receiver, const char *selector, const uint64_t *a, i
         return -1;
     }
     char why[160];
-    const char *shape = agx_swizzle_shape_for(method_getTypeEncoding(m), why, sizeof why);
+    const char *shape = agx_model_capi->swizzle_shape_for(method_getTypeEncoding(m), why, sizeof why);
     /* "v(u64,u64)" or "u64(...)": every argument and the return are words */
     int words = 0, ok = shape != NULL;
     const char *p = shape ? strchr(shape, '(') : NULL;

@@ -1,6 +1,7 @@
 /* model_runner.h: agxguard's side of the driver model: the model's hook set,
  * and the op pattern of a PyTorch MPS op run from native threads. This file
- * knows agxguard (modes, regions, streams); the model itself does not. */
+ * knows agxguard (regions, streams, the hook set), through the product's C
+ * API only (model_capi.h); the model itself does not. */
 #ifndef AGX_MODEL_RUNNER_H
 #define AGX_MODEL_RUNNER_H
 

@@ -26,6 +26,19 @@ static inline IMP agx_objc_lookup(id receiver, SEL sel) { return objc_msg_lookup
 #define AGX_ENC_LONG_SIZE ((int)sizeof(long))
 #endif
 
+/* Before changing a method's implementation on a class that may never have
+ * been messaged: GCC's runtime builds a class's dispatch table on its first
+ * message, and a method_setImplementation before that was seen to reach
+ * another such class's table too (two classes sharing a selector and an
+ * IMP, each hooked before its first message, both dispatched to the second
+ * hook). Looking the method up installs the table first. Apple's runtime
+ * needs nothing (and a lookup there would send +initialize). */
+#if defined(__APPLE__)
+static inline void agx_objc_prepare_dispatch(Class cls, SEL sel) { (void)cls, (void)sel; }
+#else
+static inline void agx_objc_prepare_dispatch(Class cls, SEL sel) { (void)class_getMethodImplementation(cls, sel); }
+#endif
+
 /* Arguments past the register file: Apple arm64 packs narrow stack arguments
  * to their natural size, so a wrapper that widens them to 64 bits would read
  * the wrong bytes; x86-64 SysV and AAPCS64 on Linux use 8-byte stack slots.

@@ -12,68 +12,18 @@
 
 #include "acquire.h"
 #include "guard.h"
+#include "forwarder.h"
+#include "swizzle_hook.h"
 #include "swizzle_shapes.h"
 
 /* ------------------------------------------------------------------ slots */
+/* The slot and the entry/exit path every wrapper takes live in
+ * swizzle_hook.h, shared with the general forwarder (forwarder.c). */
 
-typedef struct agx_hook_slot {
-    int used;                 /* bound to (cls, sel) for the process's life */
-    Class cls;
-    Class super;              /* for added overrides */
-    SEL sel;
-    const char *class_name;   /* owned copies */
-    const char *sel_name;
-    const char *shape;
-    int added;                /* the class only inherited the method */
-    _Atomic int kind;         /* 0: plain; else reported to the observer */
-    _Atomic uintptr_t orig;   /* the original IMP (own methods) */
-    _Atomic int active;
-    _Atomic uint64_t calls;
-} agx_hook_slot;
-
-static _Atomic uintptr_t agx_observer;
-
-/* Lock (or not) and count one call; *orig gets the implementation to call,
- * *kind the hook's kind (0 when inactive or plain). Returns 1 when it opened
- * an entry (guard.h: the nesting rule) that agx_hook_exit closes. Not-active
- * slots forward untouched: a thread that looked the wrapper up just before
- * uninstall still runs the original. */
-static inline int agx_hook_enter(agx_hook_slot *s, id self, IMP *orig, int *kind, agx_entry *e) {
-    *kind = 0;
-    /* `active` first: its release store at install comes after the slot's
-     * plain fields, so this acquire orders the reads below after them (a
-     * thread can reach the wrapper through the runtime's method table, which
-     * is no C11 synchronization, e.g. the driver's completion thread while
-     * install is still under way). */
-    int active = atomic_load_explicit(&s->active, memory_order_acquire);
-    if (s->added)
-        *orig = class_getMethodImplementation(s->super, s->sel);
-    else
-        *orig = (IMP)atomic_load_explicit(&s->orig, memory_order_acquire);
-    if (!active) return 0;
-    int k = atomic_load_explicit(&s->kind, memory_order_relaxed);
-    *kind = k & ~AGX_SWZ_NO_LOCK;
-    atomic_fetch_add_explicit(&s->calls, 1, memory_order_relaxed);
-    if (k & AGX_SWZ_NO_LOCK) return 0; /* the completion path: never waits for a mode lock */
-    agx_thread_entries *t = agx_entries();
-    int mode = agx_entry_mode_in(t);
-    uint64_t key = 0;
-    int has = mode == AGX_MODE_STREAM && agx_swizzle_stream_of(self, &key); /* only stream mode uses it */
-    agx_entry_enter_native(t, e, mode, AGX_SITE_CALL, has, key, (const void *)self);
-    return 1;
-}
-
-static inline void agx_hook_exit(int entered, agx_entry *e) {
-    if (entered) agx_entry_pop(e);
-}
-
-static inline void agx_hook_event(int kind, int phase, id self, uint64_t ret) {
-    agx_swizzle_observer fn = (agx_swizzle_observer)atomic_load_explicit(&agx_observer, memory_order_acquire);
-    if (fn) fn(kind, phase, self, ret);
-}
+_Atomic uintptr_t agx_swizzle_observer_fn;
 
 void agx_swizzle_set_observer(agx_swizzle_observer fn) {
-    atomic_store_explicit(&agx_observer, (uintptr_t)fn, memory_order_release);
+    atomic_store_explicit(&agx_swizzle_observer_fn, (uintptr_t)fn, memory_order_release);
 }
 
 /* The bits of a return value the observer sees (object returns of factories). */
@@ -248,23 +198,19 @@ static const agx_shape agx_shapes[] = {AGX_SHAPES(AGX_SHAPE_ROW)};
 
 /* ------------------------------------------------------ type encodings */
 
-/* How deep structs may nest in a type encoding (Metal's are 2 or 3 deep); deeper
- * input is refused with a clear error instead of recursing without bound. */
-#define AGX_TYPE_MAX_DEPTH 64 /* agxguard.swizzle.TYPE_ENCODING_MAX_DEPTH */
-
-static const char *agx_skip_offset(const char *p) {
+const char *agx_skip_offset(const char *p) {
     while (*p == '+' || *p == '-' || (*p >= '0' && *p <= '9')) p++;
     return p;
 }
 
-static const char *agx_skip_qualifiers(const char *p) {
+const char *agx_skip_qualifiers(const char *p) {
     while (*p && strchr("rnNoORVA", *p)) p++;
     return p;
 }
 
 /* Skips one complete type; NULL on malformed input. Iterative (a pointer chain is
  * a loop, an aggregate a bracket count), so no input can exhaust the stack. */
-static const char *agx_skip_type(const char *p) {
+const char *agx_skip_type(const char *p) {
     p = agx_skip_qualifiers(p);
     while (*p == '^') p = agx_skip_qualifiers(p + 1); /* a pointer: skip what it points to */
     switch (*p) {
@@ -464,12 +410,31 @@ static const agx_shape *agx_shape_by_key(const char *key) {
 
 static pthread_mutex_t agx_swz_mu = PTHREAD_MUTEX_INITIALIZER;
 
+/* Slots of the general forwarder (forwarder.h): made one per hooked method
+ * whose shape has no typed wrapper, never freed (a thread may be running
+ * one's closure). Published with a release store of the count. */
+#define AGX_FWD_SLOTS 1024
+static agx_hook_slot *agx_fwd_slots[AGX_FWD_SLOTS];
+static _Atomic size_t agx_fwd_n;
+static _Atomic int agx_force_forwarder;
+
+void agx_swizzle_force_forwarder(int on) { atomic_store(&agx_force_forwarder, on != 0); }
+
+/* Every slot, typed ones first, then the forwarder's: i < agx_slot_total(). */
+#define AGX_TYPED_SLOTS (AGX_NSHAPES * AGX_HOOK_SLOTS)
+static size_t agx_slot_total(void) {
+    return AGX_TYPED_SLOTS + atomic_load_explicit(&agx_fwd_n, memory_order_acquire);
+}
+static agx_hook_slot *agx_slot_at(size_t i) {
+    if (i < AGX_TYPED_SLOTS) return &agx_shapes[i / AGX_HOOK_SLOTS].slots[i % AGX_HOOK_SLOTS];
+    return agx_fwd_slots[i - AGX_TYPED_SLOTS];
+}
+
 static agx_hook_slot *agx_find_slot(Class cls, SEL sel) {
-    for (size_t i = 0; i < AGX_NSHAPES; i++)
-        for (int k = 0; k < AGX_HOOK_SLOTS; k++) {
-            agx_hook_slot *s = &agx_shapes[i].slots[k];
-            if (s->used && s->cls == cls && sel_isEqual(s->sel, sel)) return s;
-        }
+    for (size_t i = 0, n = agx_slot_total(); i < n; i++) {
+        agx_hook_slot *s = agx_slot_at(i);
+        if (s->used && s->cls == cls && sel_isEqual(s->sel, sel)) return s;
+    }
     return NULL;
 }
 
@@ -497,6 +462,7 @@ int agx_swizzle_install_kind(const char *class_name, const char *selector, int k
         return AGX_SWZ_ERROR;
     }
     int rc = AGX_SWZ_ERROR;
+    agx_objc_prepare_dispatch(cls, sel);
     pthread_mutex_lock(&agx_swz_mu);
     agx_hook_slot *s = agx_find_slot(cls, sel);
     if (s) {
@@ -506,8 +472,7 @@ int agx_swizzle_install_kind(const char *class_name, const char *selector, int k
         } else {
             if (!s->added) {
                 IMP cur = method_getImplementation(m);
-                const agx_shape *sh = agx_shape_by_key(s->shape);
-                IMP w = sh->wrappers[s - sh->slots];
+                IMP w = s->wrapper;
                 if (cur != w) atomic_store_explicit(&s->orig, (uintptr_t)cur, memory_order_release);
                 atomic_store_explicit(&s->active, 1, memory_order_release);
                 method_setImplementation(m, w);
@@ -520,38 +485,59 @@ int agx_swizzle_install_kind(const char *class_name, const char *selector, int k
     }
     const char *types = method_getTypeEncoding(m);
     char why[160];
-    const char *key = agx_swizzle_shape_for(types, why, sizeof why);
-    if (!key) {
-        snprintf(err, errlen, "-[%s %s] has type encoding \"%s\", which the swizzle engine cannot forward exactly: %s",
-                 class_name, selector, types ? types : "(none)", why);
-        goto out;
+    const char *key = atomic_load(&agx_force_forwarder) ? NULL : agx_swizzle_shape_for(types, why, sizeof why);
+    IMP wrapper = NULL;
+    if (key) {
+        /* the fast path: a typed wrapper of this shape */
+        const agx_shape *sh = agx_shape_by_key(key);
+        int k = 0;
+        while (k < AGX_HOOK_SLOTS && sh->slots[k].used) k++;
+        if (k == AGX_HOOK_SLOTS) {
+            snprintf(err, errlen, "-[%s %s]: all %d wrapper slots of shape %s are in use",
+                     class_name, selector, AGX_HOOK_SLOTS, key);
+            goto out;
+        }
+        s = &sh->slots[k];
+        s->shape = sh->key;
+        wrapper = sh->wrappers[k];
+    } else {
+        /* the rest: the general forwarder, described from the encoding */
+        size_t n = atomic_load_explicit(&agx_fwd_n, memory_order_relaxed);
+        if (n == AGX_FWD_SLOTS) {
+            snprintf(err, errlen, "-[%s %s]: all %d forwarder slots are in use", class_name, selector, AGX_FWD_SLOTS);
+            goto out;
+        }
+        s = calloc(1, sizeof *s);
+        char desc[256];
+        wrapper = s ? agx_forwarder_make(s, types, desc, sizeof desc, why, sizeof why) : NULL;
+        if (!wrapper) {
+            snprintf(err, errlen,
+                     "-[%s %s] has type encoding \"%s\", which the swizzle engine cannot forward exactly: %s",
+                     class_name, selector, types ? types : "(none)", s ? why : "out of memory");
+            free(s);
+            goto out;
+        }
+        s->shape = strdup(desc);
+        agx_fwd_slots[n] = s; /* counted below, once complete */
     }
-    const agx_shape *sh = agx_shape_by_key(key);
-    int k = 0;
-    while (k < AGX_HOOK_SLOTS && sh->slots[k].used) k++;
-    if (k == AGX_HOOK_SLOTS) {
-        snprintf(err, errlen, "-[%s %s]: all %d wrapper slots of shape %s are in use",
-                 class_name, selector, AGX_HOOK_SLOTS, key);
-        goto out;
-    }
-    s = &sh->slots[k];
     s->cls = cls;
     s->super = class_getSuperclass(cls);
     s->sel = sel;
     s->class_name = strdup(class_name);
     s->sel_name = strdup(selector);
-    s->shape = sh->key;
+    s->wrapper = wrapper;
     s->added = !agx_class_defines(cls, sel);
     atomic_store_explicit(&s->orig, (uintptr_t)method_getImplementation(m), memory_order_release);
     atomic_store_explicit(&s->calls, 0, memory_order_relaxed);
     atomic_store_explicit(&s->kind, kind, memory_order_relaxed);
     atomic_store_explicit(&s->active, 1, memory_order_release);
     s->used = 1;
+    if (!key) atomic_store_explicit(&agx_fwd_n, atomic_load(&agx_fwd_n) + 1, memory_order_release);
     /* The slot is complete before any thread can reach the wrapper. */
     if (s->added)
-        class_addMethod(cls, sel, sh->wrappers[k], types);
+        class_addMethod(cls, sel, wrapper, types);
     else
-        method_setImplementation(m, sh->wrappers[k]);
+        method_setImplementation(m, wrapper);
     rc = AGX_SWZ_INSTALLED;
 out:
     pthread_mutex_unlock(&agx_swz_mu);
@@ -564,21 +550,20 @@ int agx_swizzle_uninstall(const char *class_name, const char *selector, char *er
     SEL sel = selector ? sel_registerName(selector) : NULL;
     int n = 0;
     pthread_mutex_lock(&agx_swz_mu);
-    for (size_t i = 0; i < AGX_NSHAPES; i++)
-        for (int k = 0; k < AGX_HOOK_SLOTS; k++) {
-            agx_hook_slot *s = &agx_shapes[i].slots[k];
-            if (!s->used || s->cls != cls || !atomic_load(&s->active)) continue;
-            if (sel && !sel_isEqual(s->sel, sel)) continue;
-            atomic_store_explicit(&s->active, 0, memory_order_release);
-            if (!s->added) {
-                /* Own method: the original implementation goes back exactly.
-                 * An added override stays but forwards to the superclass
-                 * untouched (the runtime cannot remove a method). */
-                Method m = class_getInstanceMethod(cls, s->sel);
-                method_setImplementation(m, (IMP)atomic_load(&s->orig));
-            }
-            n++;
+    for (size_t i = 0, total = agx_slot_total(); i < total; i++) {
+        agx_hook_slot *s = agx_slot_at(i);
+        if (!s->used || s->cls != cls || !atomic_load(&s->active)) continue;
+        if (sel && !sel_isEqual(s->sel, sel)) continue;
+        atomic_store_explicit(&s->active, 0, memory_order_release);
+        if (!s->added) {
+            /* Own method: the original implementation goes back exactly.
+             * An added override stays but forwards to the superclass
+             * untouched (the runtime cannot remove a method). */
+            Method m = class_getInstanceMethod(cls, s->sel);
+            method_setImplementation(m, (IMP)atomic_load(&s->orig));
         }
+        n++;
+    }
     pthread_mutex_unlock(&agx_swz_mu);
     return n;
 }
@@ -595,33 +580,30 @@ int agx_swizzle_install_table(agx_hook_entry *entries, size_t n, char *err, size
 
 size_t agx_swizzle_hook_count(void) {
     size_t n = 0;
-    for (size_t i = 0; i < AGX_NSHAPES; i++)
-        for (int k = 0; k < AGX_HOOK_SLOTS; k++) n += agx_shapes[i].slots[k].used != 0;
+    for (size_t i = 0, total = agx_slot_total(); i < total; i++) n += agx_slot_at(i)->used != 0;
     return n;
 }
 
 int agx_swizzle_hook_info(size_t idx, agx_hook_info *out) {
     size_t n = 0;
-    for (size_t i = 0; i < AGX_NSHAPES; i++)
-        for (int k = 0; k < AGX_HOOK_SLOTS; k++) {
-            agx_hook_slot *s = &agx_shapes[i].slots[k];
-            if (!s->used) continue;
-            if (n++ != idx) continue;
-            out->class_name = s->class_name;
-            out->selector = s->sel_name;
-            out->shape = s->shape;
-            out->active = atomic_load(&s->active);
-            out->added = s->added;
-            out->calls = atomic_load_explicit(&s->calls, memory_order_relaxed);
-            return 0;
-        }
+    for (size_t i = 0, total = agx_slot_total(); i < total; i++) {
+        agx_hook_slot *s = agx_slot_at(i);
+        if (!s->used) continue;
+        if (n++ != idx) continue;
+        out->class_name = s->class_name;
+        out->selector = s->sel_name;
+        out->shape = s->shape;
+        out->active = atomic_load(&s->active);
+        out->added = s->added;
+        out->calls = atomic_load_explicit(&s->calls, memory_order_relaxed);
+        return 0;
+    }
     return -1;
 }
 
 void agx_swizzle_reset_counts(void) {
-    for (size_t i = 0; i < AGX_NSHAPES; i++)
-        for (int k = 0; k < AGX_HOOK_SLOTS; k++)
-            atomic_store_explicit(&agx_shapes[i].slots[k].calls, 0, memory_order_relaxed);
+    for (size_t i = 0, total = agx_slot_total(); i < total; i++)
+        atomic_store_explicit(&agx_slot_at(i)->calls, 0, memory_order_relaxed);
 }
 
 /* -------------------------------------------------------------- streams */

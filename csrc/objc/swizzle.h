@@ -17,6 +17,9 @@
 
 #include "objc_compat.h"
 
+/* Methods whose shape has no typed wrapper go through the general forwarder
+ * (forwarder.h, libffi): the same locking, exact arguments and return. */
+
 /* Results of agx_swizzle_install. */
 enum { AGX_SWZ_INSTALLED = 1, AGX_SWZ_ALREADY = 0, AGX_SWZ_ERROR = -1 };
 
@@ -93,6 +96,10 @@ typedef struct agx_hook_info {
 size_t agx_swizzle_hook_count(void);           /* slots ever bound */
 int agx_swizzle_hook_info(size_t i, agx_hook_info *out);
 void agx_swizzle_reset_counts(void);
+
+/* Tests and benchmarks: while on, new hooks use the general forwarder even
+ * where a typed wrapper exists (to compare the two on one method). */
+void agx_swizzle_force_forwarder(int on);
 
 /* Shape self-check (tests): for each shape, a probe method of that shape on
  * class AGXShapeProbe is called directly and through the engine's wrapper;

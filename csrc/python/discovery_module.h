@@ -1,5 +1,5 @@
-/* discovery_module.h: the Python side of rediscovery and of the driver
- * model's images, debug layer and live-object counts (discovery_module.c). */
+/* discovery_module.h: the Python side of rediscovery, image-load watching
+ * and Metal's device list (discovery_module.c). */
 #ifndef AGX_DISCOVERY_MODULE_H
 #define AGX_DISCOVERY_MODULE_H
 

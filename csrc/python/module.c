@@ -9,6 +9,7 @@
 #include <Python.h>
 
 #include "acquire.h"
+#include "capi.h"
 #include "guard.h"
 #include "module_state.h"
 
@@ -206,29 +207,9 @@ static PyObject *mod_set_op_passthrough(PyObject *m, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* _set_heir_seat(on) -> previous: for benchmarks/op_contention.py only */
-static PyObject *mod_set_heir_seat(PyObject *m, PyObject *on) {
-    int v = PyObject_IsTrue(on);
-    if (v < 0) return NULL;
-    return PyBool_FromLong(atomic_exchange(&agx_heir_seat_on, v));
-}
-
-static PyObject *mod_usable_cpus(PyObject *m, PyObject *unused) { return PyLong_FromLong(agx_usable_cpus()); }
-
 static PyObject *mod_affinity_changed(PyObject *m, PyObject *unused) {
     agx_affinity_changed();
     Py_RETURN_NONE;
-}
-
-/* _set_heir_spin_us(us) -> previous: for benchmarks/op_contention.py only */
-static PyObject *mod_set_heir_spin_us(PyObject *m, PyObject *arg) {
-    double us = PyFloat_AsDouble(arg);
-    if (us == -1.0 && PyErr_Occurred()) return NULL;
-    if (!(us >= 0) || us > 1e6) {
-        PyErr_Format(PyExc_ValueError, "heir spin must be 0 to 1000000 us, not %R", arg);
-        return NULL;
-    }
-    return PyFloat_FromDouble((double)atomic_exchange(&agx_heir_spin_ns, (int64_t)(us * 1000.0)) / 1000.0);
 }
 
 static int is_passthrough(PyObject *func) {
@@ -512,7 +493,7 @@ static PyObject *mod_set_wait(PyObject *m, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"warn_ms", "timeout_ms", "abort", NULL};
     PyObject *warn = Py_None, *timeout = Py_None;
     int abort_ = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOp:set_wait", kwlist, &warn, &timeout, &abort_)) return NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OOp:set_lock_timeout", kwlist, &warn, &timeout, &abort_)) return NULL;
     int64_t w, t;
     if (ms_to_ns(warn, &w, "warn_ms") < 0 || ms_to_ns(timeout, &t, "timeout_ms") < 0) return NULL;
     atomic_store(&agx_wait.warn_ns, w);
@@ -594,12 +575,6 @@ static PyObject *mod_set_thread_stream(PyObject *m, PyObject *arg) {
     return PyLong_FromUnsignedLongLong(old);
 }
 
-static PyObject *mod_get_thread_stream(PyObject *m, PyObject *unused) {
-    uint64_t key;
-    if (!agx_thread_stream(&key)) Py_RETURN_NONE;
-    return PyLong_FromUnsignedLongLong(key);
-}
-
 static PyObject *mod_set_stream_resolver(PyObject *m, PyObject *arg) {
     if (arg != Py_None && !PyCallable_Check(arg)) {
         PyErr_Format(PyExc_TypeError, "the stream resolver must be callable or None, not %.100s",
@@ -657,8 +632,6 @@ static PyObject *mod_guard(PyObject *m, PyObject *const *args, Py_ssize_t nargs,
     return (PyObject *)g;
 }
 
-static PyObject *mod_region_depth(PyObject *m, PyObject *unused) { return PyLong_FromLong(agx_region_depth()); }
-
 static PyObject *mod_global_lock(PyObject *m, PyObject *unused) { return new_lock_object(agx_global_lock()); }
 static PyObject *mod_op_lock(PyObject *m, PyObject *unused) { return new_lock_object(agx_op_lock()); }
 
@@ -668,44 +641,17 @@ static PyObject *mod_stream_lock(PyObject *m, PyObject *arg) {
     return new_lock_object(agx_stream_lock(key));
 }
 
-static PyObject *mod_object_lock(PyObject *m, PyObject *arg) {
-    uint64_t key;
-    if (key_from_object(arg, &key) < 0) return NULL;
-    return new_lock_object(agx_object_lock((const void *)(uintptr_t)key));
-}
-
-/* Nanoseconds per uncontended try+release of the global lock, in C alone. */
-static PyObject *mod_c_lock_ns(PyObject *m, PyObject *arg) {
-    int overflow = 0;
-    long n = PyLong_AsLongAndOverflow(arg, &overflow);
-    if (n == -1 && PyErr_Occurred()) return NULL;
-    if (overflow || n < 1 || n > 1000000000L) {
-        PyErr_Format(PyExc_ValueError, "iterations must be an int from 1 to 1000000000, not %R", arg);
-        return NULL;
-    }
-    agx_lock l;
-    agx_lock_init(&l, "bench");
-    int64_t t0 = agx_now_ns();
-    for (long i = 0; i < n; i++) {
-        if (!agx_lock_try(&l)) abort();
-        agx_lock_release(&l);
-    }
-    int64_t t1 = agx_now_ns();
-    return PyFloat_FromDouble((double)(t1 - t0) / (double)n);
-}
-
 static PyMethodDef module_methods[] = {
     {"set_mode", mod_set_mode, METH_O, "set_mode(name) -> previous name."},
     {"get_mode", mod_get_mode, METH_NOARGS, "The current mode's name."},
     {"set_throttle", mod_set_throttle, METH_O, "set_throttle(n) -> previous; 0 = no limit."},
     {"get_throttle", mod_get_throttle, METH_NOARGS, "The throttle limit (0 = none)."},
-    {"set_wait", (PyCFunction)(void (*)(void))mod_set_wait, METH_VARARGS | METH_KEYWORDS,
-     "set_wait(warn_ms=None, timeout_ms=None, abort=False)."},
-    {"get_wait", mod_get_wait, METH_NOARGS, "The wait policy as a dict."},
+    {"set_lock_timeout", (PyCFunction)(void (*)(void))mod_set_wait, METH_VARARGS | METH_KEYWORDS,
+     "set_lock_timeout(warn_ms=None, timeout_ms=None, abort=False): the lock wait policy."},
+    {"get_lock_timeout", mod_get_wait, METH_NOARGS, "The lock wait policy as a dict."},
     {"stats", mod_stats, METH_NOARGS, "Counters per domain, the throttle and the mode."},
     {"reset_stats", mod_reset_stats, METH_NOARGS, "Zero every counter."},
     {"set_thread_stream", mod_set_thread_stream, METH_O, "Set this thread's stream key (None clears); returns the previous."},
-    {"get_thread_stream", mod_get_thread_stream, METH_NOARGS, "This thread's stream key or None."},
     {"set_stream_resolver", mod_set_stream_resolver, METH_O, "Callable giving the current stream key; returns the previous."},
     {"_set_helpers", mod_set_helpers, METH_VARARGS, NULL},
     {"guard", (PyCFunction)(void (*)(void))mod_guard, METH_FASTCALL | METH_KEYWORDS,
@@ -722,22 +668,14 @@ static PyMethodDef module_methods[] = {
      "suspended generator or coroutine holds nothing.\n\n"
      "A thread can only leave a region it entered itself, innermost first\n"
      "(RuntimeError otherwise)."},
-    {"region_depth", mod_region_depth, METH_NOARGS, "How many guarded regions this thread is inside."},
     {"global_lock", mod_global_lock, METH_NOARGS, "The process-wide region lock."},
     {"op_lock", mod_op_lock, METH_NOARGS, "The process-wide op (driver call) lock."},
     {"stream_lock", mod_stream_lock, METH_O, "The lock of a stream key."},
-    {"object_lock", mod_object_lock, METH_O, "The lock stripe of an object address."},
     {"torch_function", (PyCFunction)(void (*)(void))mod_torch_function, METH_FASTCALL,
      "torch_function(mode, func, types, args=(), kwargs=None): func(*args, **kwargs) under the op-site lock."},
     {"_set_op_passthrough", mod_set_op_passthrough, METH_VARARGS, NULL},
-    {"_set_heir_seat", mod_set_heir_seat, METH_O, "_set_heir_seat(on) -> previous (measuring only)."},
-    {"_set_heir_spin_us", mod_set_heir_spin_us, METH_O, "_set_heir_spin_us(us) -> previous (measuring only)."},
     {"_affinity_changed", mod_affinity_changed, METH_NOARGS,
      "_affinity_changed(): a thread's CPU affinity changed; waits read it again."},
-    {"_usable_cpus", mod_usable_cpus, METH_NOARGS,
-     "_usable_cpus() -> CPUs this thread may use (affinity, capped by a cgroup quota); waits spin\n"
-     "only while fewer than this less two threads spin."},
-    {"c_lock_ns", mod_c_lock_ns, METH_O, "c_lock_ns(n): ns per uncontended C try+release."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -772,6 +710,11 @@ PyMODINIT_FUNC PyInit__C(void) {
         goto fail;
     }
     Py_DECREF(modes);
+    /* the C API of capi.h, for agxguard._model; const: nobody writes through it */
+    PyObject *capi = PyCapsule_New((void *)&agx_capi_table, AGX_CAPI_NAME, NULL);
+    int capi_bad = capi == NULL || PyModule_AddObjectRef(m, "_capi", capi) < 0;
+    Py_XDECREF(capi);
+    if (capi_bad) goto fail;
 #ifdef AGX_HAVE_OBJC
     if (PyModule_AddObjectRef(m, "HAVE_OBJC", Py_True) < 0) goto fail;
     if (agx_objc_add_to_module(m) < 0) goto fail;

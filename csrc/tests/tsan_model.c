@@ -3,7 +3,9 @@
  * All model bugs on, hooks installed, each op in a region (as run_threads
  * does). With MODE=off TSan reports the planted races (the process may then
  * also fault, as the model does); with MODE=global it must report nothing.
- * Built without Python: the native wait below stands in for acquire.c.
+ * Built without Python: the native wait below stands in for acquire.c, and
+ * the model gets the product's C API table directly (in the Python build
+ * agxguard._model imports it from the capsule agxguard._C._capi).
  *   tsan_model.bin table [ROUNDS] [THREADS]
  * stresses the object-to-stream table alone: each thread inserts, reads back
  * and clears its own addresses while the others make shards grow and rehash;
@@ -13,8 +15,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "guard.h"
+#include "capi.h"
 #include "driver_model.h"
+#include "guard.h"
+#include "model_capi.h"
 #include "model_runner.h"
 #include "swizzle.h"
 
@@ -49,6 +53,10 @@ static int table_stress(int threads) {
     return atomic_load(&table_failures) ? 1 : 0;
 }
 
+/* acquire.c's knobs, which capi.c's table points to */
+_Atomic int agx_heir_seat_on = 1;
+_Atomic int64_t agx_heir_spin_ns;
+
 void agx_acquire_native(agx_lock *l) {
     if (!agx_lock_try(l)) {
         int64_t t0 = agx_now_ns();
@@ -64,13 +72,14 @@ int main(int argc, char **argv) {
         if (argc > 2) table_rounds = atoi(argv[2]);
         return table_stress(argc > 3 ? atoi(argv[3]) : 4);
     }
+    char err[256];
+    if (agx_model_use_capi(&agx_capi_table, err, sizeof err) < 0) { fprintf(stderr, "%s\n", err); return 2; }
     int m = agx_mode_from_name(mode);
     if (m < 0) { fprintf(stderr, "unknown mode %s\n", mode); return 2; }
     agx_mode_set(m);
     if (agx_model_init() < 0) { fprintf(stderr, "model init failed\n"); return 2; }
     agx_model_config c = {1, 1, 1, 1, 0, 0};
     agx_model_configure(&c);
-    char err[256];
     if (agx_model_hook(err, sizeof err) < 0) { fprintf(stderr, "%s\n", err); return 2; }
     agx_run_options o = {argc > 3 ? atoi(argv[3]) : 4, argc > 2 ? atoi(argv[2]) : 50, 1, 1, 4, 64};
     agx_run_result r;

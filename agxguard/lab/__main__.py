@@ -1,0 +1,74 @@
+"""``python -m agxguard.lab story|comprehensive [options]``: run a tradeoff suite.
+
+Prints progress to stderr while it runs and the tradeoff table to stdout at the end;
+``--json PATH`` writes the full report (atomically, after every run) and, where
+matplotlib is installed, a PNG plot beside it. Bad option values exit with status 2
+and a message naming the value and the allowed ones.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from .. import MODES
+from .suites import comprehensive as _comprehensive, story as _story
+
+SUITES = ("story", "comprehensive")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m agxguard.lab",
+        description="Run an agxguard tradeoff suite under each locking mode, every run "
+                    "crash-isolated in a child process.")
+    p.add_argument("suite", metavar="SUITE",
+                   help="story (chapters: %s) or comprehensive (chapters: %s)"
+                        % (", ".join(_story.CHAPTERS), ", ".join(_comprehensive.CHAPTERS)))
+    p.add_argument("--chapter", default=None,
+                   help="chapters to run, comma-separated (default: all)")
+    p.add_argument("--threads", default="1,2,4,8", help="thread counts, comma-separated (default 1,2,4,8)")
+    p.add_argument("--iterations", default=None, help="requests per thread (default: per suite and device)")
+    p.add_argument("--duration", default=None,
+                   help="seconds per throughput run instead of a fixed number of requests")
+    p.add_argument("--mode", default="all",
+                   help="%s, several comma-separated, or all (default all)" % ", ".join(MODES))
+    p.add_argument("--device", default=None,
+                   help="mps, cuda, cpu or model (the driver model); default: the best present")
+    p.add_argument("--json", dest="json_path", default=None, metavar="PATH",
+                   help="write the JSON report here (and a PNG plot beside it with matplotlib)")
+    p.add_argument("--retries", default="2",
+                   help="fresh-process retries of a run that did not pass (default 2); "
+                        "every attempt is kept and reported")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.suite not in SUITES:
+        parser.error("bad suite %r; allowed: %s" % (args.suite, ", ".join(SUITES)))
+    from . import OptionError, comprehensive, story
+    run = story if args.suite == "story" else comprehensive
+    try:
+        report = run(device=args.device, mode=args.mode, chapter=args.chapter,
+                     threads=args.threads, iterations=args.iterations, duration=args.duration,
+                     retries=args.retries, json_path=args.json_path, progress=sys.stderr)
+    except OptionError as exc:
+        parser.error(str(exc))
+    except RuntimeError as exc:  # e.g. the device does not work in a child process
+        sys.stderr.write("python -m agxguard.lab: %s\n" % exc)
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; the report file (if any) holds every run finished so far\n")
+        return 130
+    print(report.table())
+    if args.json_path:
+        sys.stderr.write("report: %s%s\n" % (args.json_path,
+                                             "; plot: %s" % report.plot_path if report.plot_path else
+                                             " (no plot: matplotlib is not installed)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

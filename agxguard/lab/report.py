@@ -1,0 +1,467 @@
+"""The suites' report: every raw figure, the tradeoff table, JSON and a plot.
+
+A :class:`Report` holds one result per case (a runner record plus its labels: mode,
+chapter, workload, threads, batch). Its ``repr`` is the readable tradeoff table; in
+Jupyter it renders as an HTML table with an inline plot (when matplotlib is installed).
+``save()`` writes the JSON atomically, so a report file on disk is always complete up to
+the last settled run, even when children crash.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import io
+import json
+import os
+import platform
+import sys
+from collections import OrderedDict
+from typing import Any, Dict, Iterable, List, Optional
+
+import tempfile
+
+from .._runner import CRASHES, CaseRecord
+
+SCHEMA = "agxguard.report/2"  # 2: each attempt's "outcome" (was "status"), suite "story" (was "complete_story")
+MODEL_NOTE = ("device 'model' is agxguard's driver model, a Metal-shaped test double in C run on "
+              "this machine's CPU: its figures are driver-model figures, not Apple GPU figures")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half."""
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        # mkstemp makes the file 0600; give it the mode open() would (0666 less the umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    """JSON form of :func:`atomic_write_text`."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def summarize(records: Iterable[CaseRecord]) -> Dict[str, Any]:
+    """Runner records in short: runs, crashes by outcome, raw pass rate and pass rate
+    after retries."""
+    records = list(records)
+    n = len(records)
+    crashes = {k: 0 for k in CRASHES}
+    failures = 0
+    exit_crashes = 0
+    for r in records:
+        for k, v in r.crashes.items():
+            crashes[k] += v
+        failures += sum(1 for a in r.attempts if a.outcome == "failed")
+        exit_crashes += sum(1 for a in r.attempts if a.child_exit)
+    return {
+        "runs": n,
+        "attempts": sum(len(r.attempts) for r in records),
+        "crashes": crashes,
+        "failures": failures,
+        "crashes_after_last_case": exit_crashes,
+        "raw_passed": sum(r.raw_passed for r in records),
+        "passed": sum(r.passed for r in records),
+        "raw_pass_rate": (sum(r.raw_passed for r in records) / n) if n else None,
+        "pass_rate_after_retries": (sum(r.passed for r in records) / n) if n else None,
+    }
+
+
+def machine_info() -> Dict[str, Any]:
+    """What the parent process can say about this machine without importing torch."""
+    info = {
+        "platform": platform.platform(),
+        "system": platform.system(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "python_implementation": platform.python_implementation(),
+    }
+    try:
+        from importlib import metadata
+        for dist in ("torch", "agxguard"):
+            try:
+                info[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                pass
+    except ImportError:  # pragma: no cover - Python < 3.8
+        pass
+    if "torch" in sys.modules:
+        info["torch"] = getattr(sys.modules["torch"], "__version__", info.get("torch"))
+    return info
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else "%.0f%%" % (100.0 * x)
+
+
+def _num(x: Optional[float]) -> str:
+    if x is None:
+        return "-"
+    if x >= 1000:
+        return "%.0f" % x
+    if x >= 10:
+        return "%.1f" % x
+    return "%.2f" % x
+
+
+class Report:
+    """Results of one suite run: options, machine, and one entry per case."""
+
+    def __init__(self, suite: str, device: str, modes: Iterable[str],
+                 options: Optional[Dict[str, Any]] = None,
+                 machine: Optional[Dict[str, Any]] = None, path: Optional[str] = None):
+        self.suite = suite
+        self.device = device
+        self.modes = list(modes)
+        self.options = dict(options or {})
+        self.machine = machine if machine is not None else machine_info()
+        self.path = path
+        self.notes: List[str] = [MODEL_NOTE] if device == "model" else []
+        self.started = _now()
+        self.finished: Optional[str] = None
+        self.crash_reports_new: Optional[int] = None
+        self.plot_path: Optional[str] = None
+        self._results: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
+
+    # -- building -------------------------------------------------------------------
+
+    @staticmethod
+    def case_id(case: Dict[str, Any]) -> str:
+        return case.get("id") or json.dumps(case, sort_keys=True)
+
+    def record(self, rec: CaseRecord, save: bool = True) -> Dict[str, Any]:
+        """Add or update the entry of ``rec``'s case; write the file if the report has a path."""
+        entry = rec.to_dict()
+        case = entry.pop("case")
+        entry = dict(case, **entry)
+        self._results[self.case_id(case)] = entry
+        if save and self.path:
+            self.save()
+        return entry
+
+    @property
+    def results(self) -> List[Dict[str, Any]]:
+        return list(self._results.values())
+
+    def finish(self) -> "Report":
+        self.finished = _now()
+        if self.path:
+            self.save()
+        return self
+
+    # -- figures --------------------------------------------------------------------
+
+    def results_for(self, mode: Optional[str] = None, chapter: Optional[str] = None):
+        return [r for r in self._results.values()
+                if (mode is None or r.get("mode") == mode)
+                and (chapter is None or r.get("chapter") == chapter)]
+
+    def scaling(self, mode: str) -> "OrderedDict[tuple, Dict[int, Dict[str, Optional[float]]]]":
+        """Per (chapter, workload, batch): threads -> ops/s, speedup and efficiency.
+
+        Efficiency is speedup / threads, the speedup over the same mode's 1-thread run.
+        """
+        groups: "OrderedDict[tuple, Dict[int, Dict[str, Optional[float]]]]" = OrderedDict()
+        for r in self.results_for(mode):
+            v = r.get("value")
+            if not r.get("scaling") or not isinstance(v, dict):
+                continue
+            key = (r.get("chapter"), r.get("workload"), r.get("batch", 1))
+            rate = v.get("ops_per_s") if r.get("passed") else None
+            groups.setdefault(key, {})[int(r["threads"])] = {"ops_per_s": rate}
+        for per_threads in groups.values():
+            base = (per_threads.get(1) or {}).get("ops_per_s")
+            for n, fig in per_threads.items():
+                rate = fig["ops_per_s"]
+                if base and rate is not None:
+                    fig["speedup"] = rate / base
+                    fig["efficiency"] = rate / base / n
+                else:
+                    fig["speedup"] = fig["efficiency"] = None
+        return groups
+
+    def summary(self) -> "OrderedDict[str, Dict[str, Any]]":
+        """Per mode: runs, crashes by kind, failures, raw and after-retry pass rates, scaling."""
+        out: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
+        for mode in self.modes:
+            rs = self.results_for(mode)
+            n = len(rs)
+            crashes = {k: sum(r["crashes"].get(k, 0) for r in rs) for k in CRASHES}
+            out[mode] = {
+                "runs": n,
+                "attempts": sum(len(r["attempts"]) for r in rs),
+                "crashes": crashes,
+                "failures": sum(1 for r in rs for a in r["attempts"] if a["outcome"] == "failed"),
+                "raw_pass_rate": (sum(bool(r["raw_passed"]) for r in rs) / n) if n else None,
+                "pass_rate_after_retries": (sum(bool(r["passed"]) for r in rs) / n) if n else None,
+                "scaling": [
+                    {"chapter": k[0], "workload": k[1], "batch": k[2],
+                     "threads": {str(t): f for t, f in sorted(v.items())}}
+                    for k, v in self.scaling(mode).items()
+                ],
+            }
+        return out
+
+    def thread_counts(self) -> List[int]:
+        return sorted({int(r["threads"]) for r in self._results.values()
+                       if r.get("scaling") and r.get("threads") is not None})
+
+    # -- output ---------------------------------------------------------------------
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "suite": self.suite,
+            "device": self.device,
+            "notes": self.notes,
+            "modes": self.modes,
+            "options": self.options,
+            "machine": self.machine,
+            "started": self.started,
+            "finished": self.finished,
+            "complete": self.finished is not None,
+            "crash_reports_new": self.crash_reports_new,
+            "plot": self.plot_path,
+            "summary": self.summary(),
+            "results": self.results,
+        }
+
+    def to_json(self, path: Optional[str] = None) -> str:
+        """The report as JSON text; also written (atomically) to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=2, default=str) + "\n"
+        if path:
+            atomic_write_text(path, text)
+        return text
+
+    def save(self, path: Optional[str] = None) -> str:
+        """Write the JSON atomically to ``path`` (default: the report's path); return the path."""
+        path = path or self.path
+        if not path:
+            raise ValueError("no path to save the report to")
+        self.to_json(path)
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "Report":
+        rep = cls(data["suite"], data["device"], data["modes"], data.get("options"),
+                  machine=data.get("machine") or {})
+        rep.notes = list(data.get("notes") or [])
+        rep.started = data.get("started")
+        rep.finished = data.get("finished")
+        rep.crash_reports_new = data.get("crash_reports_new")
+        rep.plot_path = data.get("plot")
+        for r in data.get("results", []):
+            rep._results[r.get("id") or json.dumps(r, sort_keys=True)] = r
+        return rep
+
+    @classmethod
+    def load(cls, path: str) -> "Report":
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def header(self) -> str:
+        m = self.machine
+        bits = [m.get("platform") or m.get("system") or "?"]
+        if m.get("cpu_count"):
+            bits.append("%s CPUs" % m["cpu_count"])
+        if m.get("device_name"):
+            bits.append(str(m["device_name"]))
+        if m.get("torch"):
+            bits.append("torch %s" % m["torch"])
+        bits.append("Python %s" % m.get("python", "?"))
+        return "agxguard %s on device %s (%s)" % (self.suite, self.device, ", ".join(bits))
+
+    def rows(self) -> List[List[str]]:
+        """The tradeoff table: header row then one row per mode (and scaling group)."""
+        threads = self.thread_counts()
+        head = ["mode", "runs", "crashes sig/abort/hang", "failed", "raw pass", "pass after retry",
+                "workload"] + ["ops/s @%d" % t for t in threads] + ["eff @%d" % t for t in threads if t > 1]
+        rows = [head]
+        for mode, s in self.summary().items():
+            base = [mode, str(s["runs"]),
+                    "/".join(str(s["crashes"][k]) for k in CRASHES), str(s["failures"]),
+                    _pct(s["raw_pass_rate"]), _pct(s["pass_rate_after_retries"])]
+            groups = s["scaling"] or [None]
+            for i, g in enumerate(groups):
+                row = list(base) if i == 0 else [""] * len(base)
+                if g is None:
+                    row += ["-"] + ["-"] * (2 * len(threads) - (1 if 1 in threads else 0))
+                else:
+                    label = g["workload"] or "?"
+                    if g.get("batch", 1) != 1:
+                        label += " b%s" % g["batch"]
+                    row.append(label)
+                    figs = g["threads"]
+                    row += [_num((figs.get(str(t)) or {}).get("ops_per_s")) for t in threads]
+                    row += [_pct((figs.get(str(t)) or {}).get("efficiency")) for t in threads if t > 1]
+                rows.append(row)
+        return rows
+
+    def findings(self) -> List[str]:
+        """One line per mode and chapter: runs passed, ops completed, max diff, batching
+        samples/s, and every run that did not pass, named with what happened."""
+        lines = []
+        for mode in self.modes:
+            by_chapter: "OrderedDict[str, List[Dict[str, Any]]]" = OrderedDict()
+            for r in self.results_for(mode):
+                by_chapter.setdefault(r.get("chapter") or "?", []).append(r)
+            for chapter, rs in by_chapter.items():
+                lines.append("%-7s %-14s %s" % (mode, chapter, _chapter_finding(chapter, rs)))
+        return lines
+
+    def table(self) -> str:
+        rows = self.rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        fmt = lambda r: "  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths)))
+        out = [self.header()]
+        out += ["note: " + n for n in self.notes]
+        out.append(fmt(rows[0]))
+        out.append("  ".join("-" * w for w in widths))
+        out += [fmt(r) for r in rows[1:]]
+        found = self.findings()
+        if found:
+            out.append("")
+            out += found
+        if self.crash_reports_new is not None:
+            out.append("new macOS crash reports during the run: %d" % self.crash_reports_new)
+        if not self.finished:
+            out.append("(incomplete: the run has not finished)")
+        return "\n".join(out)
+
+    def __repr__(self) -> str:
+        return self.table()
+
+    __str__ = __repr__
+
+    # -- plot -----------------------------------------------------------------------
+
+    def plot(self, path: Optional[str] = None) -> Optional[str]:
+        """PNG of efficiency against threads, one line per mode (and workload).
+
+        Returns the path written, or None when matplotlib is not installed (or there is
+        nothing to plot). ``path`` defaults to the JSON path with ``.png``.
+        """
+        png = self._plot_png()
+        if png is None:
+            return None
+        if path is None:
+            if not self.path:
+                raise ValueError("no path for the plot")
+            path = os.path.splitext(self.path)[0] + ".png"
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as f:
+            f.write(png)
+        os.replace(tmp, path)
+        self.plot_path = path
+        return path
+
+    def _plot_png(self) -> Optional[bytes]:
+        try:
+            import matplotlib
+            matplotlib.use("Agg", force=False)
+            import matplotlib.pyplot as plt
+        except Exception:  # matplotlib is optional
+            return None
+        summary = self.summary()
+        if not any(s["scaling"] for s in summary.values()):
+            return None
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        workloads = {g["workload"] for s in summary.values() for g in s["scaling"]}
+        for mode, s in summary.items():
+            for g in s["scaling"]:
+                pts = sorted((int(t), f["efficiency"]) for t, f in g["threads"].items()
+                             if f.get("efficiency") is not None)
+                if not pts:
+                    continue
+                label = mode if len(workloads) == 1 else "%s / %s" % (mode, g["workload"])
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=label)
+        ax.set_xlabel("threads")
+        ax.set_ylabel("efficiency = speedup / threads (%)")
+        ax.set_xscale("log", base=2)
+        ax.set_title("%s on %s" % (self.suite, self.device)
+                     + (" (driver model, not Apple GPU)" if self.device == "model" else ""))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=110)
+        plt.close(fig)
+        return buf.getvalue()
+
+    def _repr_html_(self) -> str:
+        import html
+        rows = self.rows()
+        parts = ["<div><p><b>%s</b></p>" % html.escape(self.header())]
+        for n in self.notes:
+            parts.append("<p><i>%s</i></p>" % html.escape(n))
+        parts.append("<table><thead><tr>%s</tr></thead><tbody>" %
+                     "".join("<th>%s</th>" % html.escape(c) for c in rows[0]))
+        for r in rows[1:]:
+            parts.append("<tr>%s</tr>" % "".join("<td>%s</td>" % html.escape(c) for c in r))
+        parts.append("</tbody></table>")
+        found = self.findings()
+        if found:
+            parts.append("<pre>%s</pre>" % html.escape("\n".join(found)))
+        png = self._plot_png()
+        if png is not None:
+            parts.append('<img src="data:image/png;base64,%s"/>' % base64.b64encode(png).decode())
+        parts.append("</div>")
+        return "".join(parts)
+
+
+def _label(r: Dict[str, Any]) -> str:
+    bits = [str(r["workload"])] if r.get("workload") else []
+    if r.get("threads") is not None:
+        bits.append("%sx" % r["threads"] + ("b%s" % r["batch"] if r.get("batch", 1) != 1 else ""))
+    return " ".join(bits)
+
+
+def _chapter_finding(chapter: str, rs: List[Dict[str, Any]]) -> str:
+    """What one chapter of one mode found, in a line."""
+    values = [r["value"] for r in rs if isinstance(r.get("value"), dict)]
+    parts = ["%d/%d runs passed" % (sum(bool(r.get("passed")) for r in rs), len(rs))]
+    done = [v for v in values if v.get("expected")]
+    if done:
+        parts.append("%d/%d ops completed" % (sum(v.get("completed") or 0 for v in done),
+                                              sum(v["expected"] for v in done)))
+    diffs = [v["max_abs_diff"] for v in values if v.get("max_abs_diff") is not None]
+    if diffs:
+        parts.append("max abs diff %.2g" % max(diffs))
+    if chapter == "batching":
+        parts.append(", ".join("%sx b%s %s samples/s" % (r.get("threads"), r.get("batch", 1),
+                                                       _num(r["value"].get("samples_per_s")))
+                               for r in rs if r.get("passed") and isinstance(r.get("value"), dict)))
+    retried = sum(max(0, len(r.get("attempts") or []) - 1) for r in rs)
+    if retried:
+        parts.append("%d retries" % retried)
+    bad = []
+    for r in rs:
+        for a in r.get("attempts") or []:
+            if a.get("outcome") != "passed":
+                what = a.get("signal") if a.get("outcome") == "signal" else a.get("outcome")
+                bad.append("%s %s" % (_label(r), what.upper() if what else "?"))
+    if bad:
+        shown = sorted(set(bad), key=bad.index)
+        parts.append("not passed: " + ", ".join(shown[:6]) + (" ..." if len(shown) > 6 else ""))
+    return "; ".join(p for p in parts if p)
