@@ -210,9 +210,13 @@ def test_close_finishes_accepted_requests_or_fails_them_when_cancelled():
     for f in queued:
         with pytest.raises(RuntimeError, match="closed before this request ran"):
             f.result(TIMEOUT)
+    # the running batch's caller is answered at once too (issue 15), not when fn returns
+    with pytest.raises(RuntimeError, match="closed .cancel_pending. while this request's batch ran"):
+        running.result(TIMEOUT)
     gate2.opened.set()
-    assert torch.equal(running.result(TIMEOUT), torch.zeros(1, 1))
     b2.close()
+    s = b2.stats()
+    assert (s["failed"], s["answered"], s["accepted"]) == (4, 0, 4)
 
 
 def test_a_full_queue_blocks_submit_and_times_out_with_queue_full():
