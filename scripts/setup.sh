@@ -56,6 +56,8 @@ $PYTHON -c "import ziglang, macholib" 2>/dev/null || pip_install -r scripts/maco
 $PYTHON -c "import grimp" 2>/dev/null || pip_install -r scripts/layout-check-requirements.txt
 # the suites' tradeoff plot (a PNG beside each --json report) and its tests draw with matplotlib
 $PYTHON -c "import matplotlib" 2>/dev/null || pip_install -r scripts/plot-requirements.txt
+# the HTTP example on the Batcher (examples/http_server.py) and its test
+$PYTHON -c "import aiohttp" 2>/dev/null || pip_install -r scripts/example-requirements.txt
 # compiler command lines go to a log, shown only when the build fails
 BUILD_LOG=$(mktemp)
 quiet() { "$@" >"$BUILD_LOG" 2>&1 || { cat "$BUILD_LOG"; echo "setup: failed: $*"; exit 1; }; }
