@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import tempfile
 
 from .._runner import CRASHES, CaseRecord
+from . import claims
 
 SCHEMA = "agxguard.report/2"  # 2: each attempt's "outcome" (was "status"), suite "story" (was "complete_story")
 MODEL_NOTE = ("device 'model' is agxguard's driver model, a Metal-shaped test double in C run on "
@@ -220,6 +221,9 @@ class Report:
                      "threads": {str(t): f for t, f in sorted(v.items())}}
                     for k, v in self.scaling(mode).items()
                 ],
+                # the seeds' claims: [{name, source, expected, measured, passed}], passed
+                # None where not measured (agxguard.lab.claims)
+                "claims": claims.evaluate(self.suite, rs),
             }
         return out
 
@@ -343,6 +347,10 @@ class Report:
         if found:
             out.append("")
             out += found
+        claimed = claims.lines(self)
+        if claimed:
+            out.append("")
+            out += claimed
         if self.crash_reports_new is not None:
             out.append("new macOS crash reports during the run: %d" % self.crash_reports_new)
         if not self.finished:
