@@ -108,7 +108,8 @@ def _comprehensive(rs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         complete = bool(base) and len(speedups) == len(threads) and len(threads) > 1
         best = max(speedups, key=speedups.get) if complete else None
         out.append(_claim("%s scaling" % wl, COMPREHENSIVE,
-                          "best speedup over 1 thread >= 1.00x (seeds: else WARN)",
+                          "best speedup over 1 thread >= 1.00x, else WARN (as the seeds count it, "
+                          "the best includes 1 thread at 1.00x)",
                           None if best is None else "%.2fx at %d threads" % (speedups[best], best),
                           None if best is None else speedups[best] >= 1.0))
     return out
