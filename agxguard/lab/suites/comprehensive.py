@@ -102,7 +102,7 @@ def comprehensive(device: Optional[str] = None, mode: Any = "all", *,
                   min_requests: Optional[int] = None, repeats: Any = common.REPEATS,
                   shared_model: bool = False, torch_threads: Optional[int] = None,
                   retries: int = 2, json_path: Optional[str] = None, workloads: Any = None,
-                  timeout: float = 120.0, progress: Any = sys.stderr, plot: bool = True,
+                  timeout: float = 600.0, progress: Any = sys.stderr, plot: bool = True,
                   model_options: Optional[Dict[str, Any]] = None) -> Report:
     """Run the comprehensive suite; return its :class:`~agxguard.lab.report.Report`.
 
@@ -110,7 +110,9 @@ def comprehensive(device: Optional[str] = None, mode: Any = "all", *,
     correctness, thread_safety, throughput, stress, and ``workloads`` among small_mlp,
     matmul, large_transformer, medium_mlp (default the seeds' three: small_mlp, matmul,
     large_transformer). ``iterations`` replaces the seeds' 20 requests per thread;
-    ``stress_s`` the seeds' 5 seconds per stress case.
+    ``stress_s`` the seeds' 5 seconds per stress case. ``timeout`` (seconds per run,
+    default 600) is long because the seeds' budgets are: on a 2-core CPU one
+    large_transformer throughput run at 8 threads (160 requests, 3 samples) takes minutes.
     """
     device = common.resolve_device(device)
     modes = common.parse_modes(mode)
