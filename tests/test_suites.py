@@ -112,6 +112,7 @@ def test_story_evaluates_the_seeds_claims_per_mode(story_cpu):
         assert got["batch-8 efficiency above 50%"] in (True, False)
     text = report.table()
     assert text.count(" claim ") == 6 * len(MODES) and "claim NOT MEASURED" in text
+    assert text.count(" samples: 6 runs x 2 repeats, floor 0.01 s; widest spread ") == len(MODES)
 
 
 def test_comprehensive_on_cpu_under_every_mode(tmp_path):

@@ -124,10 +124,30 @@ def evaluate(suite: str, results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return []
 
 
+def sample_line(mode: str, results: List[Dict[str, Any]]) -> Optional[str]:
+    """One mode's throughput samples in a line: how many, the floor, the widest spread
+    between repeats, and how many were under the floor (short: no rate reported)."""
+    vs = [(r, r["value"]) for r in results
+          if isinstance(r.get("value"), dict) and r["value"].get("ops_per_s_spread")]
+    if not vs:
+        return None
+    widest = max(vs, key=lambda rv: rv[1]["ops_per_s_spread"].get("rel_spread") or 0.0)
+    sp = widest[1]["ops_per_s_spread"].get("rel_spread")
+    short = sum(v.get("short_samples") or 0 for _, v in vs)
+    return "%-7s samples: %d runs x %s repeats, floor %.2g s; widest spread %s (%s %s %sx); %d short" % (
+        mode, len(vs), max(v.get("repeats") or 0 for _, v in vs), widest[1].get("min_sample_s") or 0.0,
+        "-" if sp is None else "%.0f%%" % (100 * sp), widest[0].get("chapter"), widest[0].get("workload"),
+        widest[0].get("threads"), short)
+
+
 def lines(report) -> List[str]:
-    """One line per mode and claim: the verdict, what was measured, what the seeds expect."""
+    """Per mode, a line on its throughput samples, then one line per claim: the verdict,
+    what was measured, what the seeds expect."""
     out = []
     for mode in report.modes:
+        line = sample_line(mode, report.results_for(mode))
+        if line:
+            out.append(line)
         for c in evaluate(report.suite, report.results_for(mode)):
             out.append("%-7s claim %-12s %s: %s (expected %s; %s)" % (
                 mode, verdict(c["passed"]), c["name"], c["measured"], c["expected"], c["source"]))
