@@ -82,3 +82,20 @@ def test_forwarder_benchmark_reports_each_variant():
     for name in ("unhooked", "typed wrapper", "forwarder (libffi)", "copy: unhooked", "copy: forwarder"):
         assert f" {name} " in text, (name, text)
     assert "command: python benchmarks/forwarder.py" in text and "commit: " in text
+
+
+def test_seeds_vs_lab_reads_the_seeds_printed_figures():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("seeds_vs_lab", os.path.join(ROOT, "benchmarks/seeds_vs_lab.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    story = mod.parse_seed_story(
+        "     1       |   126.3    |  1.00x  |  100.0%\n     8       |    85.9    |  0.68x  |  8.5%\n"
+        "Batched (1 thread, batch=8)  |     145.9 |  1.00x (baseline)\n"
+        "Threaded (8 threads, batch=1)|     165.2 |  1.13x\n  batching_advantage: FAIL\n")
+    assert story["ops_per_s"] == {1: 126.3, 8: 85.9} and (story["batched"], story["threaded"]) == (145.9, 165.2)
+    assert story["verdicts"] == {"batching_advantage": "FAIL"}
+    comp = mod.parse_seed_comprehensive("  small_mlp:\n    1 threads: 900.5 ops/s (baseline)\n"
+                                        "    2 threads: 1200.0 ops/s (1.33x)\n    Scaling: Best: 1.40x at 2 threads\n")
+    assert comp == {"small_mlp": {1: 900.5, 2: 1200.0, "best": 1.40}}
+    assert "seeds" in run("benchmarks/seeds_vs_lab.py", "--help")

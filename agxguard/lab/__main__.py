@@ -35,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", default=None, help="requests per thread (default: per suite and device)")
     p.add_argument("--duration", default=None,
                    help="seconds per throughput run instead of a fixed number of requests")
+    p.add_argument("--min-sample-s", default="0.5", metavar="S",
+                   help="floor of every throughput sample in seconds (default 0.5); a sample "
+                        "under it is marked short and never reported as a rate")
+    p.add_argument("--repeats", default="3",
+                   help="samples per throughput run; the report keeps each and the spread (default 3)")
+    p.add_argument("--shared-model", action="store_true",
+                   help="one model for all threads (default: one per thread, as the seeds)")
+    p.add_argument("--torch-threads", default=None,
+                   help="torch intra-op threads on cpu (default: torch's own, as the seeds)")
     p.add_argument("--mode", default="all",
                    help="%s, several comma-separated, or all (default all)" % ", ".join(MODES))
     p.add_argument("--device", default=None,
@@ -88,7 +97,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         report = run(device=args.device, mode=args.mode, chapter=args.chapter,
                      threads=args.threads, iterations=args.iterations, duration=args.duration,
-                     retries=args.retries, json_path=args.json_path, progress=sys.stderr)
+                     retries=args.retries, json_path=args.json_path, progress=sys.stderr,
+                     min_sample_s=args.min_sample_s, repeats=args.repeats,
+                     shared_model=args.shared_model, torch_threads=args.torch_threads)
     except OptionError as exc:
         parser.error(str(exc))
     except RuntimeError as exc:  # e.g. the device does not work in a child process

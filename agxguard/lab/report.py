@@ -22,6 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import tempfile
 
 from .._runner import CRASHES, CaseRecord
+from . import claims as _claims
 
 SCHEMA = "agxguard.report/2"  # 2: each attempt's "outcome" (was "status"), suite "story" (was "complete_story")
 MODEL_NOTE = ("device 'model' is agxguard's driver model, a Metal-shaped test double in C run on "
@@ -221,6 +222,9 @@ class Report:
                      "threads": {str(t): f for t, f in sorted(v.items())}}
                     for k, v in self.scaling(mode).items()
                 ],
+                # the seeds' claims: [{name, source, expected, measured, passed}], passed
+                # None where not measured (agxguard.lab.claims)
+                "claims": _claims.evaluate(self.suite, rs),
             }
         return out
 
@@ -345,11 +349,10 @@ class Report:
         if found:
             out.append("")
             out += found
-        claims = self.claim_lines()
-        if claims:
+        claimed = _claims.lines(self) + self.claim_lines()
+        if claimed:
             out.append("")
-            out.append("claims:")
-            out += ["  " + c for c in claims]
+            out += claimed
         if self.crash_reports_new is not None:
             out.append("new macOS crash reports during the run: %d" % self.crash_reports_new)
         if not self.finished:
@@ -406,6 +409,14 @@ class Report:
         """Every claim the suites checked (a result's ``claims`` list, or its value's),
         one dict per claim with the mode, chapter, workload and threads of its result."""
         out = []
+        for mode in self.modes:  # the seeds' claims, evaluated per mode (claims.py)
+            for c in _claims.evaluate(self.suite, self.results_for(mode)):
+                out.append(dict({"mode": mode}, **c))
+        return out + self._carried_claims()
+
+    def _carried_claims(self) -> List[Dict[str, Any]]:
+        """Claims a result carries itself (a suite's own checks), with where it ran."""
+        out = []
         for r in self._results.values():
             value = r.get("value") if isinstance(r.get("value"), dict) else {}
             for c in (r.get("claims") or value.get("claims") or []):
@@ -415,9 +426,10 @@ class Report:
         return out
 
     def claim_lines(self) -> List[str]:
-        """The claims as lines: a claim that did not hold reads FAILED, never passed."""
+        """The claims results carry, as lines: a claim that did not hold reads FAILED,
+        never passed (the seeds' claims per mode are claims.lines')."""
         lines = []
-        for c in self.claims():
+        for c in self._carried_claims():
             where = " ".join(str(x) for x in (c.get("mode"), c.get("chapter")) if x)
             lines.append("%-6s %s %s: expected %s, measured %s" % (
                 "passed" if c.get("passed") is True else "FAILED", where, c.get("name", "?"),

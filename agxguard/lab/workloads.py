@@ -35,8 +35,10 @@ INPUT_SHAPES: dict[str, tuple[int, ...]] = {
 DESCRIPTIONS: dict[str, str] = {
     "small_mlp": "Linear 256->256, input 32x256",
     "medium_mlp": "Linear 512->1024, ReLU, Linear 1024->512, input 32x512",
-    "story_transformer": "TransformerEncoder 2 layers, d_model 256, 4 heads, input 4x32x256",
-    "large_transformer": "TransformerEncoder 6 layers, d_model 512, 8 heads, input 4x128x512",
+    "story_transformer": "TransformerEncoder 2 layers, d_model 256, 4 heads, feed-forward 1024, "
+                         "no dropout, input 4x32x256",
+    "large_transformer": "TransformerEncoder 6 layers, d_model 512, 8 heads, feed-forward 2048, "
+                         "no dropout, input 4x128x512",
     "matmul": "512x512 @ 512x512",
 }
 
@@ -63,18 +65,22 @@ class Workload:
         self.seed = seed
         self.description = DESCRIPTIONS[name]
 
-    def make_input(self, batch: int = 1, seed: Optional[int] = None):
+    def make_input(self, batch: int = 1, seed: Optional[int] = None, rows: Optional[int] = None):
         """A reproducible input of ``batch`` requests concatenated along dim 0.
 
         ``seed`` defaults to the workload's seed + 1, so inputs never equal weights.
+        ``rows`` replaces the request's dim-0 size (the seeds' story batches samples of
+        1x32x256, where its request is 4x32x256: ``rows=1``).
         """
         import torch
 
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
+            raise ValueError(f"rows must be None or an int >= 1, got {rows!r}")
         gen = torch.Generator(device="cpu")
         gen.manual_seed(self.seed + 1 if seed is None else int(seed))
-        shape = (self.input_shape[0] * batch,) + tuple(self.input_shape[1:])
+        shape = ((self.input_shape[0] if rows is None else rows) * batch,) + tuple(self.input_shape[1:])
         x = torch.randn(shape, generator=gen, dtype=torch.float32)
         return x.to(device=self.device, dtype=self.dtype)
 
@@ -162,11 +168,15 @@ def _make_module(name: str):
         return nn.Linear(256, 256)
     if name == "medium_mlp":
         return nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 512))
+    # The seeds' transformers: feed-forward width 4 x d_model (1024 for the story's, not
+    # torch's default 2048) and no dropout.
     if name == "story_transformer":
-        layer = nn.TransformerEncoderLayer(d_model=256, nhead=4, batch_first=True)
+        layer = nn.TransformerEncoderLayer(d_model=256, nhead=4, dim_feedforward=1024, dropout=0.0,
+                                           batch_first=True)
         return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
     if name == "large_transformer":
-        layer = nn.TransformerEncoderLayer(d_model=512, nhead=8, batch_first=True)
+        layer = nn.TransformerEncoderLayer(d_model=512, nhead=8, dim_feedforward=2048, dropout=0.0,
+                                           batch_first=True)
         return nn.TransformerEncoder(layer, num_layers=6, enable_nested_tensor=False)
     return None
 

@@ -60,7 +60,7 @@ def best_device() -> str:
 class TorchBackend:
     """A torch device: workloads from agxguard.lab.workloads, checks against CPU float64."""
 
-    def __init__(self, device: str, cpu_threads: Optional[int] = 1):
+    def __init__(self, device: str, cpu_threads: Optional[int] = None):
         import torch
         from .. import workloads
         self.torch = torch
@@ -72,8 +72,8 @@ class TorchBackend:
         self._reference_outputs: Dict[Any, Any] = {}
         self._inputs: Dict[Any, Any] = {}
         if self.kind == "cpu" and cpu_threads:
-            # Thread scaling is what the suites measure: one intra-op thread per worker
-            # keeps torch's own pool from competing with the workers.
+            # Left alone by default, as the seeds do; an option (``torch_threads``) sets
+            # torch's intra-op pool, e.g. 1 so that it does not compete with the workers.
             torch.set_num_threads(cpu_threads)
 
     def info(self) -> Dict[str, Any]:
@@ -91,16 +91,19 @@ class TorchBackend:
             out["device_name"] = "CPU (%s)" % (platform.processor() or platform.machine())
         return out
 
-    def workload(self, name: str):
-        if name not in self._built:
-            self._built[name] = self.workloads.build(name, self.device)
-        return self._built[name]
+    def workload(self, name: str, replica: int = 0):
+        """Workload ``name``'s model number ``replica`` (built once each; every replica
+        has the same weights, as the seeds' per-thread models loaded one state dict)."""
+        key = (name, replica)
+        if key not in self._built:
+            self._built[key] = self.workloads.build(name, self.device)
+        return self._built[key]
 
-    def make_input(self, name: str, batch: int = 1, seed: int = 1):
-        """The input for (name, batch, seed), made once (so references can be cached)."""
-        key = (name, batch, seed)
+    def make_input(self, name: str, batch: int = 1, seed: int = 1, rows: Optional[int] = None):
+        """The input for (name, batch, seed, rows), made once (so references can be cached)."""
+        key = (name, batch, seed, rows)
         if key not in self._inputs:
-            self._inputs[key] = self.workload(name).make_input(batch=batch, seed=seed)
+            self._inputs[key] = self.workload(name).make_input(batch=batch, seed=seed, rows=rows)
         return self._inputs[key]
 
     @contextlib.contextmanager
@@ -116,9 +119,10 @@ class TorchBackend:
                 stack.enter_context(agxguard.ops())
             yield
 
-    def run(self, name: str, x):
-        """One request: the forward pass, then wait for the device (inside the region)."""
-        y = self.workload(name).model(x)
+    def run(self, name: str, x, replica: int = 0):
+        """One request on model ``replica``: the forward pass, then wait for the device
+        (inside the region)."""
+        y = self.workload(name, replica).model(x)
         if self.kind == "cuda":
             self.torch.cuda.current_stream().synchronize()
         elif self.kind == "mps":
@@ -177,5 +181,5 @@ def get_backend(device: str, options: Optional[Dict[str, Any]] = None):
             from .model_backend import ModelBackend
             _backends[device] = ModelBackend(options)
         else:
-            _backends[device] = TorchBackend(device)
+            _backends[device] = TorchBackend(device, (options or {}).get("torch_threads"))
     return _backends[device]

@@ -90,6 +90,21 @@ def parse_positive(kind: str, value: Any, integer: bool = True, allow_zero: bool
     return v
 
 
+def parse_floor(value: Any) -> float:
+    """The sample floor in seconds: a number >= 0 (0: no time floor)."""
+    v = parse_positive("min_sample_s", value, integer=False, allow_zero=True)
+    return 0.0 if v is None else float(v)
+
+
+def backend_options(device: str, model_options: Optional[Dict[str, Any]],
+                    torch_threads: Optional[int]) -> Optional[Dict[str, Any]]:
+    """What the child's backend is built with: the driver model's options, or on a torch
+    device the intra-op thread count where one was asked for."""
+    if device == "model":
+        return model_options
+    return {"torch_threads": torch_threads} if torch_threads else None
+
+
 def resolve_device(device: Optional[str]) -> str:
     """The device to run on (``None``: the best present); refuses one that is not here."""
     from .backends import best_device, devices_present
@@ -121,40 +136,101 @@ def total_acquisitions(stats: Dict[str, Any]) -> int:
     return int(sum(d.get("acquisitions", 0) for d in (stats.get("domains") or {}).values()))
 
 
+#: Default floor of a throughput sample, in seconds (``min_sample_s``).
+MIN_SAMPLE_S = 0.5
+#: Default repeats of a throughput sample (the report keeps each and their spread).
+REPEATS = 3
+
+
+def latency_figures(times: List[float]) -> Dict[str, Optional[float]]:
+    """Mean, p50 and p99 in milliseconds of per-request times in seconds (nearest rank)."""
+    if not times:
+        return {"latency_mean_ms": None, "latency_p50_ms": None, "latency_p99_ms": None}
+    ts = sorted(times)
+
+    def rank(p: float) -> float:
+        return ts[min(len(ts) - 1, max(0, int(-(-p * len(ts) // 1)) - 1))]
+
+    return {"latency_mean_ms": 1e3 * sum(ts) / len(ts), "latency_p50_ms": 1e3 * rank(0.50),
+            "latency_p99_ms": 1e3 * rank(0.99)}
+
+
+def sample_is_short(elapsed: float, completed: int, min_sample_s: float,
+                    min_requests: Optional[int]) -> bool:
+    """True when a sample met neither floor: it ran under ``min_sample_s`` seconds and
+    (where a request floor is set) did fewer than ``min_requests`` requests."""
+    if elapsed >= min_sample_s:
+        return False
+    return not (min_requests and completed >= min_requests)
+
+
+def mark_short(value: Dict[str, Any], min_sample_s: float, min_requests: Optional[int]) -> Dict[str, Any]:
+    """Record the floors on a throughput result; one below them keeps its rates only as
+    ``short_ops_per_s``/``short_samples_per_s`` (``ops_per_s`` None: never a result)."""
+    value["min_sample_s"] = min_sample_s
+    value["min_requests"] = min_requests
+    value["short_sample"] = sample_is_short(value.get("elapsed_s") or 0.0, value.get("completed") or 0,
+                                            min_sample_s, min_requests)
+    if value["short_sample"]:
+        for k in ("ops_per_s", "samples_per_s"):
+            value["short_" + k] = value.get(k)
+            value[k] = None
+    return value
+
+
 def run_threads(backend, workload: str, mode: str, threads: int, *, batch: int = 1,
                 iterations: Optional[int] = None, duration: Optional[float] = None,
-                keep: bool = False, seed: int = 1) -> Dict[str, Any]:
+                keep: bool = False, seed: int = 1, rows: Optional[int] = None,
+                shared_model: bool = False, min_sample_s: float = 0.0,
+                min_requests: Optional[int] = None) -> Dict[str, Any]:
     """Run ``threads`` worker threads, each doing requests of ``batch`` under ``mode``.
 
-    Each thread does ``iterations`` requests, or as many as fit in ``duration`` seconds.
-    Returns ops completed, the expected count, errors, timing and (``keep``) each
+    Each thread does ``iterations`` requests, or as many as fit in ``duration`` seconds;
+    then, while the sample is under its floor (``min_sample_s`` seconds, or
+    ``min_requests`` requests in all where set), it keeps going. Each thread runs its own
+    copy of the model, as the seeds' suites do (``shared_model``: one for all).
+    Returns ops completed, the minimum expected, errors, timing, per-request latency
+    (mean, p50, p99, including any wait for the mode's region lock) and (``keep``) each
     thread's first and last outputs.
     """
     if iterations is None and duration is None:
         iterations = 1
-    inputs = [backend.make_input(workload, batch=batch, seed=seed + i) for i in range(threads)]
+    inputs = [backend.make_input(workload, batch=batch, seed=seed + i, rows=rows) for i in range(threads)]
+    replicas = [0 if shared_model else i for i in range(threads)]
+    for i in sorted(set(replicas)):  # build each model before the clock starts
+        with backend.worker("off"):
+            backend.run(workload, inputs[i], replica=i)
     settle = getattr(backend, "settle", None)
     if settle is not None:
         settle()  # inputs made on this thread's stream are ready before workers read them
     barrier = threading.Barrier(threads + 1)
     done = [0] * threads
+    times: List[List[float]] = [[] for _ in range(threads)]
     errors: List[str] = []
     outputs: List[Any] = [None] * threads
     firsts: List[Any] = [None] * threads
+    clock = time.perf_counter
 
     def worker(i: int) -> None:
         try:
             with backend.worker(mode):
                 barrier.wait()
-                end = time.perf_counter() + (duration or 0.0)
+                start = clock()
+                end = start + (duration or 0.0)
+                floor_end = start + min_sample_s
                 n = 0
                 while True:
-                    if iterations is not None and n >= iterations:
+                    now = clock()
+                    if iterations is not None:
+                        enough = n >= iterations
+                    else:
+                        enough = n > 0 and now >= end
+                    if enough and (now >= floor_end or (min_requests and sum(done) >= min_requests)):
                         break
-                    if iterations is None and n > 0 and time.perf_counter() >= end:
-                        break
+                    t = clock()
                     with region(mode):
-                        y = backend.run(workload, inputs[i])
+                        y = backend.run(workload, inputs[i], replica=replicas[i])
+                    times[i].append(clock() - t)
                     n += 1
                     done[i] = n
                     if keep:
@@ -174,12 +250,12 @@ def run_threads(backend, workload: str, mode: str, threads: int, *, batch: int =
         t.start()
     try:
         barrier.wait()
-        t0 = time.perf_counter()
+        t0 = clock()
     except threading.BrokenBarrierError:
-        t0 = time.perf_counter()
+        t0 = clock()
     for t in ts:
         t.join()
-    elapsed = time.perf_counter() - t0
+    elapsed = clock() - t0
     completed = sum(done)
     out = {
         "threads": threads, "batch": batch, "completed": completed,
@@ -187,10 +263,62 @@ def run_threads(backend, workload: str, mode: str, threads: int, *, batch: int =
         "elapsed_s": elapsed,
         "ops_per_s": completed / elapsed if elapsed > 0 else None,
         "samples_per_s": completed * batch / elapsed if elapsed > 0 else None,
+        "models": len(set(replicas)),
         "errors": errors[:8], "error_count": len(errors),
     }
+    out.update(latency_figures([x for per in times for x in per]))
     if keep:
         out["_inputs"], out["_firsts"], out["_outputs"] = inputs, firsts, outputs
+    return out
+
+
+def spread(xs: List[Optional[float]]) -> Dict[str, Any]:
+    """Median, min, max and relative spread ((max - min) / median) of repeated rates;
+    None entries (short or failed samples) are left out and counted."""
+    good = sorted(x for x in xs if x is not None)
+    if not good:
+        return {"median": None, "min": None, "max": None, "rel_spread": None, "n": 0,
+                "left_out": len(xs)}
+    m = len(good)
+    med = good[m // 2] if m % 2 else (good[m // 2 - 1] + good[m // 2]) / 2
+    return {"median": med, "min": good[0], "max": good[-1],
+            "rel_spread": (good[-1] - good[0]) / med if med else None, "n": m,
+            "left_out": len(xs) - m}
+
+
+def measure(backend, workload: str, mode: str, case: Dict[str, Any], *, keep: bool = True) -> Dict[str, Any]:
+    """A throughput case: ``case["repeats"]`` samples of :func:`run_threads`, each with the
+    case's floor; the result is the last sample's (outputs and counts) with ``ops_per_s``
+    and ``samples_per_s`` the median of the samples that met the floor, every sample's
+    rate in ``repeat_ops_per_s``, and the spread in ``ops_per_s_spread``."""
+    repeats = int(case.get("repeats") or 1)
+    floor = float(case.get("min_sample_s") or 0.0)
+    min_requests = case.get("min_requests")
+    rates, srates, shorts, lat, rs = [], [], 0, [], None
+    for k in range(repeats):
+        rs = run_threads(backend, workload, mode, case["threads"], batch=case.get("batch", 1),
+                         iterations=case.get("iterations"), duration=case.get("duration"),
+                         keep=keep, rows=case.get("rows"), shared_model=bool(case.get("shared_model")),
+                         min_sample_s=floor, min_requests=min_requests)
+        if rs["errors"]:
+            break
+        v = mark_short(dict(rs), floor, min_requests)
+        shorts += bool(v["short_sample"])
+        rates.append(v["ops_per_s"])
+        srates.append(v["samples_per_s"])
+        lat.append((rs["latency_mean_ms"], rs["latency_p50_ms"], rs["latency_p99_ms"]))
+    out = dict(rs)
+    out["repeats"] = len(rates)
+    out["repeat_ops_per_s"] = rates
+    out["ops_per_s_spread"] = spread(rates)
+    out["ops_per_s"] = out["ops_per_s_spread"]["median"]
+    out["samples_per_s"] = spread(srates)["median"]
+    out["short_samples"] = shorts
+    out["short_sample"] = bool(rates) and shorts == len(rates)
+    out["min_sample_s"], out["min_requests"] = floor, min_requests
+    if lat:  # the latency of the median sample's neighbourhood: each figure's median
+        for j, key in enumerate(("latency_mean_ms", "latency_p50_ms", "latency_p99_ms")):
+            out[key] = sorted(x[j] for x in lat)[len(lat) // 2]
     return out
 
 
@@ -202,12 +330,12 @@ def public(result: Dict[str, Any]) -> Dict[str, Any]:
 _warmed = set()
 
 
-def warm_up(backend, workload: str, batch: int = 1) -> None:
+def warm_up(backend, workload: str, batch: int = 1, rows: Optional[int] = None) -> None:
     """One unmeasured request (builds the model, allocates, compiles kernels)."""
-    key = (workload, batch)
+    key = (workload, batch, rows)
     if key not in _warmed:
         with backend.worker("off"):
-            backend.run(workload, backend.make_input(workload, batch=batch, seed=0))
+            backend.run(workload, backend.make_input(workload, batch=batch, seed=0, rows=rows))
         _warmed.add(key)
 
 
@@ -250,7 +378,7 @@ def finish_case(backend, workload: str, r: Dict[str, Any], keep: bool, *,
     failed."""
     value = public(r)
     problems = list(r["errors"])
-    if r["expected"] is not None and r["completed"] != r["expected"]:
+    if r["expected"] is not None and r["completed"] < r["expected"]:
         problems.append("%d of %d ops completed" % (r["completed"], r["expected"]))
     if keep:
         check_outputs(backend, workload, r, value, problems,
@@ -326,10 +454,17 @@ class Progress:
         what = attempt.describe()
         v = attempt.value if isinstance(attempt.value, dict) else {}
         if attempt.outcome == "passed":
-            if v.get("expected"):
+            if v.get("expected") and v.get("repeats"):
+                what = "passed %s ops (>= %s)" % (v.get("completed"), v.get("expected"))
+            elif v.get("expected"):
                 what = "passed %s/%s ops" % (v.get("completed"), v.get("expected"))
             if v.get("ops_per_s"):
                 what += ", %.1f ops/s" % v["ops_per_s"]
+                sp = v.get("ops_per_s_spread") or {}
+                if sp.get("n", 0) > 1 and sp.get("rel_spread") is not None:
+                    what += " (median of %d samples, spread %.0f%%)" % (sp["n"], 100 * sp["rel_spread"])
+            elif v.get("short_sample"):
+                what += ", SHORT sample (under the %.2g s floor): no rate" % (v.get("min_sample_s") or 0)
             if "max_abs_diff" in v:
                 what += ", max diff %.2g" % v["max_abs_diff"]
         n = len(rec.attempts)
@@ -344,7 +479,8 @@ def run_suite(suite: str, device: str, modes: List[str], cases_for_mode: Callabl
               options: Dict[str, Any], *, target: Callable[[Dict[str, Any]], Dict[str, Any]],
               retries: int, timeout: float, json_path: Optional[str],
               progress=sys.stderr, plot: bool = True,
-              backend_options: Optional[Dict[str, Any]] = None) -> Report:
+              backend_options: Optional[Dict[str, Any]] = None,
+              notes: Sequence[str] = ()) -> Report:
     """Run every mode's cases in child processes (mode by mode) with the suite's runner
     target ``target`` (a module-level function of one case) and return the report."""
     prog = make_progress(suite, progress, Progress)  # lines, or a bar in Jupyter
@@ -361,6 +497,7 @@ def run_suite(suite: str, device: str, modes: List[str], cases_for_mode: Callabl
         raise RuntimeError("device %s does not work in a child process: %s\n%s"
                            % (device, a.describe(), (a.traceback or a.stderr_tail or "")[-2000:]))
     report = Report(suite, device, modes, options, path=json_path)
+    report.notes.extend(notes)
     report.machine.update({k: v for k, v in probe_rec.value.items() if k not in ("device",)})
     if json_path:
         report.save()

@@ -1,14 +1,21 @@
-"""comprehensive: four chapters over four workloads at 1-8 threads, under each mode.
+"""comprehensive: the seeds' comprehensive_test_suite.py, four chapters over its
+workloads at 1-8 threads, under each mode.
 
-- correctness: each thread's output against a CPU float64 reference (max abs diff);
-- thread_safety: every request completes, outputs are finite, and each thread's last
-  output equals its first (same input, same answer);
-- throughput: requests/s at each thread count (efficiency = speedup / threads);
-- stress: twice the requests (or twice the duration); every one must complete.
+- correctness: each thread's output against a CPU float64 reference (max abs diff,
+  tolerance 1e-3 as the seeds);
+- thread_safety: 20 requests per thread (the seeds' default); every request completes,
+  outputs are finite, and each thread's last output equals its first;
+- throughput: requests/s at each thread count, 20 requests per thread as the seeds, then
+  on to the sample floor, repeated (efficiency = speedup / threads), with per-request
+  latency (mean, p50, p99; the seeds report the mean);
+- stress: 5 seconds per case, as the seeds; every request must complete.
 
-Workloads: small_mlp (Linear 256->256, input 32x256), medium_mlp (512->1024->512,
-input 32x512), large_transformer (6 layers, d_model 512, 8 heads, input 4x128x512),
-matmul (512x512).
+Workloads (the seeds' defaults): small_mlp (Linear 256->256, input 32x256), matmul
+(512x512), large_transformer (6 layers, d_model 512, 8 heads, feed-forward 2048, input
+4x128x512); medium_mlp (512->1024->512, input 32x512) on request, as in the seeds.
+Every thread runs its own model, as the seeds do. The seeds' suite takes no lock of its
+own around a request; its claim (best speedup over 1 thread >= 1.0x, else WARN) is
+evaluated per mode by :mod:`agxguard.lab.claims`.
 """
 from __future__ import annotations
 
@@ -20,26 +27,31 @@ from . import common
 
 SUITE = "comprehensive"
 CHAPTERS = ("correctness", "thread_safety", "throughput", "stress")
-WORKLOADS = ("small_mlp", "medium_mlp", "large_transformer", "matmul")
+WORKLOADS = ("small_mlp", "matmul", "large_transformer", "medium_mlp")
+DEFAULT_WORKLOADS = ("small_mlp", "matmul", "large_transformer")  # the seeds' --models default
 GPU_DEVICES = ("cuda", "mps")
+SEED_ITERATIONS = 20  # the seeds' --iterations default, for every workload
+STRESS_S = 5.0  # the seeds' seconds per stress case
 
-# Requests per thread, by device class: a CPU (or the driver model) is slow on the
-# transformer, a GPU is not. ``--iterations`` replaces them all.
-_ITERATIONS = {
-    "cpu": {"small_mlp": 400, "medium_mlp": 40, "large_transformer": 1, "matmul": 20},
-    "gpu": {"small_mlp": 400, "medium_mlp": 200, "large_transformer": 20, "matmul": 200},
-    "model": {"small_mlp": 2000, "medium_mlp": 1000, "large_transformer": 200, "matmul": 500},
-}
-STRESS_FACTOR = 2
+# The driver model's requests are microseconds: its requests per thread.
+_MODEL_ITERATIONS = {"small_mlp": 2000, "medium_mlp": 1000, "large_transformer": 200, "matmul": 500}
+PROTECTION_NOTE = ("the seeds' comprehensive suite takes no lock of its own around a request "
+                   "(with the seeds' driver fix loaded, its protection is per driver call, "
+                   "agxguard's 'op'; without it, 'off')")
 
 
 def default_iterations(device: str, workload: str) -> int:
-    kind = "gpu" if device in GPU_DEVICES else ("model" if device == "model" else "cpu")
-    return _ITERATIONS[kind].get(workload, 10)
+    """Requests per thread: the seeds' 20 (the driver model does more)."""
+    if device == "model":
+        return _MODEL_ITERATIONS.get(workload, 500)
+    return SEED_ITERATIONS
 
 
 def cases(mode: str, *, device: str, chapters: List[str], workloads: List[str],
-          threads: List[int], iterations: Optional[int], duration: Optional[float]) -> List[Dict[str, Any]]:
+          threads: List[int], iterations: Optional[int], duration: Optional[float],
+          stress_s: float = STRESS_S, min_sample_s: float = common.MIN_SAMPLE_S,
+          min_requests: Optional[int] = None, repeats: int = common.REPEATS,
+          shared_model: bool = False) -> List[Dict[str, Any]]:
     """The runs of one mode, chapter by chapter."""
     out = []
     for chapter in chapters:
@@ -52,10 +64,12 @@ def cases(mode: str, *, device: str, chapters: List[str], workloads: List[str],
                 elif chapter == "thread_safety":
                     case["iterations"] = n
                 elif chapter == "throughput":
-                    case.update(iterations=None if duration else n, duration=duration, scaling=True)
-                else:  # stress
-                    case.update(iterations=None if duration else n * STRESS_FACTOR,
-                                duration=duration * STRESS_FACTOR if duration else None)
+                    case.update(iterations=None if duration else n, duration=duration, scaling=True,
+                                min_sample_s=min_sample_s, min_requests=min_requests, repeats=repeats)
+                else:  # stress: a time budget, as the seeds
+                    case.update(iterations=None, duration=stress_s)
+                if shared_model:
+                    case["shared_model"] = True
                 out.append(case)
     return out
 
@@ -65,8 +79,12 @@ def run_chapter(backend, case: Dict[str, Any]) -> Dict[str, Any]:
     chapter, mode, wl = case["chapter"], case["mode"], case["workload"]
     common.warm_up(backend, wl)
     keep = True  # every chapter checks that its outputs are there and sane
-    r = common.run_threads(backend, wl, mode, case["threads"], iterations=case.get("iterations"),
-                           duration=case.get("duration"), keep=keep)
+    if chapter == "throughput":
+        r = common.measure(backend, wl, mode, case, keep=keep)
+    else:
+        r = common.run_threads(backend, wl, mode, case["threads"], iterations=case.get("iterations"),
+                               duration=case.get("duration"), keep=keep,
+                               shared_model=bool(case.get("shared_model")))
     return common.finish_case(backend, wl, r, keep,
                               against_reference=(chapter == "correctness"),
                               repeatable=(chapter == "thread_safety"))
@@ -80,31 +98,49 @@ def run_case(case: Dict[str, Any]) -> Dict[str, Any]:
 def comprehensive(device: Optional[str] = None, mode: Any = "all", *,
                   chapter: Any = None, threads: Any = (1, 2, 4, 8),
                   iterations: Optional[int] = None, duration: Optional[float] = None,
+                  stress_s: Any = STRESS_S, min_sample_s: Any = common.MIN_SAMPLE_S,
+                  min_requests: Optional[int] = None, repeats: Any = common.REPEATS,
+                  shared_model: bool = False, torch_threads: Optional[int] = None,
                   retries: int = 2, json_path: Optional[str] = None, workloads: Any = None,
-                  timeout: float = 120.0, progress: Any = sys.stderr, plot: bool = True,
+                  timeout: float = 600.0, progress: Any = sys.stderr, plot: bool = True,
                   model_options: Optional[Dict[str, Any]] = None) -> Report:
     """Run the comprehensive suite; return its :class:`~agxguard.lab.report.Report`.
 
     Options as for :func:`agxguard.lab.story`; ``chapter`` picks among
     correctness, thread_safety, throughput, stress, and ``workloads`` among small_mlp,
-    medium_mlp, large_transformer, matmul (default all). ``iterations`` replaces the
-    per-workload defaults (requests per thread; stress does twice as many).
+    matmul, large_transformer, medium_mlp (default the seeds' three: small_mlp, matmul,
+    large_transformer). ``iterations`` replaces the seeds' 20 requests per thread;
+    ``stress_s`` the seeds' 5 seconds per stress case. ``timeout`` (seconds per run,
+    default 600) is long because the seeds' budgets are: on a 2-core CPU one
+    large_transformer throughput run at 8 threads (160 requests, 3 samples) takes minutes.
     """
     device = common.resolve_device(device)
     modes = common.parse_modes(mode)
     chapters = common.parse_choice("chapter", chapter, CHAPTERS)
-    names = common.parse_choice("workload", workloads, WORKLOADS)
+    names = common.parse_choice("workload", workloads if workloads is not None else DEFAULT_WORKLOADS,
+                                WORKLOADS)
     thread_counts = common.parse_threads(threads)
     iterations = common.parse_positive("iterations", iterations)
     duration = common.parse_positive("duration", duration, integer=False)
+    stress = common.parse_positive("stress_s", stress_s, integer=False)
+    floor = common.parse_floor(min_sample_s)
+    min_requests = common.parse_positive("min_requests", min_requests)
+    repeats = common.parse_positive("repeats", repeats)
+    torch_threads = common.parse_positive("torch_threads", torch_threads)
     retries = common.parse_positive("retries", retries, allow_zero=True)
     options = {"chapter": chapters, "workloads": names, "threads": thread_counts,
                "iterations": iterations or {w: default_iterations(device, w) for w in names},
-               "stress_factor": STRESS_FACTOR, "duration": duration, "retries": retries,
-               "timeout": timeout}
+               "stress_s": stress, "duration": duration, "min_sample_s": floor,
+               "min_requests": min_requests, "repeats": repeats,
+               "models": "shared" if shared_model else "one per thread",
+               "torch_threads": torch_threads or "torch default",
+               "retries": retries, "timeout": timeout}
     return common.run_suite(
         SUITE, device, modes,
         lambda m: cases(m, device=device, chapters=chapters, workloads=names,
-                        threads=thread_counts, iterations=iterations, duration=duration),
+                        threads=thread_counts, iterations=iterations, duration=duration,
+                        stress_s=stress, min_sample_s=floor, min_requests=min_requests,
+                        repeats=repeats, shared_model=shared_model),
         options, target=run_case, retries=retries, timeout=timeout, json_path=json_path, progress=progress,
-        plot=plot, backend_options=model_options)
+        plot=plot, backend_options=common.backend_options(device, model_options, torch_threads),
+        notes=[PROTECTION_NOTE])

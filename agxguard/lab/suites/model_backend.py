@@ -44,7 +44,9 @@ class ModelBackend:
                 "not an Apple GPU)", "model_config": self.model.config(),
                 "model_options": self.options, "model_classes": self.model.classes()}
 
-    def make_input(self, name: str, batch: int = 1, seed: int = 1) -> Dict[str, Any]:
+    def make_input(self, name: str, batch: int = 1, seed: int = 1, rows: Optional[int] = None) -> Dict[str, Any]:
+        """A request of ``batch`` times the workload's length (``rows`` is a torch shape
+        detail with no counterpart here)."""
         return {"length": LENGTHS.get(name, 1024) * batch, "a": 1.0 + 0.25 * seed}
 
     @contextlib.contextmanager
@@ -53,7 +55,8 @@ class ModelBackend:
         self._local.n = 0
         yield
 
-    def run(self, name: str, x: Dict[str, Any]) -> bool:
+    def run(self, name: str, x: Dict[str, Any], replica: int = 0) -> bool:
+        """One request (the model has no weights: ``replica`` changes nothing)."""
         every = int(self.options["internal_every"] or 0)
         n = getattr(self._local, "n", 0)
         self._local.n = n + 1
