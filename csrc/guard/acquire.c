@@ -9,49 +9,11 @@
 #include "acquire.h"
 #include "module_state.h"
 
-
-typedef struct waitable {
-    const char *what; /* for messages */
-    int (*try_once)(void *);
-    /* sleep with the GIL released until the object is seen free (or taken) */
-    int (*wait_until)(void *, int64_t);
-    /* after a free sighting that did not end in taking it; may be NULL */
-    void (*pass_wakeup)(void *);
-    /* the heir seat (see lock.h): taken before watching, left after; may be NULL */
-    int (*seat)(void *, int64_t);
-    void (*leave)(void *);
-    int (*claim)(void *); /* the heir claims the lock after CLAIM_NS; may be NULL */
-    void (*note_wait)(void *, int64_t);
-    void (*note_timeout)(void *);
-} waitable;
-
-static int lock_try(void *o) { return agx_lock_try(o); }
 _Atomic int agx_heir_seat_on = 1;
 _Atomic int64_t agx_heir_spin_ns = 200000;
-static int lock_wait_free(void *o, int64_t d) {
-    return atomic_load_explicit(&agx_heir_seat_on, memory_order_relaxed)
-               ? agx_lock_watch_until(o, d, atomic_load_explicit(&agx_heir_spin_ns, memory_order_relaxed))
-               : agx_lock_wait_free_until(o, d);
-}
-static void lock_pass(void *o) { agx_lock_pass_wakeup(o); }
-static int lock_seat(void *o, int64_t d) { return agx_lock_heir_wait_until(o, d); }
-static void lock_leave(void *o) { agx_lock_heir_leave(o); }
-static int lock_claim(void *o) { return agx_lock_claim(o); }
-static void lock_note(void *o, int64_t w) { agx_lock_note_wait(o, w); }
-static void lock_timeout(void *o) { agx_lock_note_timeout(o); }
-static int sem_try(void *o) { return agx_sem_try(o); }
-static int sem_wait(void *o, int64_t d) { return agx_sem_wait_until(o, d); }
-static void sem_note(void *o, int64_t w) { agx_sem_note_wait(o, w); }
-static void sem_timeout(void *o) { agx_sem_note_timeout(o); }
-
-/* A Python waiter only watches the lock with the GIL released and takes it
- * after getting the GIL back, so it never holds the lock while it waits for the
- * GIL: the holder's critical section does not grow by a GIL handoff. Only one
- * Python waiter at a time watches (the heir, lock.h), so a release sends one
- * thread to the GIL, not all of them. */
-static const waitable LOCK_OPS = {"lock", lock_try, lock_wait_free, lock_pass, lock_seat, lock_leave,
-                                  lock_claim, lock_note, lock_timeout};
-static const waitable SEM_OPS = {"throttle", sem_try, sem_wait, NULL, NULL, NULL, NULL, sem_note, sem_timeout};
+_Atomic int agx_region_wait = AGX_WAIT_WATCH;
+_Atomic int64_t agx_grace_ns = 20000;
+agx_wait_counts agx_wait_counts_now;
 
 /* A holder that keeps the GIL between its guarded calls takes the lock again
  * before the heir can get the GIL to take it; after watching this long the
@@ -61,77 +23,146 @@ static const waitable SEM_OPS = {"throttle", sem_try, sem_wait, NULL, NULL, NULL
  * would change hands after every hold, each time at the price of GIL handoffs. */
 #define CLAIM_NS (5 * 1000000LL)
 
-static void abort_on_timeout(const char *name, int64_t waited_ns) {
+static void abort_on_timeout(const char *name, const char *what, int64_t waited_ns) {
     fprintf(stderr,
-            "agxguard: waited %lld ms for the '%s' lock, past the timeout; aborting "
+            "agxguard: waited %lld ms for the '%s' %s, past the timeout; aborting "
             "(AGXGUARD_LOCK_TIMEOUT_MS, timeout action 'abort')\n",
-            (long long)(waited_ns / 1000000), name);
+            (long long)(waited_ns / 1000000), name, what);
     fflush(stderr);
     abort();
 }
 
-static int block_py(void *obj, const char *name, const waitable *w) {
-    if (w->try_once(obj)) return 0; /* once with the GIL held, as CPython's locks do */
+/* The end of the wait slice that starts now: the slice, cut at the warn
+ * threshold (once), the timeout and `cut` (>= 0: another instant, such as the
+ * heir's claim time). */
+static int64_t slice_end(int64_t start, int64_t warn, int warned, int64_t timeout, int64_t cut) {
+    int64_t deadline = agx_now_ns() + AGX_SLICE_NS;
+    if (cut >= 0 && cut < deadline) deadline = cut;
+    if (timeout > 0 && start + timeout < deadline) deadline = start + timeout;
+    if (warn > 0 && !warned && start + warn < deadline) deadline = start + warn;
+    return deadline;
+}
+
+/* Between slices, with the GIL: run signal handlers, warn once past the warn
+ * threshold, give up past the timeout. Returns 0 to go on waiting, -1 with a
+ * Python exception set. */
+static int between_slices(const char *name, const char *what, int64_t start, int64_t warn, int *warned,
+                          int64_t timeout, void (*note_timeout)(void *), void *obj) {
+    if (PyErr_CheckSignals() < 0) return -1;
+    int64_t waited = agx_now_ns() - start;
+    if (warn > 0 && !*warned && waited >= warn) {
+        *warned = 1;
+        if (PyErr_WarnFormat(agx_LockWaitWarning, 1, "agxguard: waited %lld ms for the '%s' %s (warn threshold %lld ms)",
+                             (long long)(waited / 1000000), name, what, (long long)(warn / 1000000)) < 0)
+            return -1;
+    }
+    if (timeout > 0 && waited >= timeout) {
+        note_timeout(obj);
+        if (atomic_load(&agx_wait.timeout_aborts)) abort_on_timeout(name, what, waited);
+        PyErr_Format(agx_LockTimeout, "agxguard: gave up on the '%s' %s after %lld ms (timeout %lld ms)", name, what,
+                     (long long)(waited / 1000000), (long long)(timeout / 1000000));
+        return -1;
+    }
+    return 0;
+}
+
+static void note_lock_timeout(void *l) { agx_lock_note_timeout(l); }
+static void note_sem_timeout(void *s) { agx_sem_note_timeout(s); }
+
+static int lock_taken(void *l) { return atomic_load_explicit(&((agx_lock *)l)->owner, memory_order_relaxed) != 0; }
+
+/* The heir, GIL released, until the lock is worth taking the GIL for (1) or
+ * the deadline passes (0). Watching alone returns at the first free sighting;
+ * with a grace period (AGX_WAIT_GRACE) a sighting counts only if the lock stays
+ * free for grace_ns: a releaser that takes it straight back (it holds the GIL,
+ * it is on its way into its next region) keeps it, and the heir does not take
+ * the GIL from it for a try that would lose. */
+static int heir_watch(agx_lock *l, int64_t deadline, int claimed) {
+    int64_t spin = atomic_load_explicit(&agx_heir_spin_ns, memory_order_relaxed);
+    int grace = !claimed && atomic_load_explicit(&agx_region_wait, memory_order_relaxed) == AGX_WAIT_GRACE;
+    int64_t grace_ns = atomic_load_explicit(&agx_grace_ns, memory_order_relaxed);
+    for (;;) {
+        if (!agx_lock_watch_until(l, deadline, spin)) return 0;
+        if (!grace || grace_ns <= 0 || !agx_spin_until(lock_taken, l, grace_ns)) return 1;
+        atomic_fetch_add_explicit(&agx_wait_counts_now.grace_retaken, 1, memory_order_relaxed);
+        if (deadline >= 0 && agx_now_ns() >= deadline) return 0;
+    }
+}
+
+/* A Python waiter for a lock. Default (watch): it only watches the lock with
+ * the GIL released and takes it after getting the GIL back, so it never holds
+ * the lock while it waits for the GIL; only one Python waiter at a time watches
+ * (the heir, lock.h), so a release sends one thread to the GIL, not all of
+ * them. AGX_WAIT_DIRECT: it takes the lock with the GIL released and then
+ * waits for the GIL holding it, as threading.Lock's waiters do. */
+int agx_acquire_py(agx_lock *l) {
+    if (agx_lock_try(l)) return 0; /* once with the GIL held, as CPython's locks do */
     int64_t start = agx_now_ns();
-    int64_t warn = atomic_load(&agx_wait.warn_ns);
-    int64_t timeout = atomic_load(&agx_wait.timeout_ns);
-    int warned = 0, claimed = w->claim == NULL;
+    int64_t warn = atomic_load(&agx_wait.warn_ns), timeout = atomic_load(&agx_wait.timeout_ns);
+    int warned = 0, claimed = 0;
+    int direct = atomic_load_explicit(&agx_region_wait, memory_order_relaxed) == AGX_WAIT_DIRECT;
+    int seat = !direct && atomic_load_explicit(&agx_heir_seat_on, memory_order_relaxed);
     int64_t heir_since = -1; /* when this waiter got the heir seat */
     for (;;) {
-        int64_t now = agx_now_ns();
-        int64_t deadline = now + AGX_SLICE_NS;
-        if (!claimed && heir_since >= 0 && now < heir_since + CLAIM_NS && heir_since + CLAIM_NS < deadline)
-            deadline = heir_since + CLAIM_NS;
-        if (timeout > 0 && start + timeout < deadline) deadline = start + timeout;
-        if (warn > 0 && !warned && start + warn < deadline) deadline = start + warn;
-        int seen;
+        int64_t cut = !claimed && heir_since >= 0 ? heir_since + CLAIM_NS : -1;
+        if (cut >= 0 && cut <= agx_now_ns()) cut = -1;
+        int64_t deadline = slice_end(start, warn, warned, timeout, cut);
+        int seen = 0;
         Py_BEGIN_ALLOW_THREADS
-        seen = 0;
-        if (w->seat == NULL || !atomic_load_explicit(&agx_heir_seat_on, memory_order_relaxed) ||
-            w->seat(obj, deadline)) {
-            if (!claimed) {
+        if (direct) {
+            seen = agx_lock_wait_until(l, deadline);
+        } else if (!seat || agx_lock_heir_wait_until(l, deadline)) {
+            if (seat && !claimed) {
                 int64_t t = agx_now_ns();
                 if (heir_since < 0)
                     heir_since = t;
                 else if (t - heir_since >= CLAIM_NS)
-                    claimed = w->claim(obj); /* the heir, watching in vain for CLAIM_NS */
+                    claimed = agx_lock_claim(l); /* the heir, watching in vain for CLAIM_NS */
             }
-            seen = w->wait_until(obj, deadline);
+            seen = seat ? heir_watch(l, deadline, claimed) : agx_lock_wait_free_until(l, deadline);
         }
         Py_END_ALLOW_THREADS
-        int64_t waited = agx_now_ns() - start;
-        if (seen && (w->pass_wakeup == NULL || w->try_once(obj))) {
-            if (w->leave) w->leave(obj);
-            w->note_wait(obj, waited);
+        if (seen && !direct) {
+            atomic_fetch_add_explicit(&agx_wait_counts_now.gil_trips, 1, memory_order_relaxed);
+            if (!agx_lock_try(l)) {
+                atomic_fetch_add_explicit(&agx_wait_counts_now.gil_trips_lost, 1, memory_order_relaxed);
+                agx_lock_pass_wakeup(l); /* lost the race: another waiter may take it */
+                seen = 0;
+            }
+        }
+        if (seen) {
+            if (seat) agx_lock_heir_leave(l);
+            agx_lock_note_wait(l, agx_now_ns() - start);
             return 0;
         }
-        if (seen) w->pass_wakeup(obj); /* lost the race: another waiter may take it */
-        if (PyErr_CheckSignals() < 0) goto fail;
-        if (warn > 0 && !warned && waited >= warn) {
-            warned = 1;
-            if (PyErr_WarnFormat(agx_LockWaitWarning, 1,
-                                 "agxguard: waited %lld ms for the '%s' %s (warn threshold %lld ms)",
-                                 (long long)(waited / 1000000), name, w->what,
-                                 (long long)(warn / 1000000)) < 0)
-                goto fail;
-        }
-        if (timeout > 0 && waited >= timeout) {
-            w->note_timeout(obj);
-            if (atomic_load(&agx_wait.timeout_aborts)) abort_on_timeout(name, waited);
-            PyErr_Format(agx_LockTimeout,
-                         "agxguard: gave up on the '%s' %s after %lld ms (timeout %lld ms)", name,
-                         w->what, (long long)(waited / 1000000), (long long)(timeout / 1000000));
-            goto fail;
+        if (between_slices(l->name, "lock", start, warn, &warned, timeout, note_lock_timeout, l) < 0) {
+            if (seat) agx_lock_heir_leave(l); /* the seat goes to the next waiter */
+            return -1;
         }
     }
-fail:
-    if (w->leave) w->leave(obj); /* the seat goes to the next waiter */
-    return -1;
 }
 
-int agx_acquire_py(agx_lock *l) { return block_py(l, l->name, &LOCK_OPS); }
-
-int agx_throttle_acquire_py(void) { return block_py(agx_throttle(), "throttle", &SEM_OPS); }
+/* A Python waiter for a throttle slot: it takes the slot with the GIL released. */
+int agx_throttle_acquire_py(void) {
+    agx_sem *s = agx_throttle();
+    if (agx_sem_try(s)) return 0;
+    int64_t start = agx_now_ns();
+    int64_t warn = atomic_load(&agx_wait.warn_ns), timeout = atomic_load(&agx_wait.timeout_ns);
+    int warned = 0;
+    for (;;) {
+        int64_t deadline = slice_end(start, warn, warned, timeout, -1);
+        int got;
+        Py_BEGIN_ALLOW_THREADS
+        got = agx_sem_wait_until(s, deadline);
+        Py_END_ALLOW_THREADS
+        if (got) {
+            agx_sem_note_wait(s, agx_now_ns() - start);
+            return 0;
+        }
+        if (between_slices("throttle", "throttle", start, warn, &warned, timeout, note_sem_timeout, s) < 0)
+            return -1;
+    }
+}
 
 #if PY_VERSION_HEX >= 0x030D0000
 #define AGX_FINALIZING() Py_IsFinalizing()

@@ -213,6 +213,51 @@ static PyObject *mod_set_heir_seat(PyObject *m, PyObject *on) {
     return PyBool_FromLong(atomic_exchange(&agx_heir_seat_on, v));
 }
 
+/* _set_region_wait(name) -> previous: how Python waiters wait for a lock
+ * ('watch', 'grace', 'direct'; acquire.h). For benchmarks only. */
+static const char *const region_wait_names[AGX_WAIT_COUNT] = {"watch", "grace", "direct"};
+static PyObject *mod_set_region_wait(PyObject *m, PyObject *arg) {
+    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    if (name == NULL) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "region wait must be a str, one of 'watch', 'grace', 'direct'; not %.100s",
+                     Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    for (int i = 0; i < AGX_WAIT_COUNT; i++)
+        if (strcmp(name, region_wait_names[i]) == 0)
+            return PyUnicode_FromString(region_wait_names[atomic_exchange(&agx_region_wait, i)]);
+    PyErr_Format(PyExc_ValueError, "unknown region wait %R; allowed: 'watch', 'grace', 'direct'", arg);
+    return NULL;
+}
+
+/* _set_grace_us(us) -> previous: the 'grace' wait's grace period. For benchmarks only. */
+static PyObject *mod_set_grace_us(PyObject *m, PyObject *arg) {
+    double us = PyFloat_AsDouble(arg);
+    if (us == -1.0 && PyErr_Occurred()) return NULL;
+    if (!(us >= 0) || us > 1e6) {
+        PyErr_Format(PyExc_ValueError, "grace must be 0 to 1000000 us, not %R", arg);
+        return NULL;
+    }
+    return PyFloat_FromDouble((double)atomic_exchange(&agx_grace_ns, (int64_t)(us * 1000.0)) / 1000.0);
+}
+
+/* _wait_counts(reset=False) -> dict: tallies of Python lock waits (acquire.h). */
+static PyObject *mod_wait_counts(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    int reset = nargs > 0 ? PyObject_IsTrue(args[0]) : 0;
+    if (reset < 0) return NULL;
+    agx_wait_counts *c = &agx_wait_counts_now;
+    PyObject *d = Py_BuildValue("{s:K,s:K,s:K}", "gil_trips", (unsigned long long)atomic_load(&c->gil_trips),
+                                "gil_trips_lost", (unsigned long long)atomic_load(&c->gil_trips_lost),
+                                "grace_retaken", (unsigned long long)atomic_load(&c->grace_retaken));
+    if (d && reset) {
+        atomic_store(&c->gil_trips, 0);
+        atomic_store(&c->gil_trips_lost, 0);
+        atomic_store(&c->grace_retaken, 0);
+    }
+    return d;
+}
+
 static PyObject *mod_usable_cpus(PyObject *m, PyObject *unused) { return PyLong_FromLong(agx_usable_cpus()); }
 
 static PyObject *mod_affinity_changed(PyObject *m, PyObject *unused) {
@@ -533,7 +578,8 @@ static PyObject *mod_get_wait(PyObject *m, PyObject *unused) {
 }
 
 static PyObject *counters_dict(const agx_lock_counters *c) {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "hold_samples",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "handoffs", (unsigned long long)c->handoffs,
+                         "hold_samples",
                          (unsigned long long)c->hold_samples, "acquisitions", (unsigned long long)c->acquisitions,
                          "reentries", (unsigned long long)c->reentries, "contentions",
                          (unsigned long long)c->contentions, "timeouts", (unsigned long long)c->timeouts,
@@ -732,6 +778,10 @@ static PyMethodDef module_methods[] = {
     {"_set_op_passthrough", mod_set_op_passthrough, METH_VARARGS, NULL},
     {"_set_heir_seat", mod_set_heir_seat, METH_O, "_set_heir_seat(on) -> previous (measuring only)."},
     {"_set_heir_spin_us", mod_set_heir_spin_us, METH_O, "_set_heir_spin_us(us) -> previous (measuring only)."},
+    {"_set_region_wait", mod_set_region_wait, METH_O, "_set_region_wait(name) -> previous (measuring only)."},
+    {"_set_grace_us", mod_set_grace_us, METH_O, "_set_grace_us(us) -> previous (measuring only)."},
+    {"_wait_counts", (PyCFunction)(void (*)(void))mod_wait_counts, METH_FASTCALL,
+     "_wait_counts(reset=False) -> tallies of Python lock waits (measuring only)."},
     {"_affinity_changed", mod_affinity_changed, METH_NOARGS,
      "_affinity_changed(): a thread's CPU affinity changed; waits read it again."},
     {"_usable_cpus", mod_usable_cpus, METH_NOARGS,

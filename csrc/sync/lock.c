@@ -198,6 +198,7 @@ void agx_lock_init(agx_lock *l, const char *name) {
     atomic_store(&l->seq, 0);
     atomic_store(&l->owner, 0);
     l->depth = 0;
+    l->last_owner = 0;
     atomic_store(&l->waiters, 0);
     init_sync(&l->mu, &l->cv);
     heir_init(l);
@@ -318,6 +319,7 @@ int agx_lock_release(agx_lock *l) {
         BUMP(l->hold_ticks, agx_ticks() - l->acquired_tick);
         BUMP(l->hold_samples, 1);
     }
+    l->last_owner = agx_thread_id();
     atomic_store_explicit(&l->owner, 0, memory_order_seq_cst);
     if (atomic_load_explicit(&l->waiters, memory_order_seq_cst) > 0) lock_wake(l);
     return 0;
@@ -335,6 +337,7 @@ void agx_lock_read(agx_lock *l, agx_lock_counters *out) {
     uint64_t samples = atomic_load_explicit(&l->hold_samples, memory_order_relaxed);
     double sampled_ns = (double)ticks_to_ns(atomic_load_explicit(&l->hold_ticks, memory_order_relaxed));
     out->hold_samples = samples;
+    out->handoffs = atomic_load_explicit(&l->n_handoff, memory_order_relaxed);
     out->hold_ns = samples ? (uint64_t)(sampled_ns * (double)out->acquisitions / (double)samples) : 0;
 }
 
@@ -347,6 +350,7 @@ void agx_lock_reset_counters(agx_lock *l) {
     atomic_store(&l->max_wait_ns, 0);
     atomic_store(&l->hold_ticks, 0);
     atomic_store(&l->hold_samples, 0);
+    atomic_store(&l->n_handoff, 0);
 }
 
 void agx_lock_after_fork(agx_lock *l) {
@@ -430,6 +434,7 @@ void agx_sem_read(agx_sem *s, agx_lock_counters *out) {
     out->max_wait_ns = atomic_load(&s->max_wait_ns);
     out->hold_ns = 0;
     out->hold_samples = 0;
+    out->handoffs = 0;
 }
 
 void agx_sem_reset_counters(agx_sem *s) {

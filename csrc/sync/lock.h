@@ -37,6 +37,7 @@ typedef struct agx_lock_counters {
     uint64_t hold_ns;      /* total time held (outermost acquire to release), estimated
                               from sampled holds: see AGX_HOLD_SAMPLED */
     uint64_t hold_samples; /* how many holds were timed */
+    uint64_t handoffs;     /* outermost acquisitions by another thread than the last holder */
 } agx_lock_counters;
 
 typedef struct agx_lock {
@@ -53,8 +54,9 @@ typedef struct agx_lock {
     _Atomic int heir_waiters;
     pthread_cond_t heir_cv;  /* elsewhere: the seat's condvar (with mu) */
     uint64_t acquired_tick;  /* owner only; 0 when this hold is not timed */
+    uintptr_t last_owner;    /* owner only: who released it last */
     /* counters: owner-written except timeouts (atomic add) */
-    _Atomic uint64_t n_acq, n_reent, n_cont, n_timeout, wait_ns, max_wait_ns, hold_ticks, hold_samples;
+    _Atomic uint64_t n_acq, n_reent, n_cont, n_timeout, wait_ns, max_wait_ns, hold_ticks, hold_samples, n_handoff;
 } agx_lock;
 
 void agx_lock_init(agx_lock *l, const char *name);
@@ -80,6 +82,9 @@ static inline int agx_lock_try(agx_lock *l) {
     if (cur == 0 && (claim == 0 || claim == me) && atomic_compare_exchange_strong_explicit(
                         &l->owner, &expect, me, memory_order_acquire, memory_order_relaxed)) {
         l->depth = 1;
+        if (l->last_owner != me)
+            atomic_store_explicit(&l->n_handoff, atomic_load_explicit(&l->n_handoff, memory_order_relaxed) + 1,
+                                  memory_order_relaxed);
         uint64_t n = atomic_load_explicit(&l->n_acq, memory_order_relaxed) + 1;
         atomic_store_explicit(&l->n_acq, n, memory_order_relaxed);
         l->acquired_tick = AGX_HOLD_SAMPLED(n) ? agx_ticks() : 0;
