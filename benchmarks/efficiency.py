@@ -644,9 +644,11 @@ def machine_info(opts: argparse.Namespace) -> Dict[str, Any]:
         info["device_name"] = "Apple MPS"
     else:
         info["device_name"] = info["processor"] or info["machine"]
+    info["git_commit"] = os.environ.get("AGXGUARD_BENCH_COMMIT")  # a copy of the tree without its .git
     try:
-        info["git_commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
-                                            text=True, timeout=5).stdout.strip() or None
+        if not info["git_commit"]:
+            info["git_commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                                                text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info

@@ -8,6 +8,7 @@
 
 #include "acquire.h"
 #include "module_state.h"
+#include "spin.h"
 
 _Atomic int agx_heir_seat_on = 1;
 _Atomic int64_t agx_heir_spin_ns = 200000;

@@ -11,6 +11,7 @@
 #include "acquire.h"
 #include "guard.h"
 #include "module_state.h"
+#include "spin.h"
 
 #ifdef AGX_HAVE_OBJC
 #include "objc_module.h"

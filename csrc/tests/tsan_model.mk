@@ -1,6 +1,6 @@
 # ---- tsan-model (issue 3: driver model under ThreadSanitizer) -------------
 # Include from the top Makefile, or run: make -f csrc/tests/tsan_model.mk tsan-model
-TSAN_MODEL_SRC = csrc/tests/tsan_model.c csrc/sync/lock.c csrc/guard/guard.c csrc/objc/swizzle.c \
+TSAN_MODEL_SRC = csrc/tests/tsan_model.c $(wildcard csrc/sync/*.c) csrc/guard/guard.c csrc/objc/swizzle.c \
                  csrc/agx/discovery.c csrc/agx/hook_table.c csrc/agx/lifecycle.c \
                  $(wildcard csrc/model/*.c)
 TSAN_MODEL_INC = $(patsubst %,-I%,$(filter-out csrc/tests/,$(wildcard csrc/*/)))
