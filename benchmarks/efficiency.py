@@ -24,9 +24,10 @@ written ``NAME@server`` runs the server pattern instead: the request starts on t
 host, and copying it to the device, the forward pass and a synchronous copy of the
 result back to the host all run inside the region (or lock).
 
-``global@VARIANT`` runs ``global`` with another way for Python waiters to wait
-(agxguard._C._set_region_wait: watch, grace, direct; noseat: watch without the heir
-seat), to compare them with threading.Lock in one run. Throughput is
+``global@VARIANT`` runs ``global`` with another way for Python waiters to wait, to
+compare them with threading.Lock in one run: VARIANT is a wait (watch, grace, direct:
+agxguard._C._set_region_wait) and/or modifiers joined by '+': noseat (no heir seat),
+noclaim (the heir never claims), nospin (the heir does not spin), e.g. grace+noclaim. Throughput is
 requests completed per second, speedup is against 1 free thread, efficiency is
 speedup / threads (offline batching runs 1 thread). Latency percentiles are per request
 (per call for offline).
@@ -88,7 +89,8 @@ THREAD_CONFIGS = ("free", "lock", "semaphore2", "op", "op_dispatch", "ops_unlock
 MODE_CONFIGS = ("op", "stream", "global")
 BATCHER_CONFIGS = ("batcher", "batcher_nospin")
 CONFIGS = THREAD_CONFIGS + BATCHER_CONFIGS + ("offline",)
-GLOBAL_VARIANTS = ("watch", "grace", "direct", "noseat")
+GLOBAL_WAITS = ("watch", "grace", "direct")
+GLOBAL_MODIFIERS = ("noseat", "noclaim", "nospin")
 PATTERNS = ("seeds", "server")
 
 
@@ -200,10 +202,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                 f"each optionally with @{' or @'.join(PATTERNS)}")
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
     bad = [c for c in a.configs if c not in CONFIGS and not (
-        base_config(c) == "global" and c.partition("@")[2] in GLOBAL_VARIANTS)]
+        base_config(c) == "global" and all(v in GLOBAL_WAITS + GLOBAL_MODIFIERS for v in c.partition("@")[2].split("+")))]
     if bad:
         p.error(f"unknown config(s) {', '.join(bad)}; allowed: {', '.join(CONFIGS)}, "
-                f"global@VARIANT ({', '.join(GLOBAL_VARIANTS)})")
+                f"global@VARIANT ('+'-joined from {', '.join(GLOBAL_WAITS + GLOBAL_MODIFIERS)})")
     if a.device is None:
         a.device = W.best_device()
     try:
@@ -499,15 +501,19 @@ class Bench:
 
 
 def set_variant(variant: Optional[str]) -> None:
-    """How Python waiters wait for the global lock (None: the build's default,
-    and the --heir-seat choice)."""
+    """How Python waiters wait for the global lock (None: the build's defaults,
+    with the --heir-seat choice). See global@VARIANT in the module docstring."""
     C = agxguard._C
+    parts = variant.split("+") if variant else []
     if not hasattr(C, "_set_region_wait"):  # a build without the measuring knobs
-        if variant not in (None, "watch"):
+        if parts not in ([], ["watch"]):
             raise RuntimeError(f"this agxguard build cannot run global@{variant}")
         return
-    C._set_region_wait("watch" if variant in ("noseat", "watch") else variant or DEFAULT_WAIT)
-    C._set_heir_seat(variant != "noseat" if variant else HEIR_SEAT[0])
+    wait = next((p for p in parts if p in GLOBAL_WAITS), DEFAULT_WAIT)
+    C._set_region_wait(wait)
+    C._set_heir_seat(HEIR_SEAT[0] and "noseat" not in parts)
+    C._set_claim("noclaim" not in parts)
+    C._set_heir_spin_us(0 if "nospin" in parts else DEFAULT_SPIN_US[0])
 
 
 def wait_counts(reset: bool) -> Optional[Dict[str, int]]:
@@ -517,6 +523,7 @@ def wait_counts(reset: bool) -> Optional[Dict[str, int]]:
 
 DEFAULT_WAIT = "watch"
 HEIR_SEAT = [True]
+DEFAULT_SPIN_US = [200.0]  # read from the build at start (main)
 
 
 def percentile(values: List[float], q: float) -> Optional[float]:
@@ -700,7 +707,7 @@ def evaluate_targets(rows: List[Dict[str, Any]], opts: argparse.Namespace) -> Li
 
 def label(config: str) -> str:
     if "@" in config:
-        return f"global, {config.partition('@')[2]}"
+        return f"global@{config.partition('@')[2]}"
     return {"free": "free threads", "lock": "threading.Lock", "semaphore2": "Semaphore(2)",
             "op": "agxguard op", "op_dispatch": "agxguard op, dispatch",
             "ops_unlocked": "ops() in mode off", "stream": "agxguard stream", "global": "agxguard global",
@@ -806,6 +813,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if agxguard is not None:
         HEIR_SEAT[0] = opts.heir_seat == "on"
+        DEFAULT_SPIN_US[0] = agxguard._C._set_heir_spin_us(200.0)
+        agxguard._C._set_heir_spin_us(DEFAULT_SPIN_US[0])
         agxguard._C._set_heir_seat(HEIR_SEAT[0])
     info = machine_info(opts)
     log(f"agxguard efficiency benchmark: device {info['device']} ({info['device_name']}), "

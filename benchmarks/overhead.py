@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -57,6 +58,14 @@ def _loop_empty(n):
     return (time.perf_counter_ns() - t0) / n
 
 
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def measure(n: int, repeats: int) -> dict:
     """Best of `repeats` per case; cases are interleaved so drift hits all alike."""
     lock = threading.Lock()
@@ -87,6 +96,11 @@ def main(argv=None) -> int:
         p.error(f"--n and --repeats must be >= 1, got {a.n} and {a.repeats}")
     best = measure(a.n, a.repeats)
     lock_ns = best["with threading.Lock()"]
+    command = "python3 benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = (f"{platform.platform()}, {os.cpu_count()} CPUs, {platform.machine()} "
+               f"{platform.python_implementation()} {platform.python_version()}")
+    commit = _commit()
+    print(f"# {command.strip()}\n# machine: {machine}\n# commit: {commit}")
     print(f"agxguard overhead, best of {a.repeats} x {a.n} on {platform.machine()} "
           f"{platform.python_implementation()} {platform.python_version()}")
     print(f"{'case':42s} {'ns/with':>9s} {'vs Lock':>8s}")
@@ -99,7 +113,8 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"ns_per_with": best, "global_vs_lock": ratio, "n": a.n, "repeats": a.repeats,
-                       "machine": platform.machine(), "python": platform.python_version()}, f, indent=2)
+                       "command": command.strip(), "machine": machine, "commit": commit,
+                       "python": platform.python_version()}, f, indent=2)
     return 0
 
 

@@ -14,6 +14,7 @@ _Atomic int agx_heir_seat_on = 1;
 _Atomic int64_t agx_heir_spin_ns = 200000;
 _Atomic int agx_region_wait = AGX_WAIT_WATCH;
 _Atomic int64_t agx_grace_ns = 20000;
+_Atomic int agx_claim_on = 1;
 agx_wait_counts agx_wait_counts_now;
 
 /* A holder that keeps the GIL between its guarded calls takes the lock again
@@ -84,7 +85,7 @@ static int heir_watch(agx_lock *l, int64_t deadline, int claimed) {
     int64_t grace_ns = atomic_load_explicit(&agx_grace_ns, memory_order_relaxed);
     for (;;) {
         if (!agx_lock_watch_until(l, deadline, spin)) return 0;
-        if (!grace || grace_ns <= 0 || !agx_spin_until(lock_taken, l, grace_ns)) return 1;
+        if (!grace || !agx_spin_slotted(lock_taken, l, grace_ns)) return 1; /* no slot: no grace */
         atomic_fetch_add_explicit(&agx_wait_counts_now.grace_retaken, 1, memory_order_relaxed);
         if (deadline >= 0 && agx_now_ns() >= deadline) return 0;
     }
@@ -100,7 +101,7 @@ int agx_acquire_py(agx_lock *l) {
     if (agx_lock_try(l)) return 0; /* once with the GIL held, as CPython's locks do */
     int64_t start = agx_now_ns();
     int64_t warn = atomic_load(&agx_wait.warn_ns), timeout = atomic_load(&agx_wait.timeout_ns);
-    int warned = 0, claimed = 0;
+    int warned = 0, claimed = !atomic_load_explicit(&agx_claim_on, memory_order_relaxed);
     int direct = atomic_load_explicit(&agx_region_wait, memory_order_relaxed) == AGX_WAIT_DIRECT;
     int seat = !direct && atomic_load_explicit(&agx_heir_seat_on, memory_order_relaxed);
     int64_t heir_since = -1; /* when this waiter got the heir seat */

@@ -240,6 +240,13 @@ static PyObject *mod_set_grace_us(PyObject *m, PyObject *arg) {
     return PyFloat_FromDouble((double)atomic_exchange(&agx_grace_ns, (int64_t)(us * 1000.0)) / 1000.0);
 }
 
+/* _set_claim(on) -> previous: whether the heir claims the lock (acquire.c). For benchmarks only. */
+static PyObject *mod_set_claim(PyObject *m, PyObject *on) {
+    int v = PyObject_IsTrue(on);
+    if (v < 0) return NULL;
+    return PyBool_FromLong(atomic_exchange(&agx_claim_on, v));
+}
+
 /* _wait_counts(reset=False) -> dict: tallies of Python lock waits (acquire.h). */
 static PyObject *mod_wait_counts(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     int reset = nargs > 0 ? PyObject_IsTrue(args[0]) : 0;
@@ -697,6 +704,7 @@ static PyMethodDef module_methods[] = {
     {"_set_heir_seat", mod_set_heir_seat, METH_O, "_set_heir_seat(on) -> previous (measuring only)."},
     {"_set_heir_spin_us", mod_set_heir_spin_us, METH_O, "_set_heir_spin_us(us) -> previous (measuring only)."},
     {"_set_region_wait", mod_set_region_wait, METH_O, "_set_region_wait(name) -> previous (measuring only)."},
+    {"_set_claim", mod_set_claim, METH_O, "_set_claim(on) -> previous (measuring only)."},
     {"_set_grace_us", mod_set_grace_us, METH_O, "_set_grace_us(us) -> previous (measuring only)."},
     {"_wait_counts", (PyCFunction)(void (*)(void))mod_wait_counts, METH_FASTCALL,
      "_wait_counts(reset=False) -> tallies of Python lock waits (measuring only)."},
