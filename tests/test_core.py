@@ -288,6 +288,22 @@ def test_stats_count_exactly_what_happened():
     assert agxguard.stats()["domains"]["global"]["acquisitions"] == 0
 
 
+def test_handoffs_count_acquisitions_by_another_thread_than_the_last_holder():
+    agxguard.set_mode("global")
+    agxguard.reset_stats()
+    for _ in range(3):  # one thread again and again: the lock never changes hands
+        with agxguard.guard():
+            pass
+    first = agxguard.stats()["domains"]["global"]["handoffs"]
+    assert first <= 1  # the first acquisition may follow another test's holder
+    t = threading.Thread(target=lambda: agxguard.guard().__enter__() and agxguard.guard().__exit__(None, None, None))
+    t.start()
+    t.join()
+    with agxguard.guard():  # back to this thread: a second change of hands
+        pass
+    assert agxguard.stats()["domains"]["global"]["handoffs"] == first + 2
+
+
 def test_contention_is_counted_with_its_wait():
     agxguard.set_mode("global")
     holder = _hold_in_thread(agxguard.guard, 0.2)
