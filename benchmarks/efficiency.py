@@ -509,7 +509,7 @@ def set_variant(variant: Optional[str]) -> None:
         if parts not in ([], ["watch"]):
             raise RuntimeError(f"this agxguard build cannot run global@{variant}")
         return
-    wait = next((p for p in parts if p in GLOBAL_WAITS), DEFAULT_WAIT)
+    wait = next((p for p in parts if p in GLOBAL_WAITS), DEFAULT_WAIT[0])
     C._set_region_wait(wait)
     C._set_heir_seat(HEIR_SEAT[0] and "noseat" not in parts)
     C._set_claim("noclaim" not in parts)
@@ -521,7 +521,7 @@ def wait_counts(reset: bool) -> Optional[Dict[str, int]]:
     return f(reset) if f else None
 
 
-DEFAULT_WAIT = "watch"
+DEFAULT_WAIT = ["grace"]  # read from the build at start (main)
 HEIR_SEAT = [True]
 DEFAULT_SPIN_US = [200.0]  # read from the build at start (main)
 
@@ -815,8 +815,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         HEIR_SEAT[0] = opts.heir_seat == "on"
         DEFAULT_SPIN_US[0] = agxguard._C._set_heir_spin_us(200.0)
         agxguard._C._set_heir_spin_us(DEFAULT_SPIN_US[0])
+        if hasattr(agxguard._C, "_set_region_wait"):
+            DEFAULT_WAIT[0] = agxguard._C._set_region_wait("watch")
+            agxguard._C._set_region_wait(DEFAULT_WAIT[0])
         agxguard._C._set_heir_seat(HEIR_SEAT[0])
     info = machine_info(opts)
+    info["global_wait_default"] = DEFAULT_WAIT[0]
+    info["command"] = "python3 benchmarks/efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
     log(f"agxguard efficiency benchmark: device {info['device']} ({info['device_name']}), "
         f"torch {info['torch']}, python {info['python']}, {info['cpu_count']} cpus")
     if AGX_ERROR:

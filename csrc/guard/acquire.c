@@ -12,7 +12,7 @@
 
 _Atomic int agx_heir_seat_on = 1;
 _Atomic int64_t agx_heir_spin_ns = 200000;
-_Atomic int agx_region_wait = AGX_WAIT_WATCH;
+_Atomic int agx_region_wait = AGX_WAIT_GRACE;
 _Atomic int64_t agx_grace_ns = 20000;
 _Atomic int agx_claim_on = 1;
 agx_wait_counts agx_wait_counts_now;
