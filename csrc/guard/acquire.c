@@ -101,12 +101,12 @@ int agx_acquire_py(agx_lock *l) {
     if (agx_lock_try(l)) return 0; /* once with the GIL held, as CPython's locks do */
     int64_t start = agx_now_ns();
     int64_t warn = atomic_load(&agx_wait.warn_ns), timeout = atomic_load(&agx_wait.timeout_ns);
-    int warned = 0, claimed = !atomic_load_explicit(&agx_claim_on, memory_order_relaxed);
+    int warned = 0, claimed = 0, may_claim = atomic_load_explicit(&agx_claim_on, memory_order_relaxed);
     int direct = atomic_load_explicit(&agx_region_wait, memory_order_relaxed) == AGX_WAIT_DIRECT;
     int seat = !direct && atomic_load_explicit(&agx_heir_seat_on, memory_order_relaxed);
     int64_t heir_since = -1; /* when this waiter got the heir seat */
     for (;;) {
-        int64_t cut = !claimed && heir_since >= 0 ? heir_since + CLAIM_NS : -1;
+        int64_t cut = may_claim && !claimed && heir_since >= 0 ? heir_since + CLAIM_NS : -1;
         if (cut >= 0 && cut <= agx_now_ns()) cut = -1;
         int64_t deadline = slice_end(start, warn, warned, timeout, cut);
         int seen = 0;
@@ -114,7 +114,7 @@ int agx_acquire_py(agx_lock *l) {
         if (direct) {
             seen = agx_lock_wait_until(l, deadline);
         } else if (!seat || agx_lock_heir_wait_until(l, deadline)) {
-            if (seat && !claimed) {
+            if (seat && may_claim && !claimed) {
                 int64_t t = agx_now_ns();
                 if (heir_since < 0)
                     heir_since = t;
