@@ -43,6 +43,33 @@ def test_global_mode_regions_never_overlap(detector):
     assert detector.max_total == 1
 
 
+@pytest.mark.parametrize("wait", ["watch", "grace", "direct"])
+def test_global_regions_never_overlap_under_every_way_of_waiting(detector, wait):
+    """Each way a Python waiter can wait for the lock (_C._set_region_wait, the
+    variants benchmarks/efficiency.py compares) still excludes."""
+    from agxguard import _C
+
+    agxguard.set_mode("global")
+    previous = _C._set_region_wait(wait)
+    try:
+        _regions(detector)
+    finally:
+        _C._set_region_wait(previous)
+    assert detector.entries == THREADS * ITERS
+    assert detector.max_total == 1
+
+
+def test_measuring_knobs_refuse_bad_values_naming_the_allowed_ones():
+    from agxguard import _C
+
+    with pytest.raises(ValueError, match="allowed: 'watch', 'grace', 'direct'"):
+        _C._set_region_wait("fast")
+    with pytest.raises(TypeError, match="must be a str"):
+        _C._set_region_wait(1)
+    with pytest.raises(ValueError, match="0 to 1000000 us"):
+        _C._set_grace_us(-1)
+
+
 def test_op_mode_takes_no_region_lock(detector):
     agxguard.set_mode("op")
     _regions(detector)
