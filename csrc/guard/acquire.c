@@ -19,9 +19,11 @@ _Atomic int agx_heir_seat_on = 1;
 _Atomic int64_t agx_heir_spin_ns = 200000;
 /* The grace period (heir_watch). What it buys, H200, 8 threads, global/threading.Lock
  * medians of 5 paired repeats (results/efficiency_h200_variants.txt, commit f8c2713,
- * both with the 5 ms claim): grace vs watch small_mlp 1.04 vs 0.99, matmul 1.23 vs
- * 1.13, small_mlp server pattern 0.93 vs 0.91, medium_mlp 0.90 vs 0.96; the heir's
- * GIL trips that lost the race fell from 51,526 of 51,977 to 14 of 425 (small_mlp).
+ * both with the 5 ms claim), grace vs watch: small_mlp 1.04/0.99, story_transformer
+ * 0.82/0.86, large_transformer 0.91/0.88, medium_mlp 0.90/0.96, matmul 1.23/1.13,
+ * server pattern small_mlp 0.93/0.91, story 0.77/0.74, large 1.02/1.00 (spread of
+ * single repeats about +-0.15); the heir's GIL trips that lost the race fell from
+ * 51,526 of 51,977 to 14 of 425 (small_mlp), 41,775 of 42,226 to 15 of 396 (matmul).
  * Direct taking (the waiter takes the lock with the GIL released, as
  * threading.Lock's do) was 0.89-1.16, and its p99 latency 8-280 ms on the
  * short workloads where the others stayed under 0.4 ms. */
