@@ -13,7 +13,11 @@ allocates nothing. benchmarks/overhead.py measures it against ``with lock:``.
 One callback stays: in ``stream`` mode a region with no stream of its own locks
 the caller's current torch CUDA stream, which only torch knows; the C core asks
 ``current_stream_key`` (registered with ``_C.set_stream_resolver``) at region
-entry, and only in ``stream`` mode. See the figure beside ``current_stream_key``.
+entry, and only in ``stream`` mode. Without it guard() would have to find the
+stream itself, in Python, for every region in every mode: benchmarks/overhead.py
+("guard() resolving the stream in Python") measured that at 1.32x threading.Lock
+in global mode against 0.98x for guard() as it is, and 2.88x against 1.98x in
+stream mode (this 2-core Debian box, best of 7 x 200,000, commit b88faf0).
 """
 from __future__ import annotations
 

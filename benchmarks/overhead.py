@@ -51,6 +51,30 @@ def _loop_guard(n):
     return (time.perf_counter_ns() - t0) / n
 
 
+def _python_resolving_guard():
+    """guard() as it would be without the C core's stream resolver callback: it
+    would have to find the caller's stream itself, in Python, on every region
+    (agxguard/_decorate.py says why the callback stays)."""
+    from agxguard import _decorate
+
+    region, make, current, get_mode = _decorate._REGION, _decorate.Guard, _decorate.current_stream_key, _C.get_mode
+
+    def guard(stream=None):
+        if stream is None:
+            return make(current()) if get_mode() == "stream" else region
+        return make(_decorate.stream_key(stream))
+
+    return guard
+
+
+def _loop_guard_with(guard, n):
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        with guard():
+            pass
+    return (time.perf_counter_ns() - t0) / n
+
+
 def _loop_empty(n):
     t0 = time.perf_counter_ns()
     for _ in range(n):
@@ -81,6 +105,10 @@ def measure(n: int, repeats: int) -> dict:
         for m in agxguard.MODES:
             with agxguard.mode(m):
                 keep(f"with agxguard.guard() [{m}]", _loop_guard(n))
+        resolving = _python_resolving_guard()
+        for m in ("stream", "global"):
+            with agxguard.mode(m):
+                keep(f"guard() resolving the stream in Python [{m}]", _loop_guard_with(resolving, n))
         keep("C lock path (try+release, no Python)", _C.c_lock_ns(n * 10))
         keep("empty loop", _loop_empty(n))
     return best
