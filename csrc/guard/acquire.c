@@ -52,6 +52,18 @@ agx_wait_counts agx_wait_counts_now;
  * over; without a claim 1.04, 0.96, 1.07 with 2% (p99 latency 68-85 ms with
  * the claim, 0.7-400 ms without; threading.Lock's own p99 1.3-400 ms). */
 #define CLAIM_PASSES 64
+/* Even so the claim cost region locks more than it gave, so only the op lock's
+ * heir claims; a region lock (global, stream) hands over the way threading.Lock
+ * does, when a waiter sees it free, and is as fair as threading.Lock and no
+ * fairer (p99 latency up to about 400 ms for large_transformer, as the Lock's).
+ * H200, python3 benchmarks/efficiency.py --device cuda --workloads small_mlp,
+ * story_transformer,large_transformer,medium_mlp,matmul,small_mlp@server,
+ * story_transformer@server,large_transformer@server --configs lock,global,
+ * global@noclaim --threads 8 --duration 0.4 --repeats 5 (commit a0217a7,
+ * results/efficiency_h200.txt), global/threading.Lock with the 64-hold claim vs
+ * none: 1.00/1.12, 1.17/1.32, 0.97/0.99, 0.92/1.09, 1.02/1.09, server 0.91/1.07,
+ * 1.02/1.04, 0.94/0.97; holds handed over 0.8-6.9% vs 0.1-5.3%. The op lock keeps
+ * it: tests/test_torch_ops.py (no thread starves; waits reached 0.3-0.5 s without). */
 
 static void abort_on_timeout(const char *name, const char *what, int64_t waited_ns) {
     fprintf(stderr,
@@ -140,7 +152,8 @@ int agx_acquire_py(agx_lock *l) {
     if (agx_lock_try(l)) return 0; /* once with the GIL held, as CPython's locks do */
     int64_t start = agx_now_ns();
     int64_t warn = atomic_load(&agx_wait.warn_ns), timeout = atomic_load(&agx_wait.timeout_ns);
-    int warned = 0, claimed = 0, may_claim = atomic_load_explicit(&agx_claim_on, memory_order_relaxed);
+    /* only the op lock's heir claims (CLAIM_NS says why) */
+    int warned = 0, claimed = 0, may_claim = l == agx_op_lock() && atomic_load_explicit(&agx_claim_on, memory_order_relaxed);
     int direct = atomic_load_explicit(&agx_region_wait, memory_order_relaxed) == AGX_WAIT_DIRECT;
     int seat = !direct && atomic_load_explicit(&agx_heir_seat_on, memory_order_relaxed);
     int64_t heir_since = -1; /* when this waiter got the heir seat */
