@@ -27,8 +27,10 @@ result back to the host all run inside the region (or lock).
 ``global@VARIANT`` runs ``global`` with another way for Python waiters to wait, to
 compare them with threading.Lock in one run: VARIANT is a wait (watch, grace, direct:
 agxguard._C._set_region_wait) and/or modifiers joined by '+': noseat (no heir seat),
-noclaim (the heir never claims), nospin (the heir does not spin), e.g. grace+noclaim. Throughput is
-requests completed per second, speedup is against 1 free thread, efficiency is
+noclaim (no claim: only the op lock's heir claims, so this changes op mode only),
+nospin (the heir does not spin), e.g. grace+noseat.
+
+Throughput is requests completed per second, speedup is against 1 free thread, efficiency is
 speedup / threads (offline batching runs 1 thread). Latency percentiles are per request
 (per call for offline).
 

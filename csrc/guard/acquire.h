@@ -39,7 +39,8 @@ extern _Atomic int64_t agx_heir_spin_ns;
 enum { AGX_WAIT_WATCH = 0, AGX_WAIT_GRACE = 1, AGX_WAIT_DIRECT = 2, AGX_WAIT_COUNT };
 extern _Atomic int agx_region_wait;
 extern _Atomic int64_t agx_grace_ns;
-/* Whether the heir claims the lock after CLAIM_NS (acquire.c); on by default. */
+/* Whether the op lock's heir claims it after CLAIM_NS and CLAIM_PASSES (acquire.c; region
+ * locks never claim); on by default. */
 extern _Atomic int agx_claim_on;
 /* Process-wide tallies of Python lock waits (measuring: _C._wait_counts). */
 typedef struct agx_wait_counts {
