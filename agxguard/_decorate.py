@@ -15,9 +15,10 @@ the caller's current torch CUDA stream, which only torch knows; the C core asks
 ``current_stream_key`` (registered with ``_C.set_stream_resolver``) at region
 entry, and only in ``stream`` mode. Without it guard() would have to find the
 stream itself, in Python, for every region in every mode: benchmarks/overhead.py
-("guard() resolving the stream in Python") measured that at 1.32x threading.Lock
-in global mode against 0.98x for guard() as it is, and 2.88x against 1.98x in
-stream mode (this 2-core Debian box, best of 7 x 200,000, commit b88faf0).
+("guard() resolving the stream in Python") measured that at 1.27x threading.Lock
+in global mode against 0.94x for guard() as it is, and 2.57x against 1.62x in
+stream mode (2-core Debian 12 VM, python3 benchmarks/overhead.py --n 200000
+--repeats 9, commit e29c132: benchmarks/results/overhead_debian2core.txt).
 """
 from __future__ import annotations
 
