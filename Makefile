@@ -16,13 +16,15 @@ test: build
 macos-check:
 	$(PYTHON) scripts/macos_check.py
 
-# The lock domains under ThreadSanitizer: must report nothing.
-csrc/tests/stress_locks.bin: csrc/tests/stress_locks.c csrc/sync/lock.c csrc/guard/guard.c csrc/sync/lock.h csrc/guard/guard.h
-	$(CC) -std=gnu11 -O1 -g -fsanitize=thread $(CSRC_INC) csrc/tests/stress_locks.c csrc/sync/lock.c csrc/guard/guard.c -o $@ -pthread
+# The lock primitives (csrc/sync) and the domains under ThreadSanitizer: must report nothing.
+SYNC_SRC = $(wildcard csrc/sync/*.c)
+SYNC_HDR = $(wildcard csrc/sync/*.h)
+csrc/tests/stress_locks.bin: csrc/tests/stress_locks.c $(SYNC_SRC) $(SYNC_HDR) csrc/guard/guard.c csrc/guard/guard.h
+	$(CC) -std=gnu11 -O1 -g -fsanitize=thread $(CSRC_INC) csrc/tests/stress_locks.c $(SYNC_SRC) csrc/guard/guard.c -o $@ -pthread
 
 # The same with the mutex/condvar sleep that macOS uses (Linux uses a futex).
-csrc/tests/stress_locks_portable.bin: csrc/tests/stress_locks.c csrc/sync/lock.c csrc/guard/guard.c csrc/sync/lock.h csrc/guard/guard.h
-	$(CC) -std=gnu11 -O1 -g -fsanitize=thread -DAGX_LOCK_PORTABLE $(CSRC_INC) csrc/tests/stress_locks.c csrc/sync/lock.c csrc/guard/guard.c -o $@ -pthread
+csrc/tests/stress_locks_portable.bin: csrc/tests/stress_locks.c $(SYNC_SRC) $(SYNC_HDR) csrc/guard/guard.c csrc/guard/guard.h
+	$(CC) -std=gnu11 -O1 -g -fsanitize=thread -DAGX_LOCK_PORTABLE $(CSRC_INC) csrc/tests/stress_locks.c $(SYNC_SRC) csrc/guard/guard.c -o $@ -pthread
 
 tsan: csrc/tests/stress_locks.bin csrc/tests/stress_locks_portable.bin
 	TSAN_OPTIONS="halt_on_error=1 exitcode=66" ./csrc/tests/stress_locks.bin 8 2000
@@ -41,6 +43,6 @@ clean:
 include csrc/tests/tsan_model.mk
 
 # What the uncontended lock path costs, piece by piece, on this machine.
-clock-cost: benchmarks/clock_cost.c csrc/sync/lock.c csrc/sync/lock.h
-	$(CC) -std=gnu11 -O2 $(CSRC_INC) benchmarks/clock_cost.c csrc/sync/lock.c -o csrc/tests/clock_cost.bin -pthread
+clock-cost: benchmarks/clock_cost.c $(SYNC_SRC) $(SYNC_HDR)
+	$(CC) -std=gnu11 -O2 $(CSRC_INC) benchmarks/clock_cost.c $(SYNC_SRC) -o csrc/tests/clock_cost.bin -pthread
 	./csrc/tests/clock_cost.bin

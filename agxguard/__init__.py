@@ -24,13 +24,7 @@ del annotations  # the __future__ feature object, not API (the compiler flag sta
 # (dir(agxguard)) is __all__ and the package's own submodules (tests/test_layout.py).
 import contextlib as _contextlib
 import dataclasses as _dataclasses
-import functools as _functools
-import inspect as _inspect
-import sys as _sys
-import types as _types
-from collections.abc import Hashable as _Hashable
 from typing import TYPE_CHECKING as _TYPE_CHECKING
-from typing import TypeVar as _TypeVar
 
 try:
     from . import _C
@@ -46,6 +40,8 @@ except ImportError:  # pragma: no cover - exercised in a child by tests/test_bui
     raise
 from . import _config
 from ._C import LockTimeout, LockWaitWarning
+from ._decorate import guard
+from ._decorate import stream_key as _stream_key
 from ._config import ConfigWarning
 from .batcher import Batcher
 from .swizzle import guard_methods, unguard_methods
@@ -66,147 +62,6 @@ __all__ = [
 __version__ = "0.1.0"
 
 MODES = _C.MODES  # the one list of the modes, from the C core
-_F = _TypeVar("_F", bound="Callable[..., Any]")
-
-
-def _stepped(g: Guard, it: Any) -> Generator[Any, Any, Any]:
-    """Drive generator-like `it` (a generator, or a coroutine's ``__await__`` iterator)
-    one step at a time, each step inside `g` on the thread that takes the step: the
-    region is entered before the body resumes and left when it yields (or suspends),
-    so nothing is held while it is suspended, whichever thread resumes it next.
-    Values sent, exceptions thrown and close() reach `it` as with ``yield from``."""
-    send: Any = None
-    thrown: Optional[BaseException] = None
-    while True:
-        try:
-            with g:
-                value = it.send(send) if thrown is None else it.throw(thrown)
-        except StopIteration as stop:
-            return stop.value
-        finally:
-            send = thrown = None
-        try:
-            send = yield value
-        except GeneratorExit:
-            with g:
-                it.close()
-            raise
-        except BaseException as e:  # passed on to `it`, as yield from would
-            thrown = e
-
-
-class _SteppedAwaitable:
-    """An awaitable whose await runs an awaitable's steps each inside a guard."""
-
-    __slots__ = ("_steps",)
-
-    def __init__(self, g: Guard, awaitable: Any) -> None:
-        self._steps = _stepped(g, awaitable.__await__())
-
-    def __await__(self) -> Generator[Any, Any, Any]:
-        return self._steps
-
-
-def _guard_generator(g: Guard, gen: Any) -> Generator[Any, Any, Any]:
-    """A generator that runs `gen`'s body inside `g`, step by step."""
-    return (yield from _stepped(g, gen))
-
-
-async def _guard_coroutine(g: Guard, coro: Any) -> Any:
-    """A coroutine that runs `coro`'s body inside `g`, step by step."""
-    return await _SteppedAwaitable(g, coro)
-
-
-def _async_generator_wrapper(g: Guard, fn: Callable[..., Any]) -> Callable[..., Any]:
-    """An async generator function that runs the body of `fn`'s async generator
-    inside `g`: each step of each asend/athrow/aclose, so the lock is given back at
-    every await that suspends and at every yield."""
-    async def guarded_async_generator(*args: Any, **kwargs: Any) -> Any:
-        agen = fn(*args, **kwargs)
-        send: Any = None
-        thrown: Optional[BaseException] = None
-        while True:
-            try:
-                step = agen.asend(send) if thrown is None else agen.athrow(thrown)
-                send = thrown = None
-                value = await _SteppedAwaitable(g, step)
-            except StopAsyncIteration:
-                return
-            try:
-                send = yield value
-            except GeneratorExit:
-                await _SteppedAwaitable(g, agen.aclose())
-                raise
-            except BaseException as e:  # passed on to agen, as athrow would
-                thrown = e
-
-    return guarded_async_generator
-
-
-def _guard_result(g: Guard, result: Any) -> Any:
-    """A plain function's result: a generator, coroutine or async generator it
-    returned (a partial, a lambda, a factory) gets its body guarded too."""
-    if isinstance(result, _types.GeneratorType):
-        return _guard_generator(g, result)
-    if isinstance(result, _types.CoroutineType):
-        return _guard_coroutine(g, result)
-    if isinstance(result, _types.AsyncGeneratorType):
-        return _async_generator_wrapper(g, lambda: result)()
-    return result
-
-
-def _decorate(g: Guard, fn: _F) -> _F:
-    """``@guard()``: `fn` runs inside guard `g`, its whole body under the lock.
-
-    A generator function, an ``async def`` and an async generator keep their kind,
-    and their body runs under the lock one step at a time: the lock is taken when
-    the body resumes and given back at each ``yield`` and at each ``await`` that
-    suspends (so a suspended generator or coroutine holds nothing, and the thread
-    that resumes it takes the lock). A function that returns one of these is
-    treated the same way for what it returns."""
-    if _inspect.isasyncgenfunction(fn):
-        return _functools.wraps(fn)(_async_generator_wrapper(g, fn))  # type: ignore[return-value]
-    if _inspect.isgeneratorfunction(fn):
-        @_functools.wraps(fn)
-        def guarded_generator(*args: Any, **kwargs: Any) -> Any:
-            return (yield from _stepped(g, fn(*args, **kwargs)))
-
-        return guarded_generator  # type: ignore[return-value]
-    if _inspect.iscoroutinefunction(fn):
-        @_functools.wraps(fn)
-        async def guarded_coroutine(*args: Any, **kwargs: Any) -> Any:
-            return await _SteppedAwaitable(g, fn(*args, **kwargs))
-
-        return guarded_coroutine  # type: ignore[return-value]
-
-    @_functools.wraps(fn)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        with g:
-            result = fn(*args, **kwargs)
-        return _guard_result(g, result)
-
-    return guarded  # type: ignore[return-value]
-
-
-
-
-def _current_stream_key() -> int:
-    """The caller's current stream when none was set with use_stream():
-    torch's current CUDA stream once CUDA is initialized, else the default stream 0
-    (MPS and CPU have one stream per device)."""
-    torch = _sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():
-        raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-        device = getattr(torch._C, "_cuda_getDevice", None)
-        if raw is None or device is None:  # an older torch: the slower public way
-            return torch.cuda.current_stream().cuda_stream
-        # from now on two C calls, no Stream object (this runs on every stream-mode region)
-        _C.set_stream_resolver(lambda: raw(device()))
-        return raw(device())
-    return 0
-
-
-_C.set_stream_resolver(_current_stream_key)
 
 
 # ---------------------------------------------------------------- modes
@@ -237,32 +92,6 @@ def mode(name: str) -> Iterator[str]:
 
 # ---------------------------------------------------------------- streams
 
-_KEY_MIN, _KEY_MAX = -(1 << 63), (1 << 64) - 1
-
-
-def _stream_key(stream: Any) -> int:
-    """The 64-bit lock key of a stream: an int from -2**63 to 2**64-1 as is (a
-    negative one in two's complement), a torch CUDA stream by its handle, an object
-    with ``cuda_stream`` likewise, any other hashable by hash(). Distinct keys with
-    equal hashes share a lock (more serialization, never less). None, a bool and an
-    int outside 64 bits are refused: None is no stream (see use_stream)."""
-    if stream is None:
-        raise TypeError("a stream key cannot be None (None means no stream: guard(stream=None) and "
-                        "use_stream(None) use the caller's current stream)")
-    if isinstance(stream, bool):
-        raise TypeError("a stream key cannot be a bool")
-    if isinstance(stream, int):
-        if not _KEY_MIN <= stream <= _KEY_MAX:
-            raise ValueError(f"a stream key must be an int from -2**63 to 2**64-1 (64 bits), not {stream!r:.60}")
-        return stream & 0xFFFFFFFFFFFFFFFF
-    handle = getattr(stream, "cuda_stream", None)
-    if isinstance(handle, int):
-        return handle & 0xFFFFFFFFFFFFFFFF
-    if not isinstance(stream, _Hashable):
-        raise TypeError(f"a stream must be an int, a torch stream or hashable, not {type(stream).__name__}")
-    return hash(stream) & 0xFFFFFFFFFFFFFFFF
-
-
 @_contextlib.contextmanager
 def use_stream(stream: Any) -> Iterator[Optional[int]]:
     """Make `stream` this thread's current stream for ``stream`` mode regions and ops
@@ -280,9 +109,6 @@ def use_stream(stream: Any) -> Iterator[Optional[int]]:
 
 
 # ---------------------------------------------------------------- guards
-
-guard = _C.guard  # guard(stream=None) -> Guard; in C, since it sits on every region's path
-
 
 _OPS_LEVELS = ("function", "dispatch")
 
@@ -304,9 +130,6 @@ def ops(pin_cpus: Any = None, level: str = "function") -> Any:
     from ._torch import GuardedDispatch, GuardedOps
 
     return (GuardedOps if level == "function" else GuardedDispatch)(pin_cpus)
-
-
-_C._set_helpers(_decorate, _stream_key)
 
 
 # ---------------------------------------------------------------- throttle, waits

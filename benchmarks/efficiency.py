@@ -19,8 +19,18 @@ One run measures, on the same models (agxguard.lab.workloads) and the same devic
     offline     1 thread running a batch of N requests per call
 
 A request is one forward pass of the workload's per-request input followed by a sync
-of the thread's stream (cuda) or the device (mps): the seeds' method. Throughput is
-requests completed per second, speedup is against 1 free thread, efficiency is
+of the thread's stream (cuda) or the device (mps): the seeds' method. A workload
+written ``NAME@server`` runs the server pattern instead: the request starts on the
+host, and copying it to the device, the forward pass and a synchronous copy of the
+result back to the host all run inside the region (or lock).
+
+``global@VARIANT`` runs ``global`` with another way for Python waiters to wait, to
+compare them with threading.Lock in one run: VARIANT is a wait (watch, grace, direct:
+agxguard._model._set_region_wait) and/or modifiers joined by '+': noseat (no heir seat),
+noclaim (no claim: only the op lock's heir claims, so this changes op mode only),
+nospin (the heir does not spin), e.g. grace+noseat.
+
+Throughput is requests completed per second, speedup is against 1 free thread, efficiency is
 speedup / threads (offline batching runs 1 thread). Latency percentiles are per request
 (per call for offline).
 
@@ -81,6 +91,27 @@ THREAD_CONFIGS = ("free", "lock", "semaphore2", "op", "op_dispatch", "ops_unlock
 MODE_CONFIGS = ("op", "stream", "global")
 BATCHER_CONFIGS = ("batcher", "batcher_nospin")
 CONFIGS = THREAD_CONFIGS + BATCHER_CONFIGS + ("offline",)
+GLOBAL_WAITS = ("watch", "grace", "direct")
+GLOBAL_MODIFIERS = ("noseat", "noclaim", "nospin")
+PATTERNS = ("seeds", "server")
+
+
+def split_workload(w: str) -> tuple:
+    """'NAME' -> (NAME, 'seeds'); 'NAME@server' -> (NAME, 'server')."""
+    name, _, pattern = w.partition("@")
+    return name, pattern or "seeds"
+
+
+def base_config(c: str) -> str:
+    """'global@grace' -> 'global'."""
+    return c.partition("@")[0]
+
+
+def describe(w: str) -> str:
+    name, pattern = split_workload(w)
+    text = W.DESCRIPTIONS[name]
+    return text + ("; server pattern: host input copied in, result copied back, inside the region"
+                   if pattern == "server" else "")
 TARGET_N = 8  # the issue states its targets at 8 threads
 
 
@@ -167,13 +198,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if a.duration <= 0 or (a.iterations is not None and a.iterations < 1) or a.warmup < 0 or a.repeats < 1:
         p.error("--duration must be > 0, --iterations >= 1, --warmup >= 0, --repeats >= 1")
     a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
-    bad = [w for w in a.workloads if w not in W.WORKLOADS]
+    bad = [w for w in a.workloads if split_workload(w)[0] not in W.WORKLOADS or split_workload(w)[1] not in PATTERNS]
     if bad:
-        p.error(f"unknown workload(s) {', '.join(bad)}; allowed: {', '.join(W.WORKLOADS)}")
+        p.error(f"unknown workload(s) {', '.join(bad)}; allowed: {', '.join(W.WORKLOADS)}, "
+                f"each optionally with @{' or @'.join(PATTERNS)}")
     a.configs = [c.strip() for c in a.configs.split(",") if c.strip()]
-    bad = [c for c in a.configs if c not in CONFIGS]
+    bad = [c for c in a.configs if c not in CONFIGS and not (
+        base_config(c) == "global" and all(v in GLOBAL_WAITS + GLOBAL_MODIFIERS for v in c.partition("@")[2].split("+")))]
     if bad:
-        p.error(f"unknown config(s) {', '.join(bad)}; allowed: {', '.join(CONFIGS)}")
+        p.error(f"unknown config(s) {', '.join(bad)}; allowed: {', '.join(CONFIGS)}, "
+                f"global@VARIANT ('+'-joined from {', '.join(GLOBAL_WAITS + GLOBAL_MODIFIERS)})")
     if a.device is None:
         a.device = W.best_device()
     try:
@@ -283,12 +317,14 @@ class Bench:
         import torch
 
         self.torch = torch
+        name, self.pattern = split_workload(name)
         self.name = name
         self.opts = opts
         self.device = opts.torch_device
         # One model per thread, as in the issue's table (same weights, own copy).
         self.models = [W.build(name, self.device, opts.torch_dtype, seed=0) for _ in range(max_threads)]
         self.inputs = [m.make_input(seed=i + 1) for i, m in enumerate(self.models)]
+        self.host_inputs = [x.cpu() for x in self.inputs]  # the server pattern's requests
         self.batched_inputs: Dict[int, Any] = {}
         for m, x in zip(self.models, self.inputs):
             m.model(x)
@@ -323,6 +359,8 @@ class Bench:
         model = self.models[i].model
         x = self.inputs[i]
         sync = self.thread_sync()
+        if self.pattern == "server":
+            return self._make_server_step(i, config)
 
         def plain() -> None:
             model(x)
@@ -351,18 +389,59 @@ class Bench:
 
         return locked
 
+    def _make_server_step(self, i: int, config: str) -> Callable[[], None]:
+        """The server pattern: copy the request in, run, copy the result back
+        (synchronous), all inside the region."""
+        model = self.models[i].model
+        xh = self.host_inputs[i]
+        device, dtype = self.device, self.opts.torch_dtype
+
+        def serve() -> Any:
+            y = model(xh.to(device=device, dtype=dtype))
+            return y.cpu() if hasattr(y, "cpu") else y
+
+        if config in ("free", "op", "op_dispatch", "ops_unlocked"):
+            return serve
+        if config == "lock" or config == "semaphore2":
+            region: Any = self._lock if config == "lock" else self._semaphore
+
+            def locked() -> None:
+                with region:
+                    serve()
+
+            return locked
+        guard = agxguard.guard
+
+        def guarded() -> None:
+            with guard():
+                serve()
+
+        return guarded
+
     # -- configs
     def measure(self, config: str, n: int) -> Dict[str, Any]:
         """Measure ``config`` at n threads (clients, or batch size for offline)."""
         extra: Dict[str, Any] = {}
-        if config in THREAD_CONFIGS:
+        if base_config(config) in THREAD_CONFIGS:
             self._lock = threading.Lock()
             self._semaphore = threading.Semaphore(2)
+            variant = config.partition("@")[2]
             if agxguard is not None:
                 agxguard.set_mode("op" if config == "op_dispatch" else
-                                  config if config in MODE_CONFIGS else "off")
-            m = run_threads(n, lambda i: self.make_step(i, config),
-                            lambda i: self.thread_context(i, config), self.opts)
+                                  base_config(config) if base_config(config) in MODE_CONFIGS else "off")
+                set_variant(variant or None)
+                agxguard.reset_stats()
+                wait_counts(True)
+            try:
+                m = run_threads(n, lambda i: self.make_step(i, config),
+                                lambda i: self.thread_context(i, config), self.opts)
+            finally:
+                if agxguard is not None:
+                    set_variant(None)
+            if agxguard is not None and base_config(config) == "global":
+                g = agxguard.stats()["domains"]["global"]
+                extra["lock_stats"] = dict(handoffs=g.get("handoffs"), acquisitions=g["acquisitions"],
+                                           contentions=g["contentions"], **(wait_counts(False) or {}))
             threads, batch = n, 1
         elif config == "offline":
             if n not in self.batched_inputs:
@@ -423,6 +502,38 @@ class Bench:
             self.torch.cuda.empty_cache()
 
 
+def set_variant(variant: Optional[str]) -> None:
+    """How Python waiters wait for the global lock (None: the build's defaults,
+    with the --heir-seat choice). See global@VARIANT in the module docstring."""
+    C = _knobs()
+    parts = variant.split("+") if variant else []
+    if not hasattr(C, "_set_region_wait"):  # a build without the measuring knobs
+        if parts not in ([], ["watch"]):
+            raise RuntimeError(f"this agxguard build cannot run global@{variant}")
+        return
+    wait = next((p for p in parts if p in GLOBAL_WAITS), DEFAULT_WAIT[0])
+    C._set_region_wait(wait)
+    C._set_heir_seat(HEIR_SEAT[0] and "noseat" not in parts)
+    C._set_claim("noclaim" not in parts)
+    C._set_heir_spin_us(0 if "nospin" in parts else DEFAULT_SPIN_US[0])
+
+
+def wait_counts(reset: bool) -> Optional[Dict[str, int]]:
+    f = getattr(_knobs(), "_wait_counts", None)
+    return f(reset) if f else None
+
+
+def _knobs() -> Any:
+    """The measuring knobs: agxguard._model, the lab's module (the product exports none)."""
+    from agxguard import _model
+    return _model
+
+
+DEFAULT_WAIT = ["grace"]  # read from the build at start (main)
+HEIR_SEAT = [True]
+DEFAULT_SPIN_US = [200.0]  # read from the build at start (main)
+
+
 def percentile(values: List[float], q: float) -> Optional[float]:
     """Nearest-rank percentile (0-100) of unsorted values, None if empty."""
     if not values:
@@ -448,7 +559,7 @@ def run_workload(name: str, opts: argparse.Namespace, progress: Dict[str, int]) 
                 skipped[c] = AGX_ERROR or "agxguard missing"
     points = [(c, n) for c in configs for n in points_for(c, opts.threads)]
     max_threads = max(n for c, n in points if c != "offline") if any(c != "offline" for c, n in points) else 1
-    log(f"{name}: {W.DESCRIPTIONS[name]}; building {max_threads} model(s) on {opts.torch_device}")
+    log(f"{name}: {describe(name)}; building {max_threads} model(s) on {opts.torch_device}")
     bench = Bench(name, opts, max_threads)
     runs: Dict[tuple, List[Dict[str, Any]]] = {}
     try:
@@ -468,6 +579,11 @@ def run_workload(name: str, opts: argparse.Namespace, progress: Dict[str, int]) 
                     log(f"{tag}: ERROR {r['error']}")
                 else:
                     extra = ""
+                    if "lock_stats" in r:
+                        ls = r["lock_stats"]
+                        extra = (f", handoffs {ls['handoffs']}/{ls['acquisitions']}, contended "
+                                 f"{ls['contentions']}, gil trips {ls.get('gil_trips')} "
+                                 f"(lost {ls.get('gil_trips_lost')}), grace retaken {ls.get('grace_retaken')}")
                     if "batcher" in r:
                         st = r["batcher"]
                         extra = (f", mean batch {st['mean_batch_size'] or 0:.2f}, "
@@ -503,6 +619,8 @@ def run_workload(name: str, opts: argparse.Namespace, progress: Dict[str, int]) 
             latency_p50_ms=1000 * percentile(lats, 50) if lats else None,
             latency_p99_ms=1000 * percentile(lats, 99) if lats else None,
         )
+        if "lock_stats" in rs[0]:
+            row["lock_stats_runs"] = [r["lock_stats"] for r in rs]
         if "batcher" in rs[0]:
             row["batcher_runs"] = [r["batcher"] for r in rs]
             row["batcher"] = rs[-1]["batcher"]
@@ -541,18 +659,20 @@ def machine_info(opts: argparse.Namespace) -> Dict[str, Any]:
         info["device_name"] = "Apple MPS"
     else:
         info["device_name"] = info["processor"] or info["machine"]
+    info["git_commit"] = os.environ.get("AGXGUARD_BENCH_COMMIT")  # a copy of the tree without its .git
     try:
-        info["git_commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
-                                            text=True, timeout=5).stdout.strip() or None
+        if not info["git_commit"]:
+            info["git_commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True,
+                                                text=True, timeout=5).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
     return info
 
 
-def find(rows: List[Dict[str, Any]], workload: str, config: str, n: int) -> Optional[float]:
+def find(rows: List[Dict[str, Any]], workload: str, config: str, n: int, key: str = "throughput") -> Any:
     for r in rows:
         if r["workload"] == workload and r["config"] == config and r["n"] == n:
-            return r.get("throughput")
+            return r.get(key)
     return None
 
 
@@ -565,6 +685,7 @@ def evaluate_targets(rows: List[Dict[str, Any]], opts: argparse.Namespace) -> Li
         ("op", "free", 0.90, None),
         ("op_dispatch", "free", 0.90, None),  # the same target for ops(level="dispatch")
         ("global", "lock", 1.00, None),
+    ] + [(c, "lock", 1.00, None) for c in opts.configs if c.startswith("global@")] + [
         ("batcher", "offline", 0.80, ("story_transformer", "small_mlp")),
         ("batcher", "free", 4.00, ("story_transformer", "small_mlp")),
     ]
@@ -578,15 +699,23 @@ def evaluate_targets(rows: List[Dict[str, Any]], opts: argparse.Namespace) -> Li
             a, b = find(rows, workload, config, n), find(rows, workload, ref, n)
             t: Dict[str, Any] = {"workload": workload, "config": config, "reference": ref, "n": n,
                                  "min_ratio": ratio, "throughput": a, "reference_throughput": b}
+            ar, br = find(rows, workload, config, n, "throughput_runs"), find(rows, workload, ref, n, "throughput_runs")
             if a is None or b is None or b <= 0:
                 t.update(ratio=None, result="N/A")
             else:
-                t.update(ratio=a / b, result="PASS" if a / b >= ratio else "FAIL")
+                # each repeat measured both in the same round: the ratio is the median of
+                # the paired ratios, and their spread is reported beside it
+                runs = [x / y for x, y in zip(ar or [a], br or [b]) if y > 0] or [a / b]
+                r = statistics.median(runs)
+                t.update(ratio=r, ratio_runs=runs, ratio_min=min(runs), ratio_max=max(runs),
+                         result="PASS" if r >= ratio else "FAIL")
             out.append(t)
     return out
 
 
 def label(config: str) -> str:
+    if "@" in config:
+        return f"global@{config.partition('@')[2]}"
     return {"free": "free threads", "lock": "threading.Lock", "semaphore2": "Semaphore(2)",
             "op": "agxguard op", "op_dispatch": "agxguard op, dispatch",
             "ops_unlocked": "ops() in mode off", "stream": "agxguard stream", "global": "agxguard global",
@@ -604,7 +733,7 @@ def print_table(rows: List[Dict[str, Any]], opts: argparse.Namespace, info: Dict
     for w in opts.workloads:
         base = find(rows, w, "free", 1)
         log("")
-        log(f"{w}: {W.DESCRIPTIONS[w]}" + (f"; 1 thread = {base:,.0f} req/s" if base else ""))
+        log(f"{w}: {describe(w)}" + (f"; 1 thread = {base:,.0f} req/s" if base else ""))
         log(f"  {'N (threads / batch)':<20}" + "".join(f"{'N=' + str(n):>26}" for n in ns))
         for c in opts.configs:
             cells = []
@@ -643,7 +772,9 @@ def print_targets(targets: List[Dict[str, Any]], opts: argparse.Namespace) -> No
         if t["ratio"] is None:
             log(f"  N/A   {t['workload']:<18} {what}: not measured")
         else:
-            log(f"  {t['result']:<5} {t['workload']:<18} {what}: {t['ratio']:.2f}x "
+            spread = (f" [{t['ratio_min']:.2f}-{t['ratio_max']:.2f} over {len(t['ratio_runs'])}]"
+                      if len(t.get("ratio_runs", [])) > 1 else "")
+            log(f"  {t['result']:<5} {t['workload']:<18} {what}: {t['ratio']:.2f}x{spread} "
                 f"({t['throughput']:,.0f} vs {t['reference_throughput']:,.0f} req/s)")
     passed = sum(t["result"] == "PASS" for t in targets)
     failed = sum(t["result"] == "FAIL" for t in targets)
@@ -689,9 +820,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch  # noqa: F401  (after option errors, which need no torch)
 
     if agxguard is not None:
-        from agxguard import _model as lab  # the lab's knobs (not part of the product)
-        lab._set_heir_seat(opts.heir_seat == "on")
+        HEIR_SEAT[0] = opts.heir_seat == "on"
+        DEFAULT_SPIN_US[0] = _knobs()._set_heir_spin_us(200.0)
+        _knobs()._set_heir_spin_us(DEFAULT_SPIN_US[0])
+        if hasattr(agxguard._C, "_set_region_wait"):
+            DEFAULT_WAIT[0] = _knobs()._set_region_wait("watch")
+            _knobs()._set_region_wait(DEFAULT_WAIT[0])
+        _knobs()._set_heir_seat(HEIR_SEAT[0])
     info = machine_info(opts)
+    info["global_wait_default"] = DEFAULT_WAIT[0]
+    info["command"] = "python3 benchmarks/efficiency.py " + " ".join(argv if argv is not None else sys.argv[1:])
     log(f"agxguard efficiency benchmark: device {info['device']} ({info['device_name']}), "
         f"torch {info['torch']}, python {info['python']}, {info['cpu_count']} cpus")
     if AGX_ERROR:

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -50,11 +51,43 @@ def _loop_guard(n):
     return (time.perf_counter_ns() - t0) / n
 
 
+def _python_resolving_guard():
+    """guard() as it would be without the C core's stream resolver callback: it
+    would have to find the caller's stream itself, in Python, on every region
+    (agxguard/_decorate.py says why the callback stays)."""
+    from agxguard import _decorate
+
+    region, make, current, get_mode = _decorate._REGION, _decorate.Guard, _decorate.current_stream_key, _C.get_mode
+
+    def guard(stream=None):
+        if stream is None:
+            return make(current()) if get_mode() == "stream" else region
+        return make(_decorate.stream_key(stream))
+
+    return guard
+
+
+def _loop_guard_with(guard, n):
+    t0 = time.perf_counter_ns()
+    for _ in range(n):
+        with guard():
+            pass
+    return (time.perf_counter_ns() - t0) / n
+
+
 def _loop_empty(n):
     t0 = time.perf_counter_ns()
     for _ in range(n):
         pass
     return (time.perf_counter_ns() - t0) / n
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def measure(n: int, repeats: int) -> dict:
@@ -72,6 +105,10 @@ def measure(n: int, repeats: int) -> dict:
         for m in agxguard.MODES:
             with agxguard.mode(m):
                 keep(f"with agxguard.guard() [{m}]", _loop_guard(n))
+        resolving = _python_resolving_guard()
+        for m in ("stream", "global"):
+            with agxguard.mode(m):
+                keep(f"guard() resolving the stream in Python [{m}]", _loop_guard_with(resolving, n))
         keep("C lock path (try+release, no Python)", _model.c_lock_ns(n * 10))
         keep("empty loop", _loop_empty(n))
     return best
@@ -87,6 +124,11 @@ def main(argv=None) -> int:
         p.error(f"--n and --repeats must be >= 1, got {a.n} and {a.repeats}")
     best = measure(a.n, a.repeats)
     lock_ns = best["with threading.Lock()"]
+    command = "python3 benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    machine = (f"{platform.platform()}, {os.cpu_count()} CPUs, {platform.machine()} "
+               f"{platform.python_implementation()} {platform.python_version()}")
+    commit = _commit()
+    print(f"# {command.strip()}\n# machine: {machine}\n# commit: {commit}")
     print(f"agxguard overhead, best of {a.repeats} x {a.n} on {platform.machine()} "
           f"{platform.python_implementation()} {platform.python_version()}")
     print(f"{'case':42s} {'ns/with':>9s} {'vs Lock':>8s}")
@@ -99,7 +141,8 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"ns_per_with": best, "global_vs_lock": ratio, "n": a.n, "repeats": a.repeats,
-                       "machine": platform.machine(), "python": platform.python_version()}, f, indent=2)
+                       "command": command.strip(), "machine": machine, "commit": commit,
+                       "python": platform.python_version()}, f, indent=2)
     return 0
 
 

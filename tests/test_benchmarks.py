@@ -36,10 +36,29 @@ def test_efficiency_runs_every_config_and_writes_json(tmp_path):
     assert "Targets (issue 6)" in text
 
 
+def test_efficiency_runs_the_server_pattern_and_global_variants(tmp_path):
+    out = tmp_path / "eff.json"
+    text = run("benchmarks/efficiency.py", "--device", "cpu", "--workloads", "small_mlp@server",
+               "--configs", "lock,global,global@grace+noclaim,global@direct", "--threads", "2",
+               "--duration", "0.05", "--warmup", "1", "--repeats", "2", "--json", str(out), "--no-plot")
+    report = json.loads(out.read_text())
+    rows = {r["config"]: r for r in report["results"]}
+    assert set(rows) == {"lock", "global", "global@grace+noclaim", "global@direct"}
+    assert all(r["workload"] == "small_mlp@server" and len(r["throughput_runs"]) == 2 for r in rows.values())
+    assert all("handoffs" in s for s in rows["global@direct"]["lock_stats_runs"])
+    targets = {t["config"]: t for t in report["targets"]}
+    assert set(targets) == {"global", "global@grace+noclaim", "global@direct"}
+    assert all(len(t["ratio_runs"]) == 2 and t["ratio_min"] <= t["ratio"] <= t["ratio_max"] for t in targets.values())
+    assert "server pattern" in text
+
+
 def test_efficiency_rejects_an_unknown_config():
     r = subprocess.run([sys.executable, "benchmarks/efficiency.py", "--configs", "free,bogus"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown config(s) bogus" in r.stderr
+    r = subprocess.run([sys.executable, "benchmarks/efficiency.py", "--configs", "global@fast"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown config(s) global@fast" in r.stderr
 
 
 def test_op_contention_reports_every_variant():

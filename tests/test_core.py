@@ -44,6 +44,33 @@ def test_global_mode_regions_never_overlap(detector):
     assert detector.max_total == 1
 
 
+@pytest.mark.parametrize("wait", ["watch", "grace", "direct"])
+def test_global_regions_never_overlap_under_every_way_of_waiting(detector, wait):
+    """Each way a Python waiter can wait for the lock (_model._set_region_wait, the
+    variants benchmarks/efficiency.py compares) still excludes."""
+    from agxguard import _model as _C  # the measuring knobs
+
+    agxguard.set_mode("global")
+    previous = _C._set_region_wait(wait)
+    try:
+        _regions(detector)
+    finally:
+        _C._set_region_wait(previous)
+    assert detector.entries == THREADS * ITERS
+    assert detector.max_total == 1
+
+
+def test_measuring_knobs_refuse_bad_values_naming_the_allowed_ones():
+    from agxguard import _model as _C  # the measuring knobs
+
+    with pytest.raises(ValueError, match="allowed: 'watch', 'grace', 'direct'"):
+        _C._set_region_wait("fast")
+    with pytest.raises(TypeError, match="must be a str"):
+        _C._set_region_wait(1)
+    with pytest.raises(ValueError, match="0 to 1000000 us"):
+        _C._set_grace_us(-1)
+
+
 def test_op_mode_takes_no_region_lock(detector):
     agxguard.set_mode("op")
     _regions(detector)
@@ -287,6 +314,22 @@ def test_stats_count_exactly_what_happened():
     assert agxguard.stats()["domains"]["op"]["acquisitions"] == 0
     agxguard.reset_stats()
     assert agxguard.stats()["domains"]["global"]["acquisitions"] == 0
+
+
+def test_handoffs_count_acquisitions_by_another_thread_than_the_last_holder():
+    agxguard.set_mode("global")
+    agxguard.reset_stats()
+    for _ in range(3):  # one thread again and again: the lock never changes hands
+        with agxguard.guard():
+            pass
+    first = agxguard.stats()["domains"]["global"]["handoffs"]
+    assert first <= 1  # the first acquisition may follow another test's holder
+    t = threading.Thread(target=lambda: agxguard.guard().__enter__() and agxguard.guard().__exit__(None, None, None))
+    t.start()
+    t.join()
+    with agxguard.guard():  # back to this thread: a second change of hands
+        pass
+    assert agxguard.stats()["domains"]["global"]["handoffs"] == first + 2
 
 
 def test_contention_is_counted_with_its_wait():

@@ -318,3 +318,20 @@ def test_the_decorator_keeps_the_functions_name_and_docstring():
     assert (gen.__name__, gen.__doc__) == ("gen", "doc")
     assert (coro.__name__, coro.__doc__) == ("coro", "cdoc")
     assert gen.__wrapped__ is not None
+
+
+def test_the_decorator_and_the_stream_key_are_python_and_c_calls_no_python_helper():
+    """Python owns Python (issue 12): decorating and turning a stream into a key
+    happen in agxguard._decorate; the C core has no hook to call them back."""
+    from agxguard import _C, _decorate
+
+    assert not hasattr(_C, "_set_helpers") and not hasattr(_C, "guard")
+    assert "__call__" not in vars(_C.Guard)
+    assert agxguard.guard is _decorate.guard and agxguard._stream_key is _decorate.stream_key
+    assert isinstance(agxguard.guard(), _decorate.Guard) and issubclass(_decorate.Guard, _C.Guard)
+    # the no-stream guard is one shared object; one with a stream is its own
+    assert agxguard.guard() is agxguard.guard() is agxguard.guard(None)
+    g = agxguard.guard(stream=7)
+    assert isinstance(g, agxguard._decorate.Guard) and g is not agxguard.guard(7) and "stream=7" in repr(g)
+    with pytest.raises(TypeError, match="decorates a callable"):
+        agxguard.guard()(42)

@@ -28,8 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C_NAMES = {
     # csrc/python/module.c, wakeup.c
     "Guard", "Lock", "LockTimeout", "LockWaitWarning", "Wakeup", "MODES", "HAVE_OBJC",
-    "guard", "set_mode", "get_mode", "set_throttle", "get_throttle", "set_lock_timeout", "get_lock_timeout",
-    "stats", "reset_stats", "set_thread_stream", "set_stream_resolver", "_set_helpers",
+    "set_mode", "get_mode", "set_throttle", "get_throttle", "set_lock_timeout", "get_lock_timeout",
+    "stats", "reset_stats", "set_thread_stream", "set_stream_resolver",
     "global_lock", "op_lock", "stream_lock", "torch_function", "_set_op_passthrough",
     "_affinity_changed",
     "_capi",  # the C API (csrc/python/capi.h) for agxguard._model; no product Python uses it

@@ -31,6 +31,25 @@ extern _Atomic int agx_heir_seat_on;
  * is free (lock.h: agx_spin_enter); 200 us by default. */
 extern _Atomic int64_t agx_heir_spin_ns;
 
+/* How a Python waiter waits for a lock (measuring: _C._set_region_wait):
+ * WATCH: the heir watches the lock free with the GIL released and tries once it
+ * has the GIL back; GRACE: the same, but a free sighting counts only when the
+ * lock stays free for agx_grace_ns (the releaser did not take it straight back);
+ * DIRECT: take the lock with the GIL released, then wait for the GIL. */
+enum { AGX_WAIT_WATCH = 0, AGX_WAIT_GRACE = 1, AGX_WAIT_DIRECT = 2, AGX_WAIT_COUNT };
+extern _Atomic int agx_region_wait;
+extern _Atomic int64_t agx_grace_ns;
+/* Whether the op lock's heir claims it after CLAIM_NS and CLAIM_PASSES (acquire.c; region
+ * locks never claim); on by default. */
+extern _Atomic int agx_claim_on;
+/* Process-wide tallies of Python lock waits (measuring: _C._wait_counts). */
+typedef struct agx_wait_counts {
+    _Atomic uint64_t gil_trips;      /* the GIL taken back after seeing the lock free */
+    _Atomic uint64_t gil_trips_lost; /* ... and the try then lost */
+    _Atomic uint64_t grace_retaken;  /* free sightings the releaser took back within the grace */
+} agx_wait_counts;
+extern agx_wait_counts agx_wait_counts_now;
+
 /* Take a throttle slot for a caller that holds the GIL; as agx_acquire_py. */
 int agx_throttle_acquire_py(void);
 

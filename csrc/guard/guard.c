@@ -219,6 +219,7 @@ static void add_counters(agx_lock_counters *sum, const agx_lock_counters *c) {
     sum->wait_ns += c->wait_ns;
     sum->hold_ns += c->hold_ns;
     sum->hold_samples += c->hold_samples;
+    sum->handoffs += c->handoffs;
     if (c->max_wait_ns > sum->max_wait_ns) sum->max_wait_ns = c->max_wait_ns;
 }
 

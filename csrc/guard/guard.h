@@ -13,6 +13,7 @@
 #define AGX_GUARD_H
 
 #include "lock.h"
+#include "sem.h"
 
 typedef enum { AGX_MODE_OFF = 0, AGX_MODE_OP, AGX_MODE_STREAM, AGX_MODE_GLOBAL, AGX_MODE_COUNT } agx_mode;
 extern const char *const agx_mode_names[AGX_MODE_COUNT];

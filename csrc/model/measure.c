@@ -9,6 +9,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <string.h>
+
+#include "acquire.h"
 #include "model_capi.h"
 #include "model_module.h"
 #ifdef AGX_HAVE_OBJC
@@ -49,6 +52,58 @@ static PyObject *py_set_heir_spin_us(PyObject *m, PyObject *arg) {
     }
     return PyFloat_FromDouble(
         (double)atomic_exchange(agx_model_capi->heir_spin_ns, (int64_t)(us * 1000.0)) / 1000.0);
+}
+
+/* _set_region_wait(name) -> previous: how Python waiters wait for a lock
+ * ('watch', 'grace', 'direct'; acquire.h). */
+static const char *const region_wait_names[] = {"watch", "grace", "direct"};
+static PyObject *py_set_region_wait(PyObject *m, PyObject *arg) {
+    const char *name = PyUnicode_Check(arg) ? PyUnicode_AsUTF8(arg) : NULL;
+    if (name == NULL) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "region wait must be a str, one of 'watch', 'grace', 'direct'; not %.100s",
+                     Py_TYPE(arg)->tp_name);
+        return NULL;
+    }
+    for (int i = 0; i < 3; i++)
+        if (strcmp(name, region_wait_names[i]) == 0)
+            return PyUnicode_FromString(region_wait_names[atomic_exchange(agx_model_capi->region_wait, i)]);
+    PyErr_Format(PyExc_ValueError, "unknown region wait %R; allowed: 'watch', 'grace', 'direct'", arg);
+    return NULL;
+}
+
+/* _set_grace_us(us) -> previous: the 'grace' wait's grace period. */
+static PyObject *py_set_grace_us(PyObject *m, PyObject *arg) {
+    double us = PyFloat_AsDouble(arg);
+    if (us == -1.0 && PyErr_Occurred()) return NULL;
+    if (!(us >= 0) || us > 1e6) {
+        PyErr_Format(PyExc_ValueError, "grace must be 0 to 1000000 us, not %R", arg);
+        return NULL;
+    }
+    return PyFloat_FromDouble((double)atomic_exchange(agx_model_capi->grace_ns, (int64_t)(us * 1000.0)) / 1000.0);
+}
+
+/* _set_claim(on) -> previous: whether the op lock's heir claims it (acquire.c). */
+static PyObject *py_set_claim(PyObject *m, PyObject *on) {
+    int v = PyObject_IsTrue(on);
+    if (v < 0) return NULL;
+    return PyBool_FromLong(atomic_exchange(agx_model_capi->claim_on, v));
+}
+
+/* _wait_counts(reset=False) -> dict: tallies of Python lock waits (acquire.h). */
+static PyObject *py_wait_counts(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    int reset = nargs > 0 ? PyObject_IsTrue(args[0]) : 0;
+    if (reset < 0) return NULL;
+    agx_wait_counts *c = agx_model_capi->wait_counts;
+    PyObject *d = Py_BuildValue("{s:K,s:K,s:K}", "gil_trips", (unsigned long long)atomic_load(&c->gil_trips),
+                                "gil_trips_lost", (unsigned long long)atomic_load(&c->gil_trips_lost),
+                                "grace_retaken", (unsigned long long)atomic_load(&c->grace_retaken));
+    if (d && reset) {
+        atomic_store(&c->gil_trips, 0);
+        atomic_store(&c->gil_trips_lost, 0);
+        atomic_store(&c->grace_retaken, 0);
+    }
+    return d;
 }
 
 static PyObject *py_usable_cpus(PyObject *m, PyObject *unused) {
@@ -108,6 +163,11 @@ static PyMethodDef measure_methods[] = {
     {"_set_heir_seat", py_set_heir_seat, METH_O, "_set_heir_seat(on) -> previous: the product's heir seat (measuring only)."},
     {"_set_heir_spin_us", py_set_heir_spin_us, METH_O,
      "_set_heir_spin_us(us) -> previous: how long the heir spins (measuring only)."},
+    {"_set_region_wait", py_set_region_wait, METH_O, "_set_region_wait(name) -> previous (measuring only)."},
+    {"_set_claim", py_set_claim, METH_O, "_set_claim(on) -> previous (measuring only)."},
+    {"_set_grace_us", py_set_grace_us, METH_O, "_set_grace_us(us) -> previous (measuring only)."},
+    {"_wait_counts", (PyCFunction)(void (*)(void))py_wait_counts, METH_FASTCALL,
+     "_wait_counts(reset=False) -> tallies of Python lock waits (measuring only)."},
     {"_usable_cpus", py_usable_cpus, METH_NOARGS,
      "_usable_cpus() -> CPUs this thread may use (affinity, capped by a cgroup quota); waits spin\n"
      "only while fewer than this less two threads spin."},

@@ -7,6 +7,7 @@
 #include "acquire.h"
 #include "guard.h"
 #include "lock.h"
+#include "spin.h"
 
 #ifdef AGX_HAVE_OBJC
 #include "discovery.h"
@@ -51,6 +52,10 @@ const agx_capi agx_capi_table = {
     .heir_seat_on = &agx_heir_seat_on,
     .heir_spin_ns = &agx_heir_spin_ns,
     .usable_cpus = agx_usable_cpus,
+    .region_wait = &agx_region_wait,
+    .grace_ns = &agx_grace_ns,
+    .claim_on = &agx_claim_on,
+    .wait_counts = &agx_wait_counts_now,
 #ifdef AGX_HAVE_OBJC
     .hooks_install = agx_hooks_install,
     .hooks_uninstall = agx_hooks_uninstall,

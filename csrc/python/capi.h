@@ -85,6 +85,13 @@ typedef struct agx_capi {
     void (*(*forwarder_make_redirect)(void *(*redirect)(void *self), const char *types, char *why,
                                       size_t whylen))(void);
     void (*swizzle_force_forwarder)(int on);
+    /* ---- how Python waiters wait (acquire.h), for measurements: the wait
+     * ('watch', 'grace', 'direct'), the grace period, the op lock's claim, and
+     * the tallies of GIL trips. */
+    _Atomic int *region_wait;
+    _Atomic int64_t *grace_ns;
+    _Atomic int *claim_on;
+    struct agx_wait_counts *wait_counts;
 } agx_capi;
 
 /* The product's table (capi.c). */

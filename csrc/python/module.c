@@ -12,6 +12,7 @@
 #include "capi.h"
 #include "guard.h"
 #include "module_state.h"
+#include "spin.h"
 
 #ifdef AGX_HAVE_OBJC
 #include "objc_module.h"
@@ -20,9 +21,6 @@
 PyObject *agx_LockTimeout;
 PyObject *agx_LockWaitWarning;
 static PyObject *stream_resolver; /* callable returning the current stream key, or NULL */
-static PyObject *key_function;    /* agxguard.stream_key(obj) -> int, for non-int streams */
-static PyObject *default_region;  /* the Guard that guard() returns */
-static PyObject *decorate;        /* agxguard._decorate(guard, fn) */
 
 /* ---------------------------------------------------------------- keys */
 
@@ -240,25 +238,6 @@ static PyObject *mod_torch_function(PyObject *m, PyObject *const *args, Py_ssize
     return call_in_region(op_site, args[1], nargs > 3 ? args[3] : NULL, nargs > 4 ? args[4] : NULL);
 }
 
-/* guard(fn) decorates fn through agxguard._decorate. */
-static PyObject *Guard_tp_call(GuardObject *self, PyObject *args, PyObject *kw) {
-    PyObject *fn;
-    if (kw && PyDict_GET_SIZE(kw)) {
-        PyErr_SetString(PyExc_TypeError, "a guard decorates one callable and takes no keywords");
-        return NULL;
-    }
-    if (!PyArg_ParseTuple(args, "O:guard", &fn)) return NULL;
-    if (!PyCallable_Check(fn)) {
-        PyErr_Format(PyExc_TypeError, "a guard decorates a callable, not %.100s", Py_TYPE(fn)->tp_name);
-        return NULL;
-    }
-    if (decorate == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "agxguard._C: no decorator factory set");
-        return NULL;
-    }
-    return PyObject_CallFunctionObjArgs(decorate, (PyObject *)self, fn, NULL);
-}
-
 static int Guard_init(GuardObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"stream", "site", NULL};
     PyObject *stream = Py_None;
@@ -299,11 +278,10 @@ static PyTypeObject GuardType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "agxguard._C.Guard",
     .tp_basicsize = sizeof(GuardObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE, /* agxguard._decorate.Guard adds __call__ */
     .tp_doc = "Guard(stream=None, site='region'): a guarded region under the current mode.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Guard_init,
-    .tp_call = (ternaryfunc)Guard_tp_call,
     .tp_repr = (reprfunc)Guard_repr,
     .tp_methods = Guard_methods,
 };
@@ -514,7 +492,8 @@ static PyObject *mod_get_wait(PyObject *m, PyObject *unused) {
 }
 
 static PyObject *counters_dict(const agx_lock_counters *c) {
-    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "hold_samples",
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "handoffs", (unsigned long long)c->handoffs,
+                         "hold_samples",
                          (unsigned long long)c->hold_samples, "acquisitions", (unsigned long long)c->acquisitions,
                          "reentries", (unsigned long long)c->reentries, "contentions",
                          (unsigned long long)c->contentions, "timeouts", (unsigned long long)c->timeouts,
@@ -587,50 +566,6 @@ static PyObject *mod_set_stream_resolver(PyObject *m, PyObject *arg) {
     return old;
 }
 
-/* _set_helpers(decorate, stream_key): Python helpers the C side calls. */
-static PyObject *mod_set_helpers(PyObject *m, PyObject *args) {
-    PyObject *dec, *keyf;
-    if (!PyArg_ParseTuple(args, "OO:_set_helpers", &dec, &keyf)) return NULL;
-    if (!PyCallable_Check(dec) || !PyCallable_Check(keyf)) {
-        PyErr_SetString(PyExc_TypeError, "_set_helpers takes two callables");
-        return NULL;
-    }
-    Py_XSETREF(decorate, Py_NewRef(dec));
-    Py_XSETREF(key_function, Py_NewRef(keyf));
-    Py_RETURN_NONE;
-}
-
-/* guard(stream=None): the shared region Guard, or one bound to a stream. */
-static PyObject *mod_guard(PyObject *m, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
-    PyObject *stream = Py_None;
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (nargs + nkw > 1 || (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "stream") != 0)) {
-        PyErr_SetString(PyExc_TypeError, "guard(stream=None) takes at most one argument, 'stream'");
-        return NULL;
-    }
-    if (nargs + nkw == 1) stream = args[0];
-    if (stream == Py_None) return Py_NewRef(default_region);
-    uint64_t key;
-    if (PyLong_CheckExact(stream)) {
-        if (key_from_object(stream, &key) < 0) return NULL;
-    } else {
-        if (key_function == NULL) {
-            PyErr_SetString(PyExc_RuntimeError, "agxguard._C: no stream key function set");
-            return NULL;
-        }
-        PyObject *k = PyObject_CallOneArg(key_function, stream);
-        if (k == NULL) return NULL;
-        int rc = key_from_object(k, &key);
-        Py_DECREF(k);
-        if (rc < 0) return NULL;
-    }
-    GuardObject *g = PyObject_New(GuardObject, &GuardType);
-    if (g == NULL) return NULL;
-    g->site = AGX_SITE_REGION;
-    g->has_key = 1;
-    g->key = key;
-    return (PyObject *)g;
-}
 
 static PyObject *mod_global_lock(PyObject *m, PyObject *unused) { return new_lock_object(agx_global_lock()); }
 static PyObject *mod_op_lock(PyObject *m, PyObject *unused) { return new_lock_object(agx_op_lock()); }
@@ -653,21 +588,6 @@ static PyMethodDef module_methods[] = {
     {"reset_stats", mod_reset_stats, METH_NOARGS, "Zero every counter."},
     {"set_thread_stream", mod_set_thread_stream, METH_O, "Set this thread's stream key (None clears); returns the previous."},
     {"set_stream_resolver", mod_set_stream_resolver, METH_O, "Callable giving the current stream key; returns the previous."},
-    {"_set_helpers", mod_set_helpers, METH_VARARGS, NULL},
-    {"guard", (PyCFunction)(void (*)(void))mod_guard, METH_FASTCALL | METH_KEYWORDS,
-     "guard(stream=None)\n--\n\n"
-     "A guarded region under the current mode, as a context manager or decorator.\n\n"
-     "global: the one process-wide lock; stream: the lock of `stream`, or of the\n"
-     "caller's current stream (use_stream(), torch's current CUDA stream, else 0);\n"
-     "op/off: no region lock. Re-entrant. With a throttle set, at most N outermost\n"
-     "regions run at once.\n\n"
-     "As a decorator (@guard()), the function's body runs inside the region. On a\n"
-     "generator function, async def or async generator the body runs under the lock\n"
-     "one step at a time: the lock is taken when the body resumes (on the thread that\n"
-     "resumes it) and given back at each yield and each await that suspends, so a\n"
-     "suspended generator or coroutine holds nothing.\n\n"
-     "A thread can only leave a region it entered itself, innermost first\n"
-     "(RuntimeError otherwise)."},
     {"global_lock", mod_global_lock, METH_NOARGS, "The process-wide region lock."},
     {"op_lock", mod_op_lock, METH_NOARGS, "The process-wide op (driver call) lock."},
     {"stream_lock", mod_stream_lock, METH_O, "The lock of a stream key."},
@@ -698,8 +618,6 @@ PyMODINIT_FUNC PyInit__C(void) {
         PyModule_AddObjectRef(m, "Guard", (PyObject *)&GuardType) < 0 ||
         PyModule_AddObjectRef(m, "Lock", (PyObject *)&LockType) < 0 || agx_wakeup_add_to_module(m) < 0)
         goto fail;
-    default_region = PyObject_CallNoArgs((PyObject *)&GuardType);
-    if (default_region == NULL) goto fail;
     op_site = (GuardObject *)PyObject_CallNoArgs((PyObject *)&GuardType);
     if (op_site == NULL) goto fail;
     op_site->site = AGX_SITE_CALL;

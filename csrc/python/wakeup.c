@@ -25,6 +25,8 @@
 #include <math.h>
 
 #include "acquire.h"
+#include "event.h"
+#include "spin.h"
 
 #define GATE_NS (200 * 1000LL)
 

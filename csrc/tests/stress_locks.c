@@ -21,6 +21,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "event.h"
 #include "guard.h"
 
 /* The native wait of acquire.c, without Python. */
