@@ -52,10 +52,12 @@ const agx_capi agx_capi_table = {
     .heir_seat_on = &agx_heir_seat_on,
     .heir_spin_ns = &agx_heir_spin_ns,
     .usable_cpus = agx_usable_cpus,
+#ifndef AGX_CAPI_NO_PYTHON_WAITS /* the static TSan build links no acquire.c (it needs Python) */
     .region_wait = &agx_region_wait,
     .grace_ns = &agx_grace_ns,
     .claim_on = &agx_claim_on,
     .wait_counts = &agx_wait_counts_now,
+#endif
 #ifdef AGX_HAVE_OBJC
     .hooks_install = agx_hooks_install,
     .hooks_uninstall = agx_hooks_uninstall,

@@ -87,7 +87,7 @@ typedef struct agx_capi {
     void (*swizzle_force_forwarder)(int on);
     /* ---- how Python waiters wait (acquire.h), for measurements: the wait
      * ('watch', 'grace', 'direct'), the grace period, the op lock's claim, and
-     * the tallies of GIL trips. */
+     * the tallies of GIL trips. NULL in the static TSan build (no acquire.c). */
     _Atomic int *region_wait;
     _Atomic int64_t *grace_ns;
     _Atomic int *claim_on;

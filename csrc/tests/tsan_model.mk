@@ -13,7 +13,7 @@ TSAN_MODEL_INC = $(patsubst %,-I%,$(filter-out csrc/tests/,$(wildcard csrc/*/)))
 TSAN_CC ?= gcc
 
 csrc/tests/tsan_model.bin: $(TSAN_MODEL_SRC) $(wildcard csrc/*/*.h)
-	$(TSAN_CC) -std=gnu11 -O1 -g -fsanitize=thread -DAGX_HAVE_OBJC=1 -DAGX_HAVE_FFI=1 $(TSAN_MODEL_INC) \
+	$(TSAN_CC) -std=gnu11 -O1 -g -fsanitize=thread -DAGX_HAVE_OBJC=1 -DAGX_HAVE_FFI=1 -DAGX_CAPI_NO_PYTHON_WAITS $(TSAN_MODEL_INC) \
 		$(TSAN_MODEL_SRC) -o $@ -lobjc -lffi -pthread
 
 .PHONY: tsan-model
