@@ -235,11 +235,27 @@ def status() -> Dict[str, Any]:
     (the wait policy), ``config`` (what the environment asked for at import), and the
     driver hooks: driver found ('metal' | 'model' | None), ``installed``, why nothing is
     installed when nothing is, what discovery found, hook counts, image-load watching
-    and the encoder lifecycle counters (see agxguard/hooks.py)."""
+    and the encoder lifecycle counters (see agxguard/hooks.py); ``protects``: what each
+    mode locks in this process (in mode 'op' with no driver hooks, a guard() region takes
+    no lock, and its first one warns)."""
     out: Dict[str, Any] = {"mode": _C.get_mode(), "throttle": _C.get_throttle(),
                            "lock_timeout": _lock_timeout(), "config": _dataclasses.asdict(_env)}
     out.update(_hooks_module.status())
+    out["protects"] = _protects(bool(out.get("installed")))
     return out
+
+
+def _protects(hooked: bool) -> Dict[str, str]:
+    """What each mode locks in this process, given whether the driver hooks are in."""
+    driver = ("each hooked driver call (the AGX encoder methods), under one process-wide lock"
+              if hooked else "no driver call: no driver hooks are installed here (no Metal, or they failed)")
+    return {
+        "off": "nothing (calls are counted)",
+        "op": f"{driver}; inside ops(), each torch op; a guard() region itself takes no lock",
+        "stream": "each guard() region under the lock of its stream" + (
+            "; hooked driver calls under the lock of their queue's stream" if hooked else ""),
+        "global": "each guard() region under one process-wide lock (the seeds' Semaphore(1))",
+    }
 
 
 _hooks_module._install_at_import(_env)

@@ -558,11 +558,11 @@ class Batcher:
         if guard is False or guard is None:
             return None
         if guard is True:
-            # agxguard.guard is the C core's guard(); taken from _C, not from the package,
-            # so that this module does not import the package that imports it
-            from . import _C
+            # agxguard.guard lives in agxguard._decorate; taken from there, not from the
+            # package, so that this module does not import the package that imports it
+            from ._decorate import guard as region_guard
 
-            return _C.guard
+            return region_guard
         if callable(guard):
             return guard
         raise TypeError(f"guard must be True, False or a callable returning a context manager, "

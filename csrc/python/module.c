@@ -16,6 +16,8 @@
 
 #ifdef AGX_HAVE_OBJC
 #include "objc_module.h"
+#include "discovery.h"
+#include "hook_table.h"
 #endif
 
 PyObject *agx_LockTimeout;
@@ -78,9 +80,31 @@ typedef struct {
 /* Enter a region or call site under the nesting rule (guard.h): the mode is
  * the thread's bound mode when it holds locks of nested entries, else the
  * current one; a throttle slot only for a thread's first entry. */
+/* Whether anything below a region is locked in mode 'op': the AGX hook set is
+ * installed (a swizzle engine build with a driver found). Without it, an op-mode
+ * guard() region takes no lock at all (on CPU and CUDA, and on a Mac whose hooks
+ * failed): the first such region warns once, naming the modes that lock regions. */
+static _Atomic int op_region_warned;
+
+static int op_region_check(void) {
+#ifdef AGX_HAVE_OBJC
+    if (agx_hooks_driver() != AGX_DRIVER_NONE) return 0;
+#endif
+    if (atomic_exchange(&op_region_warned, 1)) return 0;
+    return PyErr_WarnEx(PyExc_RuntimeWarning,
+                        "agxguard: this guard() region takes no lock: mode 'op' locks driver calls, and no "
+                        "driver hooks are installed in this process (see agxguard.status()['protects']); "
+                        "set_mode('global') or set_mode('stream') locks regions (this warning is shown once)",
+                        1);
+}
+
 static int region_enter(GuardObject *g) {
     agx_thread_entries *t = agx_entries();
     int mode = agx_entry_mode_in(t);
+    if (mode == AGX_MODE_OP && g->site == AGX_SITE_REGION && !atomic_load_explicit(&op_region_warned,
+                                                                                    memory_order_relaxed) &&
+        op_region_check() < 0)
+        return -1;
     uint64_t key = g->key;
     /* the stream is resolved only where the mode uses it (it may call Python) */
     if (mode == AGX_MODE_STREAM && !g->has_key && current_stream(&key) < 0) return -1;
