@@ -118,3 +118,20 @@ def test_seeds_vs_lab_reads_the_seeds_printed_figures():
                                         "    2 threads: 1200.0 ops/s (1.33x)\n    Scaling: Best: 1.40x at 2 threads\n")
     assert comp == {"small_mlp": {1: 900.5, 2: 1200.0, "best": 1.40}}
     assert "seeds" in run("benchmarks/seeds_vs_lab.py", "--help")
+
+
+def test_every_result_file_is_indexed_and_small():
+    """benchmarks/README.md indexes every file under benchmarks/results/ (issue 12: one
+    current result per benchmark and machine, each findable), and none is over 1 MB."""
+    folder = os.path.join(ROOT, "benchmarks", "results")
+    index = open(os.path.join(ROOT, "benchmarks", "README.md")).read()
+    names = sorted(os.listdir(folder))
+    assert names
+    missing = []
+    for name in names:
+        stem, ext = os.path.splitext(name)
+        # a .json/.png beside a listed .txt is listed as "(+ .json)"; else the file is named
+        if name not in index and not (ext in (".json", ".png") and stem + ".txt" in index):
+            missing.append(name)
+        assert os.path.getsize(os.path.join(folder, name)) <= 1 << 20, name
+    assert not missing, f"not in benchmarks/README.md: {missing}"
