@@ -134,10 +134,14 @@ void agx_entry_enter_native(agx_thread_entries *t, agx_entry *e, int mode, agx_s
 typedef struct agx_held {
     agx_entry entry;
     int throttled;        /* took a throttle slot */
+    const void *owner;    /* who entered it (agx_region_set_owner); identity only */
 } agx_held;
 int agx_region_depth(void);
 int agx_region_push(const agx_held *h); /* -1 when too deep */
-int agx_region_pop(agx_held *out);      /* -1 when empty */
+int agx_region_pop(agx_held *out);      /* -1 when empty (or out of memory on push) */
+/* The innermost open region's owner: set just after a push, read before a pop. */
+void agx_region_set_owner(const void *owner);
+const void *agx_region_owner(void); /* NULL when no region is open */
 
 /* The calling thread's current stream (set by use_stream()). */
 int agx_thread_stream(uint64_t *key);  /* 1 and *key when set */

@@ -16,7 +16,7 @@
 #include <x86intrin.h>
 #endif
 
-static _Thread_local char thread_marker;
+static _Thread_local char thread_marker AGX_TLS_HOT;
 
 uintptr_t agx_thread_id(void) { return (uintptr_t)&thread_marker; }
 

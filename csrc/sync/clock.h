@@ -8,6 +8,18 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
+/* AGX_TLS_HOT marks a small thread-local on a hot path initial-exec: one
+ * fs-relative load instead of a __tls_get_addr call (general-dynamic, the
+ * default in a shared object). glibc keeps a little static TLS spare for
+ * objects loaded with dlopen, so only a few dozen bytes in all may carry it
+ * (today: the thread-id marker and agx_thread_entries, under 40 bytes); big
+ * per-thread state stays general-dynamic. Other platforms: the default. */
+#if defined(__GNUC__) && defined(__linux__) && !defined(AGX_TLS_DEFAULT_MODEL)
+#define AGX_TLS_HOT __attribute__((tls_model("initial-exec")))
+#else
+#define AGX_TLS_HOT
+#endif
+
 /* An id for the calling thread, never 0: the address of a thread-local. It
  * survives fork() for the forking thread, which is what fork safety needs. */
 uintptr_t agx_thread_id(void);
