@@ -116,6 +116,22 @@ agx_admit agx_entry_admit(agx_thread_entries *t, agx_lock *want);
 void agx_entry_push(agx_thread_entries *t, agx_entry *e, int mode, agx_lock *lock);
 /* Undo agx_entry_push: release what it took. LIFO per thread. */
 void agx_entry_pop(agx_entry *e);
+/* agx_entry_push(t, e, mode, NULL) and agx_entry_pop of such an entry, inline:
+ * what every hooked call does in mode off (no lock), without two calls. */
+static inline void agx_entry_push_unlocked(agx_thread_entries *t, agx_entry *e) {
+    e->t = t;
+    e->lock = NULL;
+    e->prev_top = t->top;
+    t->entries++;
+}
+static inline void agx_entry_pop_any(agx_entry *e) {
+    if (e->lock) {
+        agx_entry_pop(e);
+        return;
+    }
+    e->t->entries--;
+    e->t->top = e->prev_top;
+}
 /* How many entries the calling thread has open (0: the next is outermost). */
 int agx_entry_depth(void);
 /* Nested entries that ran under their thread's locks instead of a lock they
