@@ -51,8 +51,9 @@ static _Thread_local struct {
     uint64_t stream;
 } T AGX_TLS_HOT;
 
-/* The thread's entries: every hooked call reads them. */
-static _Thread_local agx_thread_entries E AGX_TLS_HOT;
+/* The thread's entries: every hooked call reads them (guard.h, agx_entries). */
+_Thread_local agx_thread_entries agx_thread_entries_tl AGX_TLS_HOT AGX_HIDDEN;
+#define E agx_thread_entries_tl
 
 static pthread_key_t region_key;
 static pthread_once_t region_key_once = PTHREAD_ONCE_INIT;
@@ -157,8 +158,6 @@ agx_lock *agx_lock_for_mode(int mode, agx_site site, int has_stream, uint64_t st
         return NULL;
     }
 }
-
-agx_thread_entries *agx_entries(void) { return &E; }
 
 int agx_entry_mode(void) { return agx_entry_mode_in(&E); }
 

@@ -93,7 +93,9 @@ typedef struct agx_thread_entries {
     int bound_mode; /* the mode of those locks (valid while locked > 0) */
     agx_lock *top;  /* the highest lock they hold (NULL: none) */
 } agx_thread_entries;
-agx_thread_entries *agx_entries(void);
+/* Inline: one initial-exec TLS address (clock.h, AGX_TLS_HOT), no call. */
+extern _Thread_local agx_thread_entries agx_thread_entries_tl AGX_TLS_HOT AGX_HIDDEN;
+static inline agx_thread_entries *agx_entries(void) { return &agx_thread_entries_tl; }
 
 typedef struct agx_entry {
     agx_thread_entries *t; /* its thread's */
