@@ -100,7 +100,10 @@ static int region_enter(GuardObject *g) {
     if (agx_region_push(&h) < 0) {
         agx_entry_pop(&h.entry);
         if (h.throttled) agx_sem_release(agx_throttle());
-        PyErr_Format(PyExc_RecursionError, "agxguard regions nested deeper than %d", AGX_MAX_REGION_DEPTH);
+        if (agx_region_depth() >= AGX_MAX_REGION_DEPTH)
+            PyErr_Format(PyExc_RecursionError, "agxguard regions nested deeper than %d", AGX_MAX_REGION_DEPTH);
+        else
+            PyErr_NoMemory(); /* the thread's region stack could not be allocated */
         return -1;
     }
     return 0;
