@@ -1,6 +1,7 @@
 /* guard.c: lock domains, modes and the per-thread region stack (see guard.h). */
 #include "guard.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 const char *const agx_mode_names[AGX_MODE_COUNT] = {"off", "op", "stream", "global"};
@@ -34,13 +35,41 @@ static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
 agx_wait_config agx_wait;
 
-static _Thread_local struct {
+/* Per-thread state. The whole module's TLS goes into glibc's static TLS once
+ * any of it is initial-exec (clock.h, AGX_TLS_HOT), and only a few hundred
+ * bytes are spare for dlopen'd objects: so the region stack (about 10 KB) is
+ * behind a pointer, allocated on the thread's first region and freed at its
+ * exit (region_key's destructor), and T itself is a few words. */
+typedef struct thread_regions {
     int depth; /* Python regions */
     agx_held items[AGX_MAX_REGION_DEPTH];
+} thread_regions;
+
+static _Thread_local struct {
+    thread_regions *r; /* NULL until the first region */
     int has_stream;
     uint64_t stream;
-    agx_thread_entries e;
-} T;
+} T AGX_TLS_HOT;
+
+/* The thread's entries: every hooked call reads them (guard.h, agx_entries). */
+_Thread_local agx_thread_entries agx_thread_entries_tl AGX_TLS_HOT AGX_HIDDEN;
+#define E agx_thread_entries_tl
+
+static pthread_key_t region_key;
+static pthread_once_t region_key_once = PTHREAD_ONCE_INIT;
+static void regions_free(void *r) { free(r); }
+static void region_key_make(void) { pthread_key_create(&region_key, regions_free); }
+
+/* The calling thread's region stack, allocated on first use (NULL: out of memory). */
+static thread_regions *regions(void) {
+    if (T.r) return T.r;
+    pthread_once(&region_key_once, region_key_make);
+    thread_regions *r = calloc(1, sizeof *r);
+    if (!r) return NULL;
+    pthread_setspecific(region_key, r);
+    T.r = r;
+    return r;
+}
 
 static void fork_prepare(void) { pthread_mutex_lock(&G.streams_mu); }
 static void fork_parent(void) { pthread_mutex_unlock(&G.streams_mu); }
@@ -52,7 +81,7 @@ static void fork_child(void) {
     for (int i = 0; i < STREAM_SLOTS; i++)
         if (atomic_load(&G.streams[i].ready)) agx_lock_after_fork(&G.streams[i].lock);
     /* only the forking thread survives: its outermost region kept its slot */
-    agx_sem_after_fork(&G.throttle, T.depth > 0 && T.items[0].throttled);
+    agx_sem_after_fork(&G.throttle, T.r && T.r->depth > 0 && T.r->items[0].throttled);
 }
 
 static void init_all(void) {
@@ -130,11 +159,9 @@ agx_lock *agx_lock_for_mode(int mode, agx_site site, int has_stream, uint64_t st
     }
 }
 
-agx_thread_entries *agx_entries(void) { return &T.e; }
+int agx_entry_mode(void) { return agx_entry_mode_in(&E); }
 
-int agx_entry_mode(void) { return agx_entry_mode_in(&T.e); }
-
-int agx_entry_depth(void) { return T.e.entries; }
+int agx_entry_depth(void) { return E.entries; }
 
 uint64_t agx_nesting_skips(void) { return atomic_load_explicit(&G.nesting_skips, memory_order_relaxed); }
 
@@ -187,18 +214,30 @@ void agx_entry_enter_native(agx_thread_entries *t, agx_entry *e, int mode, agx_s
     push(t, e, mode, l);
 }
 
-int agx_region_depth(void) { return T.depth; }
+int agx_region_depth(void) { return T.r ? T.r->depth : 0; }
 
 int agx_region_push(const agx_held *h) {
-    if (T.depth >= AGX_MAX_REGION_DEPTH) return -1;
-    T.items[T.depth++] = *h;
+    thread_regions *r = regions();
+    if (!r || r->depth >= AGX_MAX_REGION_DEPTH) return -1;
+    r->items[r->depth++] = *h;
     return 0;
 }
 
 int agx_region_pop(agx_held *out) {
-    if (T.depth == 0) return -1;
-    *out = T.items[--T.depth];
+    thread_regions *r = T.r;
+    if (!r || r->depth == 0) return -1;
+    *out = r->items[--r->depth];
     return 0;
+}
+
+void agx_region_set_owner(const void *owner) {
+    thread_regions *r = T.r;
+    if (r && r->depth > 0) r->items[r->depth - 1].owner = owner;
+}
+
+const void *agx_region_owner(void) {
+    thread_regions *r = T.r;
+    return r && r->depth > 0 ? r->items[r->depth - 1].owner : NULL;
 }
 
 int agx_thread_stream(uint64_t *key) {

@@ -93,7 +93,9 @@ typedef struct agx_thread_entries {
     int bound_mode; /* the mode of those locks (valid while locked > 0) */
     agx_lock *top;  /* the highest lock they hold (NULL: none) */
 } agx_thread_entries;
-agx_thread_entries *agx_entries(void);
+/* Inline: one initial-exec TLS address (clock.h, AGX_TLS_HOT), no call. */
+extern _Thread_local agx_thread_entries agx_thread_entries_tl AGX_TLS_HOT AGX_HIDDEN;
+static inline agx_thread_entries *agx_entries(void) { return &agx_thread_entries_tl; }
 
 typedef struct agx_entry {
     agx_thread_entries *t; /* its thread's */
@@ -116,6 +118,22 @@ agx_admit agx_entry_admit(agx_thread_entries *t, agx_lock *want);
 void agx_entry_push(agx_thread_entries *t, agx_entry *e, int mode, agx_lock *lock);
 /* Undo agx_entry_push: release what it took. LIFO per thread. */
 void agx_entry_pop(agx_entry *e);
+/* agx_entry_push(t, e, mode, NULL) and agx_entry_pop of such an entry, inline:
+ * what every hooked call does in mode off (no lock), without two calls. */
+static inline void agx_entry_push_unlocked(agx_thread_entries *t, agx_entry *e) {
+    e->t = t;
+    e->lock = NULL;
+    e->prev_top = t->top;
+    t->entries++;
+}
+static inline void agx_entry_pop_any(agx_entry *e) {
+    if (e->lock) {
+        agx_entry_pop(e);
+        return;
+    }
+    e->t->entries--;
+    e->t->top = e->prev_top;
+}
 /* How many entries the calling thread has open (0: the next is outermost). */
 int agx_entry_depth(void);
 /* Nested entries that ran under their thread's locks instead of a lock they
@@ -134,10 +152,14 @@ void agx_entry_enter_native(agx_thread_entries *t, agx_entry *e, int mode, agx_s
 typedef struct agx_held {
     agx_entry entry;
     int throttled;        /* took a throttle slot */
+    const void *owner;    /* who entered it (agx_region_set_owner); identity only */
 } agx_held;
 int agx_region_depth(void);
 int agx_region_push(const agx_held *h); /* -1 when too deep */
-int agx_region_pop(agx_held *out);      /* -1 when empty */
+int agx_region_pop(agx_held *out);      /* -1 when empty (or out of memory on push) */
+/* The innermost open region's owner: set just after a push, read before a pop. */
+void agx_region_set_owner(const void *owner);
+const void *agx_region_owner(void); /* NULL when no region is open */
 
 /* The calling thread's current stream (set by use_stream()). */
 int agx_thread_stream(uint64_t *key);  /* 1 and *key when set */

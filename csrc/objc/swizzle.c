@@ -85,7 +85,7 @@ AGX_SHAPES(AGX_DEFINE_SHAPE_WRAPPERS)
 /* Each shape also gets a probe method (records a digest of its arguments and
  * returns a value made from it) and a caller that checks both, bit for bit. */
 
-static _Thread_local uint64_t agx_probe_seen;
+static _Thread_local uint64_t agx_probe_seen AGX_TLS_HOT;
 
 static inline uint64_t agx_mix(uint64_t h, const void *p, size_t n) {
     const unsigned char *b = p;

@@ -68,6 +68,10 @@ static inline int agx_hook_enter(agx_hook_slot *s, id self, IMP *orig, int *kind
     if (k & AGX_SWZ_NO_LOCK) return 0; /* the completion path: never waits for a mode lock */
     agx_thread_entries *t = agx_entries();
     int mode = agx_entry_mode_in(t);
+    if (mode == AGX_MODE_OFF) { /* no lock: the entry only counts (guard.h, the nesting rule) */
+        agx_entry_push_unlocked(t, e);
+        return 1;
+    }
     uint64_t key = 0;
     int has = mode == AGX_MODE_STREAM && agx_swizzle_stream_of(self, &key); /* only stream mode uses it */
     agx_entry_enter_native(t, e, mode, AGX_SITE_CALL, has, key, (const void *)self);
@@ -75,7 +79,7 @@ static inline int agx_hook_enter(agx_hook_slot *s, id self, IMP *orig, int *kind
 }
 
 static inline void agx_hook_exit(int entered, agx_entry *e) {
-    if (entered) agx_entry_pop(e);
+    if (entered) agx_entry_pop_any(e);
 }
 
 static inline void agx_hook_event(int kind, int phase, id self, uint64_t ret) {

@@ -109,7 +109,7 @@ static int region_enter(GuardObject *g) {
     /* the stream is resolved only where the mode uses it (it may call Python) */
     if (mode == AGX_MODE_STREAM && !g->has_key && current_stream(&key) < 0) return -1;
     agx_lock *lock = agx_lock_for_mode(mode, g->site, 1, key, NULL);
-    agx_held h = {{NULL, NULL, NULL}, 0};
+    agx_held h = {{NULL, NULL, NULL}, 0, NULL};
     if (g->site == AGX_SITE_REGION && t->entries == 0 &&
         atomic_load_explicit(&agx_throttle()->limit, memory_order_relaxed) > 0) {
         if (agx_throttle_acquire_py() < 0) return -1;
@@ -124,7 +124,10 @@ static int region_enter(GuardObject *g) {
     if (agx_region_push(&h) < 0) {
         agx_entry_pop(&h.entry);
         if (h.throttled) agx_sem_release(agx_throttle());
-        PyErr_Format(PyExc_RecursionError, "agxguard regions nested deeper than %d", AGX_MAX_REGION_DEPTH);
+        if (agx_region_depth() >= AGX_MAX_REGION_DEPTH)
+            PyErr_Format(PyExc_RecursionError, "agxguard regions nested deeper than %d", AGX_MAX_REGION_DEPTH);
+        else
+            PyErr_NoMemory(); /* the thread's region stack could not be allocated */
         return -1;
     }
     return 0;
@@ -141,16 +144,12 @@ static int region_exit(void) {
     return 0;
 }
 
-/* Which Guard entered each of this thread's open regions (by depth), so that a
- * thread can only leave a region it entered itself, innermost first: a Guard is
- * shared between threads, and its __exit__ called from a thread that did not
- * enter it must not pop that thread's own region. Identity only, no reference. */
-static _Thread_local const GuardObject *region_entered_by[AGX_MAX_REGION_DEPTH];
-
-static void region_mark(const GuardObject *g) {
-    int depth = agx_region_depth();
-    if (depth > 0 && depth <= AGX_MAX_REGION_DEPTH) region_entered_by[depth - 1] = g;
-}
+/* Which Guard entered each of this thread's open regions (the region's owner,
+ * guard.h), so that a thread can only leave a region it entered itself,
+ * innermost first: a Guard is shared between threads, and its __exit__ called
+ * from a thread that did not enter it must not pop that thread's own region.
+ * Identity only, no reference. */
+static void region_mark(const GuardObject *g) { agx_region_set_owner(g); }
 
 /* 0 if this thread's innermost open region was entered through g; else a RuntimeError. */
 static int region_check_owner(const GuardObject *g) {
@@ -159,7 +158,7 @@ static int region_check_owner(const GuardObject *g) {
         PyErr_SetString(PyExc_RuntimeError, "agxguard: leaving a guarded region that was never entered");
         return -1;
     }
-    if (depth <= AGX_MAX_REGION_DEPTH && region_entered_by[depth - 1] != g) {
+    if (agx_region_owner() != g) {
         PyErr_SetString(PyExc_RuntimeError,
                         "agxguard: this thread did not enter this guard's region: a thread can only leave "
                         "regions it entered itself, innermost first");

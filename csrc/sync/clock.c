@@ -16,9 +16,7 @@
 #include <x86intrin.h>
 #endif
 
-static _Thread_local char thread_marker;
-
-uintptr_t agx_thread_id(void) { return (uintptr_t)&thread_marker; }
+_Thread_local char agx_thread_marker AGX_TLS_HOT AGX_HIDDEN;
 
 int64_t agx_now_ns(void) {
     struct timespec ts;

@@ -8,9 +8,31 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
+/* AGX_TLS_HOT marks a small thread-local on a hot path initial-exec: one
+ * fs-relative load instead of a __tls_get_addr call (general-dynamic, the
+ * default in a shared object). glibc keeps a little static TLS spare for
+ * objects loaded with dlopen, so only a few dozen bytes in all may carry it
+ * (today: the thread-id marker and agx_thread_entries, under 40 bytes); big
+ * per-thread state stays general-dynamic. Other platforms: the default. */
+#if defined(__GNUC__) && defined(__linux__) && !defined(AGX_TLS_DEFAULT_MODEL)
+#define AGX_TLS_HOT __attribute__((tls_model("initial-exec")))
+#else
+#define AGX_TLS_HOT
+#endif
+
+/* AGX_HIDDEN: a symbol shared between agxguard's own sources only (not
+ * exported from the extension), so its thread-locals stay module-local. */
+#if defined(__GNUC__)
+#define AGX_HIDDEN __attribute__((visibility("hidden")))
+#else
+#define AGX_HIDDEN
+#endif
+
 /* An id for the calling thread, never 0: the address of a thread-local. It
- * survives fork() for the forking thread, which is what fork safety needs. */
-uintptr_t agx_thread_id(void);
+ * survives fork() for the forking thread, which is what fork safety needs.
+ * Inline: every lock acquire and release asks for it. */
+extern _Thread_local char agx_thread_marker AGX_TLS_HOT AGX_HIDDEN;
+static inline uintptr_t agx_thread_id(void) { return (uintptr_t)&agx_thread_marker; }
 
 /* Monotonic time in nanoseconds (slow path only). */
 int64_t agx_now_ns(void);

@@ -80,9 +80,9 @@ static int read_usable_cpus(void) {
  * changes made elsewhere, after AFFINITY_TTL_NS. */
 #define AFFINITY_TTL_NS (100 * 1000000LL)
 static _Atomic unsigned affinity_gen;
-static _Thread_local int tl_cpus;
-static _Thread_local unsigned tl_gen;
-static _Thread_local int64_t tl_read_at;
+static _Thread_local int tl_cpus AGX_TLS_HOT;
+static _Thread_local unsigned tl_gen AGX_TLS_HOT;
+static _Thread_local int64_t tl_read_at AGX_TLS_HOT;
 
 void agx_affinity_changed(void) { atomic_fetch_add(&affinity_gen, 1); }
 
