@@ -317,8 +317,6 @@ def clip(text: str, head: int = _HEAD_CHARS, tail: int = _TAIL_CHARS) -> str:
     return f"{h}[... {len(text) - len(h) - len(t)} characters cut ...]\n{t}"
 
 
-_tail = clip
-
 
 def run_cases(target: Union[str, Callable], cases: Sequence[Dict[str, Any]], *,
               timeout: float = 300.0, startup_timeout: float = 120.0, retries: int = 0,
@@ -421,7 +419,7 @@ def _run_one_child(name, items, records, workdir, env, cwd, timeout, startup_tim
             victim = next(it["index"] for it in items if it["index"] not in attempted)
         if victim is not None:
             attempt = Attempt(outcome="failed", returncode=rc, duration_s=duration,
-                              pid=child.proc.pid, stderr_tail=_tail(output),
+                              pid=child.proc.pid, stderr_tail=clip(output),
                               last_words=abort_message(output))  # from the whole output: the stack
                                                                 # dump after them can outgrow the tail
             if hung:
@@ -443,7 +441,7 @@ def _run_one_child(name, items, records, workdir, env, cwd, timeout, startup_tim
             # Every case finished but the process then died (teardown crash): keep it.
             last = records[finished_order[-1]]
             last.attempts[-1].child_exit = (signal_name(-rc) if rc < 0 else "exit status %d" % rc)
-            last.attempts[-1].stderr_tail = _tail(output)
+            last.attempts[-1].stderr_tail = clip(output)
             if on_attempt is not None:
                 on_attempt(last, last.attempts[-1])
     finally:

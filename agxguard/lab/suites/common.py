@@ -96,6 +96,19 @@ def parse_floor(value: Any) -> float:
     return 0.0 if v is None else float(v)
 
 
+def parse_run_options(threads: Any, iterations: Any, duration: Any, min_sample_s: Any, min_requests: Any,
+                      repeats: Any, torch_threads: Any, retries: Any) -> Dict[str, Any]:
+    """The options every suite takes, checked (a bad value raises ValueError naming it)."""
+    return {"threads": parse_threads(threads),
+            "iterations": parse_positive("iterations", iterations),
+            "duration": parse_positive("duration", duration, integer=False),
+            "min_sample_s": parse_floor(min_sample_s),
+            "min_requests": parse_positive("min_requests", min_requests),
+            "repeats": parse_positive("repeats", repeats),
+            "torch_threads": parse_positive("torch_threads", torch_threads),
+            "retries": parse_positive("retries", retries, allow_zero=True)}
+
+
 def backend_options(device: str, model_options: Optional[Dict[str, Any]],
                     torch_threads: Optional[int]) -> Optional[Dict[str, Any]]:
     """What the child's backend is built with: the driver model's options, or on a torch

@@ -119,15 +119,11 @@ def comprehensive(device: Optional[str] = None, mode: Any = "all", *,
     chapters = common.parse_choice("chapter", chapter, CHAPTERS)
     names = common.parse_choice("workload", workloads if workloads is not None else DEFAULT_WORKLOADS,
                                 WORKLOADS)
-    thread_counts = common.parse_threads(threads)
-    iterations = common.parse_positive("iterations", iterations)
-    duration = common.parse_positive("duration", duration, integer=False)
+    o = common.parse_run_options(threads, iterations, duration, min_sample_s, min_requests, repeats,
+                                 torch_threads, retries)
     stress = common.parse_positive("stress_s", stress_s, integer=False)
-    floor = common.parse_floor(min_sample_s)
-    min_requests = common.parse_positive("min_requests", min_requests)
-    repeats = common.parse_positive("repeats", repeats)
-    torch_threads = common.parse_positive("torch_threads", torch_threads)
-    retries = common.parse_positive("retries", retries, allow_zero=True)
+    thread_counts, iterations, duration, floor = o["threads"], o["iterations"], o["duration"], o["min_sample_s"]
+    min_requests, repeats, torch_threads, retries = o["min_requests"], o["repeats"], o["torch_threads"], o["retries"]
     options = {"chapter": chapters, "workloads": names, "threads": thread_counts,
                "iterations": iterations or {w: default_iterations(device, w) for w in names},
                "stress_s": stress, "duration": duration, "min_sample_s": floor,

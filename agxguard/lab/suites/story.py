@@ -134,14 +134,10 @@ def story(device: Optional[str] = None, mode: Any = "all", *,
     device = common.resolve_device(device)
     modes = common.parse_modes(mode)
     chapters = common.parse_choice("chapter", chapter, CHAPTERS)
-    thread_counts = common.parse_threads(threads)
-    iterations = common.parse_positive("iterations", iterations)
-    duration = common.parse_positive("duration", duration, integer=False)
-    floor = common.parse_floor(min_sample_s)
-    min_requests = common.parse_positive("min_requests", min_requests)
-    repeats = common.parse_positive("repeats", repeats)
-    torch_threads = common.parse_positive("torch_threads", torch_threads)
-    retries = common.parse_positive("retries", retries, allow_zero=True)
+    o = common.parse_run_options(threads, iterations, duration, min_sample_s, min_requests, repeats,
+                                 torch_threads, retries)
+    thread_counts, iterations, duration, floor = o["threads"], o["iterations"], o["duration"], o["min_sample_s"]
+    min_requests, repeats, torch_threads, retries = o["min_requests"], o["repeats"], o["torch_threads"], o["retries"]
     options = {"chapter": chapters, "threads": thread_counts,
                "iterations": iterations or {c: default_iterations(device, c) for c in chapters},
                "duration": duration, "min_sample_s": floor, "min_requests": min_requests,
