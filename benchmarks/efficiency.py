@@ -94,6 +94,8 @@ CONFIGS = THREAD_CONFIGS + BATCHER_CONFIGS + ("offline",)
 GLOBAL_WAITS = ("watch", "grace", "direct")
 GLOBAL_MODIFIERS = ("noseat", "noclaim", "nospin")
 PATTERNS = ("seeds", "server")
+# the configs --slice interleaves: their worker threads hold the same context (the stream)
+INTERLEAVABLE = ("free", "lock", "semaphore2", "stream", "global")
 
 
 def split_workload(w: str) -> tuple:
@@ -171,6 +173,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="run the Batcher's batches inside agxguard.guard() in this mode")
     p.add_argument("--streams", choices=("auto", "per-thread", "shared"), default="auto",
                    help="per-thread streams (auto: cuda and cpu) or all threads on one")
+    p.add_argument("--slice", type=float, default=None, metavar="SECONDS",
+                   help="interleave: one pool of threads runs the thread configs (free, lock, "
+                        "semaphore2, stream, global, global@...) in turn, SECONDS each, --repeats "
+                        "rounds, the order reversed every other round; each round's ratios compare "
+                        "slices measured seconds apart, so a machine whose speed drifts (shared "
+                        "hosts) moves both sides of a ratio alike")
     p.add_argument("--json", default=None, help="output path (default benchmarks/results/efficiency_<device>.json)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     p.add_argument("--quick", action="store_true", help="short run: threads 1,8, 0.25 s per point")
@@ -195,6 +203,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         a.duration = 0.25 if a.quick else 1.0
     if a.warmup is None:
         a.warmup = 1 if a.quick else 3
+    if a.slice is not None and a.slice <= 0:
+        p.error(f"--slice must be > 0 seconds, not {a.slice}")
     if a.duration <= 0 or (a.iterations is not None and a.iterations < 1) or a.warmup < 0 or a.repeats < 1:
         p.error("--duration must be > 0, --iterations >= 1, --warmup >= 0, --repeats >= 1")
     a.workloads = [w.strip() for w in a.workloads.split(",") if w.strip()]
@@ -232,10 +242,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 class Measurement:
     """What one point of the run produced: counts, wall time, per-request latencies."""
 
-    def __init__(self, requests: int, elapsed: float, latencies: List[float]):
+    def __init__(self, requests: int, elapsed: float, latencies: List[float],
+                 per_thread: Optional[List[int]] = None):
         self.requests = requests
         self.elapsed = elapsed
         self.latencies = latencies
+        self.per_thread = per_thread or []  # requests each thread completed
 
     @property
     def throughput(self) -> float:
@@ -307,7 +319,7 @@ def run_threads(n: int, make_step: Callable[[int], Callable[[], Any]],
         raise errors[0]
     elapsed = max(ends) - t_start
     latencies = [v for lat in lats for v in lat]
-    return Measurement(sum(counts) * requests_per_step, elapsed, latencies)
+    return Measurement(sum(counts) * requests_per_step, elapsed, latencies, list(counts))
 
 
 class Bench:
@@ -494,7 +506,103 @@ class Bench:
                 b.close()
             threads, batch = n, 1
         return dict(requests=m.requests, elapsed_s=m.elapsed, throughput=m.throughput,
-                    threads=threads, batch=batch, latencies=m.latencies, **extra)
+                    threads=threads, batch=batch, latencies=m.latencies, per_thread=m.per_thread, **extra)
+
+    def measure_interleaved(self, configs: List[str], n: int, rounds: int,
+                            on_slice: Callable[[int, str, Dict[str, Any]], None]) -> Dict[str, List[Dict[str, Any]]]:
+        """--slice: n threads, built once, run every config in ``configs`` for one slice
+        in turn, ``rounds`` times (odd rounds in reverse order). Returns each config's
+        slices in round order, shaped as measure()'s results."""
+        self._lock = threading.Lock()
+        self._semaphore = threading.Semaphore(2)
+        slice_s = self.opts.slice
+        start, end = threading.Barrier(n + 1), threading.Barrier(n + 1)
+        stop = threading.Event()
+        state: Dict[str, Any] = {"config": None, "quit": False}
+        counts = [0] * n
+        lats: List[List[float]] = [[] for _ in range(n)]
+        errors: List[BaseException] = []
+
+        def worker(i: int) -> None:
+            try:
+                with self.thread_context(i, configs[0]):  # the same for every interleavable config
+                    steps = {c: self.make_step(i, c) for c in configs}
+                    while True:
+                        start.wait()
+                        if state["quit"]:
+                            return
+                        step, lat, pc = steps[state["config"]], lats[i], time.perf_counter
+                        k = 0
+                        for _ in range(self.opts.warmup if state.get("warm") else 0):
+                            step()
+                        while not stop.is_set():
+                            t0 = pc()
+                            step()
+                            lat.append(pc() - t0)
+                            k += 1
+                        counts[i] = k
+                        end.wait()
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+                start.abort()
+                end.abort()
+
+        def run_slice(config: str, warm: bool) -> Dict[str, Any]:
+            variant = config.partition("@")[2]
+            if agxguard is not None:
+                agxguard.set_mode(base_config(config) if base_config(config) in MODE_CONFIGS else "off")
+                set_variant(variant or None)
+            state.update(config=config, warm=warm)
+            for i in range(n):
+                counts[i] = 0
+                lats[i] = []
+            stop.clear()
+            start.wait()
+            if agxguard is not None:
+                agxguard.reset_stats()
+                wait_counts(True)
+            t0 = time.perf_counter()
+            time.sleep(self.opts.duration if warm else slice_s)
+            stop.set()
+            end.wait()
+            elapsed = time.perf_counter() - t0
+            r: Dict[str, Any] = dict(requests=sum(counts), elapsed_s=elapsed, throughput=sum(counts) / elapsed,
+                                     threads=n, batch=1, latencies=[v for lat in lats for v in lat],
+                                     per_thread=list(counts))
+            if agxguard is not None and base_config(config) == "global":
+                g = agxguard.stats()["domains"]["global"]
+                r["lock_stats"] = dict(handoffs=g.get("handoffs"), acquisitions=g["acquisitions"],
+                                       contentions=g["contentions"], **(wait_counts(False) or {}))
+            return r
+
+        threads = [threading.Thread(target=worker, args=(i,), name=f"bench-{i}") for i in range(n)]
+        for t in threads:
+            t.start()
+        out: Dict[str, List[Dict[str, Any]]] = {c: [] for c in configs}
+        try:
+            for c in configs:  # untimed: warm every config up once
+                run_slice(c, warm=True)
+            for rnd in range(rounds):
+                for c in (configs if rnd % 2 == 0 else configs[::-1]):
+                    r = run_slice(c, warm=False)
+                    out[c].append(r)
+                    on_slice(rnd, c, r)
+        except threading.BrokenBarrierError:
+            pass
+        finally:
+            state["quit"] = True
+            stop.set()
+            try:
+                start.wait(timeout=5)
+            except threading.BrokenBarrierError:
+                pass
+            for t in threads:
+                t.join()
+            if agxguard is not None:
+                set_variant(None)
+        if errors:
+            raise errors[0]
+        return out
 
     def close(self) -> None:
         del self.models, self.inputs, self.batched_inputs
@@ -562,35 +670,59 @@ def run_workload(name: str, opts: argparse.Namespace, progress: Dict[str, int]) 
     log(f"{name}: {describe(name)}; building {max_threads} model(s) on {opts.torch_device}")
     bench = Bench(name, opts, max_threads)
     runs: Dict[tuple, List[Dict[str, Any]]] = {}
+
+    def note(c: str, n: int, r: Dict[str, Any]) -> None:
+        progress["done"] += 1
+        tag = f"[{progress['done']}/{progress['total']}] {name} {c} N={n}"
+        runs.setdefault((c, n), []).append(r)
+        if "error" in r:
+            log(f"{tag}: ERROR {r['error']}")
+            return
+        extra = ""
+        if "lock_stats" in r:
+            ls = r["lock_stats"]
+            extra = (f", handoffs {ls['handoffs']}/{ls['acquisitions']}, contended "
+                     f"{ls['contentions']}, gil trips {ls.get('gil_trips')} "
+                     f"(lost {ls.get('gil_trips_lost')}), grace retaken {ls.get('grace_retaken')}")
+        if "batcher" in r:
+            st = r["batcher"]
+            extra = (f", mean batch {st['mean_batch_size'] or 0:.2f}, "
+                     f"p50 {1000 * (percentile(r['latencies'], 50) or 0):.2f} ms, "
+                     f"p99 {1000 * (percentile(r['latencies'], 99) or 0):.2f} ms")
+        if len(r.get("per_thread") or []) > 1 and r["requests"]:
+            extra += f", busiest thread {100 * max(r['per_thread']) / sum(r['per_thread']):.0f}%"
+        log(f"{tag}: {r['throughput']:,.0f} req/s ({r['requests']} in {r['elapsed_s']:.2f} s{extra})")
+
     try:
+        if opts.slice is not None:  # the thread configs interleaved, one pool of threads per N
+            for n in sorted({n for c, n in points}):
+                group = [c for c, m in points if m == n and base_config(c) in INTERLEAVABLE and c not in skipped]
+                if not group:
+                    continue
+                try:
+                    bench.measure_interleaved(group, n, opts.repeats, lambda rnd, c, r, n=n: note(c, n, r))
+                except Exception as exc:  # keep the other results
+                    for c in group:
+                        runs[(c, n)] = [{"error": f"{type(exc).__name__}: {exc}"}]
+                    log(f"{name} interleaved N={n}: ERROR {type(exc).__name__}: {exc}")
+            points_left = [(c, n) for c, n in points if (c, n) not in runs]
+        else:
+            points_left = points
         for rep in range(opts.repeats):
-            for c, n in points:
-                progress["done"] += 1
-                tag = f"[{progress['done']}/{progress['total']}] {name} {c} N={n}"
+            # odd repeats run the points in reverse, so no config always follows another
+            for c, n in (points_left if rep % 2 == 0 else points_left[::-1]):
                 if c in skipped:
-                    log(f"{tag}: skipped ({skipped[c]})")
+                    progress["done"] += 1
+                    log(f"[{progress['done']}/{progress['total']}] {name} {c} N={n}: skipped ({skipped[c]})")
                     continue
                 if rep > 0 and runs.get((c, n)) and "error" in runs[(c, n)][0]:
+                    progress["done"] += 1
                     continue
                 try:
                     r = bench.measure(c, n)
                 except Exception as exc:  # keep the other results
                     r = {"error": f"{type(exc).__name__}: {exc}"}
-                    log(f"{tag}: ERROR {r['error']}")
-                else:
-                    extra = ""
-                    if "lock_stats" in r:
-                        ls = r["lock_stats"]
-                        extra = (f", handoffs {ls['handoffs']}/{ls['acquisitions']}, contended "
-                                 f"{ls['contentions']}, gil trips {ls.get('gil_trips')} "
-                                 f"(lost {ls.get('gil_trips_lost')}), grace retaken {ls.get('grace_retaken')}")
-                    if "batcher" in r:
-                        st = r["batcher"]
-                        extra = (f", mean batch {st['mean_batch_size'] or 0:.2f}, "
-                                 f"p50 {1000 * (percentile(r['latencies'], 50) or 0):.2f} ms, "
-                                 f"p99 {1000 * (percentile(r['latencies'], 99) or 0):.2f} ms")
-                    log(f"{tag}: {r['throughput']:,.0f} req/s ({r['requests']} in {r['elapsed_s']:.2f} s{extra})")
-                runs.setdefault((c, n), []).append(r)
+                note(c, n, r)
     finally:
         bench.close()
         if agxguard is not None:
@@ -709,8 +841,35 @@ def evaluate_targets(rows: List[Dict[str, Any]], opts: argparse.Namespace) -> Li
                 r = statistics.median(runs)
                 t.update(ratio=r, ratio_runs=runs, ratio_min=min(runs), ratio_max=max(runs),
                          result="PASS" if r >= ratio else "FAIL")
+                # the ratio of the totals (all requests over all time, each side) and its
+                # 95% bootstrap interval over the rounds: robust where single rounds swing
+                aq, ae = find(rows, workload, config, n, "requests_runs"), find(rows, workload, config, n, "elapsed_s_runs")
+                bq, be = find(rows, workload, ref, n, "requests_runs"), find(rows, workload, ref, n, "elapsed_s_runs")
+                if aq and bq and len(aq) == len(bq) and len(aq) > 1:
+                    t.update(total_ratio=total_ratio(aq, ae, bq, be),
+                             total_ratio_ci95=bootstrap_ci(aq, ae, bq, be))
             out.append(t)
     return out
+
+
+def total_ratio(aq: List[int], ae: List[float], bq: List[int], be: List[float]) -> float:
+    """(sum aq / sum ae) / (sum bq / sum be): the two configs' throughputs over all rounds."""
+    return (sum(aq) / sum(ae)) / (sum(bq) / sum(be))
+
+
+def bootstrap_ci(aq: List[int], ae: List[float], bq: List[int], be: List[float],
+                 resamples: int = 2000, seed: int = 12) -> List[float]:
+    """95% interval of total_ratio, resampling rounds (each round keeps its pair together)."""
+    import random
+
+    rng = random.Random(seed)
+    k = len(aq)
+    out = []
+    for _ in range(resamples):
+        idx = [rng.randrange(k) for _ in range(k)]
+        out.append(total_ratio([aq[i] for i in idx], [ae[i] for i in idx], [bq[i] for i in idx], [be[i] for i in idx]))
+    out.sort()
+    return [out[int(0.025 * resamples)], out[int(0.975 * resamples) - 1]]
 
 
 def label(config: str) -> str:
@@ -765,7 +924,7 @@ def print_table(rows: List[Dict[str, Any]], opts: argparse.Namespace, info: Dict
 def print_targets(targets: List[Dict[str, Any]], opts: argparse.Namespace) -> None:
     n = max(opts.threads)
     log("")
-    log(f"Targets (issue 6) at {n} threads" +
+    log(f"Targets at {n} threads (global vs lock: issue 12; the others: issue 6)" +
         ("" if n == TARGET_N else f" (the issue states them at {TARGET_N}; this run's largest N is {n})") + ":")
     for t in targets:
         what = f"{label(t['config'])} >= {t['min_ratio']:.2f}x {label(t['reference'])}"
@@ -774,8 +933,10 @@ def print_targets(targets: List[Dict[str, Any]], opts: argparse.Namespace) -> No
         else:
             spread = (f" [{t['ratio_min']:.2f}-{t['ratio_max']:.2f} over {len(t['ratio_runs'])}]"
                       if len(t.get("ratio_runs", [])) > 1 else "")
+            total = (f"; totals {t['total_ratio']:.3f}x, 95% CI {t['total_ratio_ci95'][0]:.3f}-"
+                     f"{t['total_ratio_ci95'][1]:.3f}" if t.get("total_ratio") else "")
             log(f"  {t['result']:<5} {t['workload']:<18} {what}: {t['ratio']:.2f}x{spread} "
-                f"({t['throughput']:,.0f} vs {t['reference_throughput']:,.0f} req/s)")
+                f"({t['throughput']:,.0f} vs {t['reference_throughput']:,.0f} req/s{total})")
     passed = sum(t["result"] == "PASS" for t in targets)
     failed = sum(t["result"] == "FAIL" for t in targets)
     log(f"  {passed} passed, {failed} failed, {len(targets) - passed - failed} not measured")
