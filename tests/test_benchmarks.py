@@ -33,7 +33,7 @@ def test_efficiency_runs_every_config_and_writes_json(tmp_path):
     assert all(r["throughput"] > 0 for r in report["results"] if "throughput" in r)
     nospin = [r for r in report["results"] if r["config"] == "batcher_nospin"]
     assert nospin and all(r["batcher"]["spin_us"] == 0 for r in nospin)
-    assert "Targets (issue 6)" in text
+    assert "Targets at 2 threads" in text
 
 
 def test_efficiency_runs_the_server_pattern_and_global_variants(tmp_path):
@@ -50,6 +50,32 @@ def test_efficiency_runs_the_server_pattern_and_global_variants(tmp_path):
     assert set(targets) == {"global", "global@grace+noclaim", "global@direct"}
     assert all(len(t["ratio_runs"]) == 2 and t["ratio_min"] <= t["ratio"] <= t["ratio_max"] for t in targets.values())
     assert "server pattern" in text
+
+
+def test_efficiency_interleaves_slices_in_one_pool(tmp_path):
+    """--slice: every thread config measured once per round, rounds paired, the
+    per-thread counts kept, the ratio of totals with its bootstrap interval."""
+    out = tmp_path / "eff.json"
+    text = run("benchmarks/efficiency.py", "--device", "cpu", "--workloads", "small_mlp@server",
+               "--configs", "lock,global,offline", "--threads", "3", "--duration", "0.05", "--slice", "0.05",
+               "--warmup", "1", "--repeats", "3", "--json", str(out), "--no-plot")
+    report = json.loads(out.read_text())
+    rows = {r["config"]: r for r in report["results"]}
+    assert set(rows) == {"lock", "global", "offline"}
+    assert all(len(rows[c]["throughput_runs"]) == 3 for c in rows)
+    (t,) = [t for t in report["targets"] if t["config"] == "global"]
+    lo, hi = t["total_ratio_ci95"]
+    assert lo <= t["total_ratio"] <= hi and len(t["ratio_runs"]) == 3
+    assert text.count("small_mlp@server lock N=3") == 3 and "busiest thread" in text
+    bad = subprocess.run([sys.executable, "benchmarks/efficiency.py", "--slice", "0"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--slice must be > 0 seconds, not 0.0" in bad.stderr
+
+
+def test_host_noise_reports_every_cpu():
+    text = run("benchmarks/host_noise.py", "--device", "cpu", "--sample", "0.02", "--rounds", "2")
+    assert "median max/min of one CPU's samples" in text
+    assert len([ln for ln in text.splitlines() if re.match(r"^\d+\s", ln)]) == len(os.sched_getaffinity(0))
 
 
 def test_efficiency_rejects_an_unknown_config():
