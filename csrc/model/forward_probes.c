@@ -15,8 +15,9 @@
  *
  * AGXForwardRefuse has methods the forwarder must refuse (a union, a
  * bit-field, an array argument, an opaque struct, _Complex, an unknown type
- * code). AGXForwardBench{Typed,Ffi,Plain} share one cheap method of a shape
- * that has a typed wrapper, for benchmarks/forwarder.py. */
+ * code). AGXForwardBench{Typed,Ffi,Libffi,Plain} share one cheap method of a
+ * shape that has a typed wrapper, for benchmarks/forwarder.py (Ffi: the
+ * forwarder's trampoline, Libffi: its libffi closure). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -388,7 +389,8 @@ static void fp_bench_copy(id self, SEL cmd, id buf, uint64_t off, uint64_t row, 
 }
 #define FP_BENCH_COPY "benchCopy:sourceOffset:sourceBytesPerRow:sourceBytesPerImage:sourceSize:toTexture:" \
                       "destinationSlice:destinationLevel:destinationOrigin:"
-static const char *const fp_bench_classes[] = {"AGXForwardBenchPlain", "AGXForwardBenchTyped", "AGXForwardBenchFfi"};
+static const char *const fp_bench_classes[] = {"AGXForwardBenchPlain", "AGXForwardBenchTyped", "AGXForwardBenchFfi",
+                                               "AGXForwardBenchLibffi"};
 
 /* Make (once) the probe, refusal and benchmark classes; 0, or -1 with a Python error. */
 static int fp_classes(void) {
@@ -568,7 +570,8 @@ static PyObject *py_forward_bench(PyObject *self, PyObject *args) {
         known |= c && !strcmp(cls_name, fp_bench_classes[i]);
     if (!known) {
         PyErr_Format(PyExc_ValueError, "forward_bench: class %s is not one of AGXForwardBenchPlain, "
-                                       "AGXForwardBenchTyped, AGXForwardBenchFfi", cls_name);
+                                       "AGXForwardBenchTyped, AGXForwardBenchFfi, AGXForwardBenchLibffi",
+                     cls_name);
         return NULL;
     }
     if (calls < 1) {
@@ -598,7 +601,30 @@ static PyObject *py_forward_bench(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(ns / (double)calls);
 }
 
+/* The first n bytes of the code of -[class selector] as the class now
+ * dispatches it (tests/test_forwarder.py recognizes the forwarder's stubs). */
+static PyObject *py_forward_imp_code(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *cls_name, *selector;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "ssn:forward_imp_code", &cls_name, &selector, &n)) return NULL;
+    if (n < 1 || n > 64) {
+        PyErr_Format(PyExc_ValueError, "forward_imp_code: n=%zd, must be 1..64", n);
+        return NULL;
+    }
+    if (fp_classes() < 0) return NULL;
+    Class c = objc_getClass(cls_name);
+    Method m = c ? class_getInstanceMethod(c, sel_registerName(selector)) : NULL;
+    if (!m) {
+        PyErr_Format(PyExc_ValueError, "forward_imp_code: no instance method -[%s %s]", cls_name, selector);
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)(uintptr_t)method_getImplementation(m), n);
+}
+
 static PyMethodDef fp_methods[] = {
+    {"forward_imp_code", py_forward_imp_code, METH_VARARGS,
+     "forward_imp_code(class_name, selector, n) -> the first n (1..64) bytes of the method's implementation."},
     {"forward_probes", py_forward_probes, METH_NOARGS,
      "forward_probes() -> [(selector, type_encoding)] of class AGXForwardProbe (the forwarder's test signatures)."},
     {"forward_probe_call", py_forward_probe_call, METH_VARARGS,

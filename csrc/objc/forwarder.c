@@ -333,16 +333,8 @@ static uint64_t fwd_stack_bound(const agx_fwd *g) {
     return (n + 15) & ~(uint64_t)15;
 }
 
-/* The libffi closure instead of the trampoline: AGXGUARD_FORWARDER=libffi
- * (for comparing the two; read at each install). */
-static int fwd_want_tramp(void) {
-    const char *v = getenv("AGXGUARD_FORWARDER");
-    return !v || strcmp(v, "libffi") != 0;
-}
-
 /* A stub for g, or NULL (then g gets a libffi closure). */
 static IMP fwd_tramp_make(agx_fwd *g) {
-    if (!fwd_want_tramp()) return NULL;
     g->stack_bytes = fwd_stack_bound(g);
     if (g->stack_bytes > AGX_FWD_TRAMP_MAX_STACK) return NULL;
     g->x87 = (uint64_t)fwd_x87_return(g->ret);
@@ -380,6 +372,15 @@ void agx_fwd_exit(agx_fwd_call *c) {
 }
 #endif
 
+/* How hooked methods are forwarded, from AGXGUARD_FORWARDER (read at each
+ * install, for comparing the two): 1 the trampoline where there is one (unset,
+ * empty or "trampoline"), 0 libffi's closure ("libffi"), -1 another value. */
+static int fwd_path(void) {
+    const char *v = getenv("AGXGUARD_FORWARDER");
+    if (!v || !*v || !strcmp(v, "trampoline")) return 1;
+    return strcmp(v, "libffi") == 0 ? 0 : -1;
+}
+
 int agx_forwarder_available(void) { return 1; }
 
 int agx_forwarder_check(const char *types, char *why, size_t whylen) {
@@ -405,8 +406,15 @@ static IMP fwd_make(struct agx_hook_slot *slot, void *(*redirect)(void *), const
     void *code = NULL;
     g->slot = slot;
     g->redirect = redirect;
+    int path = slot ? fwd_path() : 0;
+    if (path < 0) {
+        snprintf(why, whylen, "AGXGUARD_FORWARDER=%.40s is not one of trampoline, libffi (unset: trampoline)",
+                 getenv("AGXGUARD_FORWARDER"));
+        fwd_free(g);
+        return NULL;
+    }
 #if AGX_FWD_TRAMP
-    if (slot) {
+    if (path == 1) {
         IMP stub = fwd_tramp_make(g);
         if (stub) return stub; /* g lives as long as the process, like the slot */
     }
