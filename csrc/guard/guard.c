@@ -31,6 +31,8 @@ static struct {
     agx_sem throttle;
 } G;
 
+agx_lock *const agx_op_lock_p = &G.op;
+
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
 agx_wait_config agx_wait;
