@@ -165,6 +165,30 @@ static uint8_t f_u8(void *s, void *c, uint8_t a) {
     return (uint8_t)(seen | 1);
 }
 
+/* Unwinding through the trampoline (its CFI), where glibc's unwinder is: a
+ * backtrace from inside the original must reach the function that called the
+ * stub (an exception thrown by the original crosses the same frames). */
+#if defined(__GLIBC__)
+#include <unwind.h>
+static int unwind_found;
+__attribute__((noinline)) uint64_t unwind_caller(uint64_t (*fn)(void *, void *, uint64_t));
+static _Unwind_Reason_Code unwind_step(struct _Unwind_Context *ctx, void *arg) {
+    (void)arg;
+    if (_Unwind_FindEnclosingFunction((void *)_Unwind_GetIP(ctx)) == (void *)unwind_caller) unwind_found = 1;
+    return _URC_NO_REASON;
+}
+static uint64_t f_unwind(void *s, void *c, uint64_t a) {
+    (void)s, (void)c;
+    _Unwind_Backtrace(unwind_step, NULL);
+    return a + 1;
+}
+__attribute__((noinline)) uint64_t unwind_caller(uint64_t (*fn)(void *, void *, uint64_t)) {
+    uint64_t r = fn(SELF, 41);
+    __asm__ volatile("" ::: "memory"); /* not a tail call: this frame stays */
+    return r;
+}
+#endif
+
 static int failures, ncases;
 static void check(const char *name, uint64_t seen_direct, uint64_t seen_tramp, const void *r1, const void *r2,
                   size_t rn) {
@@ -258,6 +282,22 @@ int main(void) {
     typedef uint8_t (*T_u8)(void *, void *, uint8_t);
     CASE("uint8_t return", T_u8, f_u8, 0, 1, 1, SZ(1), SZ(1), 200);
 
+#if defined(__GLIBC__)
+    unwind_found = 0;
+    if (unwind_caller(f_unwind) != 42 || !unwind_found) {
+        printf("FAIL unwinding: a backtrace from the original %s the stub's caller\n",
+               unwind_found ? "reached" : "did not reach");
+        failures++;
+    }
+    unwind_found = 0;
+    uint64_t (*via_unwind)(void *, void *, uint64_t) = (uint64_t(*)(void *, void *, uint64_t))stub_for((void *)f_unwind, 16, 0);
+    ncases++;
+    if (unwind_caller(via_unwind) != 42 || !unwind_found) {
+        printf("FAIL unwinding through the trampoline: the backtrace %s the stub's caller\n",
+               unwind_found ? "reached" : "did not reach");
+        failures++;
+    }
+#endif
     if (enters != exits || enters == 0) {
         printf("FAIL: %lu enters, %lu exits\n", enters, exits);
         failures++;
