@@ -52,11 +52,13 @@ def child(body, forwarder=None):
 
 def is_stub(code: bytes) -> bool:
     """Whether code starts like one of the trampoline's stubs: x86-64
-    [endbr64] lea 0(%rip),%r11; arm64 adr x16, ."""
+    [endbr64] lea 0(%rip),%r11; arm64 [bti c] adr x16, ."""
     if ARCH in ("x86_64", "amd64"):
         if code.startswith(bytes.fromhex("f30f1efa")):
             code = code[4:]
         return code.startswith(bytes.fromhex("4c8d1d00000000"))
+    if code[:4] == (0xd503245f).to_bytes(4, "little"):
+        code = code[4:]
     return code[:4] == (0x10000010).to_bytes(4, "little")
 
 
@@ -144,9 +146,12 @@ def zig():
 
 @pytest.mark.skipif(zig() is None, reason="no zig (pip install ziglang) to cross-build for aarch64-linux")
 @pytest.mark.skipif(shutil.which("qemu-aarch64") is None, reason="no qemu-aarch64 (Debian: qemu-user) to run arm64")
-def test_the_arm64_trampoline_passes_every_register_through_under_qemu(tmp_path):
+@pytest.mark.parametrize("flags", [[], ["-mbranch-protection=standard"]], ids=["plain", "bti"])
+def test_the_arm64_trampoline_passes_every_register_through_under_qemu(tmp_path, flags):
     """The arm64 body (macOS's ABI differs from Linux's only where stack
-    arguments sit, which the trampoline copies as a block) run on qemu-user."""
-    out = build_and_run(zig() + ["-target", "aarch64-linux-musl"], str(tmp_path / "fwd_tramp_test_arm64"),
-                        runner=["qemu-aarch64"])
+    arguments sit, which the trampoline copies as a block) run on qemu-user;
+    also built for branch target identification (16-byte stubs with a landing
+    pad; qemu-user does not enforce the landing pads, so this checks the layout)."""
+    out = build_and_run(zig() + ["-target", "aarch64-linux-musl", *flags], str(tmp_path / "fwd_tramp_test_arm64"),
+                        runner=["qemu-aarch64", "-cpu", "max"])
     assert "cases ok" in out

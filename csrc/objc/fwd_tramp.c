@@ -138,15 +138,26 @@ __asm__(".text\n"
         ".text\n");
 
 #elif defined(__aarch64__)
+#if defined(__ARM_FEATURE_BTI_DEFAULT)
+/* Built for branch target identification: an indirect call may only land on a
+ * BTI instruction, and the object is marked as keeping that rule. */
+#define BTI_C "hint #34\n"
+#define STUB_ALIGN ".p2align 4\n"
+#else
+#define BTI_C ""
+#define STUB_ALIGN ""
+#endif
 /* Frame, from x29: the call (agx_fwd_call) at -128, x0-x8 at -208, q0-q7 at
  * -336; after the call q0-q3 go back to -336..-304 (HFA returns use v0-v3). */
 __asm__(".text\n"
-        ".p2align 3\n"
+        ".p2align 4\n"
         GLOBAL_HIDDEN(agx_fwd_stubs)
         SYM(agx_fwd_stubs) ":\n"
         ".rept 1024\n"
+        BTI_C
         "adr x16, .\n"
         "b " SYM(agx_fwd_body) "\n"
+        STUB_ALIGN
         ".endr\n"
         "\n"
         ".p2align 3\n"

@@ -48,8 +48,8 @@
 
 #define AGX_FWD_STUBS 1024            /* as many as the engine has forwarder slots */
 #define AGX_FWD_TRAMP_MAX_STACK 1024  /* bytes of stack arguments a trampoline copies at most */
-#if defined(__x86_64__)
-#define AGX_FWD_STUB_SIZE 16
+#if defined(__x86_64__) || defined(__ARM_FEATURE_BTI_DEFAULT)
+#define AGX_FWD_STUB_SIZE 16 /* x86-64 (with endbr64 under CET); arm64 with a BTI landing pad */
 #else
 #define AGX_FWD_STUB_SIZE 8
 #endif
