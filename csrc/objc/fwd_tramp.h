@@ -40,7 +40,10 @@
 
 #include "guard.h"
 
-#if (defined(__x86_64__) || defined(__aarch64__)) && !defined(AGX_FWD_NO_TRAMP)
+/* Only with the forwarder (libffi describes the signature; AGX_HAVE_FFI=0 builds
+ * have neither); the standalone test defines no AGX_HAVE_FFI and gets it. */
+#if (defined(__x86_64__) || defined(__aarch64__)) && !defined(AGX_FWD_NO_TRAMP) && \
+    (!defined(AGX_HAVE_FFI) || AGX_HAVE_FFI)
 #define AGX_FWD_TRAMP 1
 #else
 #define AGX_FWD_TRAMP 0
