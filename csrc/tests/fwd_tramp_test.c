@@ -41,6 +41,10 @@ static void clobber(void) {
                      "movq %%rax, %%xmm0\n pshufd $0, %%xmm0, %%xmm0\n movaps %%xmm0, %%xmm1\n movaps %%xmm0, %%xmm2\n"
                      "movaps %%xmm0, %%xmm3\n movaps %%xmm0, %%xmm4\n movaps %%xmm0, %%xmm5\n movaps %%xmm0, %%xmm6\n"
                      "movaps %%xmm0, %%xmm7\n"
+                     /* all 8 x87 registers: a value left on the x87 stack (not saved) is overwritten */
+                     "fldz\n fldz\n fldz\n fldz\n fldz\n fldz\n fldz\n fldz\n"
+                     "fstp %%st(0)\n fstp %%st(0)\n fstp %%st(0)\n fstp %%st(0)\n"
+                     "fstp %%st(0)\n fstp %%st(0)\n fstp %%st(0)\n fstp %%st(0)\n"
                      ::: "rax", "rdi", "rsi", "rdx", "rcx", "r8", "r9", "r10", "r11", "xmm0", "xmm1", "xmm2", "xmm3",
                      "xmm4", "xmm5", "xmm6", "xmm7", "memory");
 #else
