@@ -41,6 +41,7 @@ def forward_probes() -> List[Tuple[str, str]]: ...  # (selector, type encoding) 
 def forward_probe_call(index: int) -> Optional[str]: ...  # None: arrived bit for bit
 def forward_probe_race(index: int, threads: int, iterations: int) -> Tuple[int, int]: ...  # (updates, changed)
 def forward_refused() -> List[Tuple[str, str, str]]: ...  # (selector, encoding, reason) of AGXForwardRefuse
+def forward_imp_code(class_name: str, selector: str, n: int) -> bytes: ...  # the first n (1..64) bytes of the method's code
 def swizzle_force_forwarder(on: bool) -> None: ...  # new hooks use the forwarder even where a typed wrapper exists
 def forward_bench(class_name: str, calls: int, method: str = "bench:with:") -> float: ...  # ns per call
 

@@ -1,18 +1,20 @@
-"""What a hooked call costs: the typed wrapper, the general forwarder (libffi),
-and no hook, on one method, in one run.
+"""What a hooked call costs: the typed wrapper, the general forwarder (its
+trampoline, and its libffi closure), and no hook, on one method, in one run.
 
 Three classes share one method, -bench:with: (two integers, no return; its
 body is one add), called from C in a loop (csrc/model/forward_probes.c,
 agxguard._model.forward_bench): AGXForwardBenchPlain is not hooked, AGXForwardBenchTyped is
 hooked through the typed wrapper of its shape, AGXForwardBenchFfi through the
-general forwarder (installed with the typed path switched off). Each round
+general forwarder's trampoline and AGXForwardBenchLibffi through its libffi
+closure (AGXGUARD_FORWARDER=libffi at install), both installed with the typed
+path switched off. Each round
 times every variant once, interleaved, in mode `off` (the hook counts the
 call, takes no lock) and `op` (one process-wide lock per call, uncontended);
 the table gives the median over rounds, the spread (min..max), and the cost
-over the unhooked call. A second method of the three classes has the shape of
+over the unhooked call. A second method of the classes has the shape of
 Metal's copyFromBuffer:...toTexture:... (nine arguments, two 24-byte structs
-by value), which has no typed wrapper: its rows compare the forwarder with
-the unhooked call only.
+by value, on the stack on x86-64), which has no typed wrapper: its rows
+compare the forwarder's two paths with the unhooked call only.
 
     python benchmarks/forwarder.py [--calls 2000000] [--rounds 7] [--out FILE]
 """
@@ -34,11 +36,12 @@ except ImportError:
     _model = None
 
 VARIANTS = [("unhooked", "AGXForwardBenchPlain"), ("typed wrapper", "AGXForwardBenchTyped"),
-            ("forwarder (libffi)", "AGXForwardBenchFfi")]
+            ("forwarder", "AGXForwardBenchFfi"), ("forwarder (libffi)", "AGXForwardBenchLibffi")]
 MODES = ("off", "op")
 COPY = ("benchCopy:sourceOffset:sourceBytesPerRow:sourceBytesPerImage:sourceSize:toTexture:destinationSlice:"
         "destinationLevel:destinationOrigin:")
-COPY_VARIANTS = [("copy: unhooked", "AGXForwardBenchPlain"), ("copy: forwarder", "AGXForwardBenchFfi")]
+COPY_VARIANTS = [("copy: unhooked", "AGXForwardBenchPlain"), ("copy: forwarder", "AGXForwardBenchFfi"),
+                 ("copy: fwd (libffi)", "AGXForwardBenchLibffi")]
 
 
 def commit() -> str:
@@ -66,14 +69,20 @@ def main() -> int:
         return 2
     _model.forward_bench("AGXForwardBenchPlain", 1)  # makes the classes
     swizzle.guard_methods("AGXForwardBenchTyped", "bench:with:")
+    old_path = os.environ.pop("AGXGUARD_FORWARDER", None)
     _model.swizzle_force_forwarder(True)
     try:
-        swizzle.guard_methods("AGXForwardBenchFfi", "bench:with:")
+        for cls, path in (("AGXForwardBenchFfi", "trampoline"), ("AGXForwardBenchLibffi", "libffi")):
+            os.environ["AGXGUARD_FORWARDER"] = path  # read by the forwarder at install
+            swizzle.guard_methods(cls, ["bench:with:", COPY])  # COPY has no typed wrapper: the forwarder
     finally:
         _model.swizzle_force_forwarder(False)
-    swizzle.guard_methods("AGXForwardBenchFfi", COPY)  # no typed wrapper: the forwarder
+        os.environ.pop("AGXGUARD_FORWARDER", None)
+        if old_path is not None:
+            os.environ["AGXGUARD_FORWARDER"] = old_path
     shapes = {h["class"]: h["shape"] for h in swizzle.hooks() if h["selector"] == "bench:with:"}
-    assert shapes["AGXForwardBenchTyped"] == "v(u64,u64)" and shapes["AGXForwardBenchFfi"].startswith("ffi "), shapes
+    assert shapes["AGXForwardBenchTyped"] == "v(u64,u64)", shapes
+    assert shapes["AGXForwardBenchFfi"].startswith("ffi ") and shapes["AGXForwardBenchLibffi"].startswith("ffi ")
     times = {(m, v): [] for m in MODES for v, _ in VARIANTS + COPY_VARIANTS}
     old = _C.get_mode()
     try:
@@ -113,11 +122,13 @@ def main() -> int:
     for m in MODES:
         def over(v: str, base: str) -> float:
             return min(times[(m, v)]) - min(times[(m, base)])
-        typed, ffi = over("typed wrapper", "unhooked"), over("forwarder (libffi)", "unhooked")
+        typed, fwd = over("typed wrapper", "unhooked"), over("forwarder", "unhooked")
         copy = over("copy: forwarder", "copy: unhooked")
-        lines.append(f"{m}, best: the forwarder costs {ffi:.1f} ns over the unhooked call (target <= 100; "
+        lib, lib_copy = over("forwarder (libffi)", "unhooked"), over("copy: fwd (libffi)", "copy: unhooked")
+        lines.append(f"{m}, best: the forwarder costs {fwd:.1f} ns over the unhooked call (target <= 100; "
                      f"{copy:.1f} ns on the copy shape), the typed wrapper {typed:.1f} ns (target < 15); "
-                     f"forwarder/typed extra cost {ffi / typed if typed > 0 else float('nan'):.1f}x")
+                     f"forwarder/typed extra cost {fwd / typed if typed > 0 else float('nan'):.1f}x; "
+                     f"through libffi's closure instead {lib:.1f} ns ({lib_copy:.1f} on the copy shape)")
     text = "\n".join(lines)
     print(text)
     if a.out:

@@ -31,6 +31,8 @@ static struct {
     agx_sem throttle;
 } G;
 
+agx_lock *const agx_op_lock_p = &G.op;
+
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
 agx_wait_config agx_wait;
@@ -145,7 +147,10 @@ agx_lock *agx_lock_for(agx_site site, int has_stream, uint64_t stream_key, const
     return agx_lock_for_mode(agx_mode_get(), site, has_stream, stream_key, object);
 }
 
-agx_lock *agx_lock_for_mode(int mode, agx_site site, int has_stream, uint64_t stream_key, const void *object) {
+/* agx_lock_for_mode, inlined where the hooked calls enter (agx_entry_enter_native):
+ * a call of the exported function goes through the PLT (-fPIC). */
+static inline agx_lock *lock_for_mode(int mode, agx_site site, int has_stream, uint64_t stream_key,
+                                      const void *object) {
     switch (mode) {
     case AGX_MODE_OP:
         return site == AGX_SITE_CALL ? &G.op : NULL;
@@ -157,6 +162,10 @@ agx_lock *agx_lock_for_mode(int mode, agx_site site, int has_stream, uint64_t st
     default:
         return NULL;
     }
+}
+
+agx_lock *agx_lock_for_mode(int mode, agx_site site, int has_stream, uint64_t stream_key, const void *object) {
+    return lock_for_mode(mode, site, has_stream, stream_key, object);
 }
 
 int agx_entry_mode(void) { return agx_entry_mode_in(&E); }
@@ -201,10 +210,10 @@ void agx_acquire_native(agx_lock *l); /* acquire.h; the C-only tests bring their
 
 void agx_entry_enter_native(agx_thread_entries *t, agx_entry *e, int mode, agx_site site, int has_stream,
                             uint64_t key, const void *object) {
-    agx_lock *l = agx_lock_for_mode(mode, site, has_stream, key, object);
+    agx_lock *l = lock_for_mode(mode, site, has_stream, key, object);
     switch (admit(t, l)) {
     case AGX_ADMIT_WAIT:
-        agx_acquire_native(l);
+        if (!agx_lock_try(l)) agx_acquire_native(l); /* the uncontended case without the call */
         break;
     case AGX_ADMIT_HELD:
         break;

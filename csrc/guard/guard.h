@@ -117,7 +117,7 @@ agx_admit agx_entry_admit(agx_thread_entries *t, agx_lock *want);
 /* Record an entry of thread t that now holds `lock` (may be NULL) under `mode`. */
 void agx_entry_push(agx_thread_entries *t, agx_entry *e, int mode, agx_lock *lock);
 /* Undo agx_entry_push: release what it took. LIFO per thread. */
-void agx_entry_pop(agx_entry *e);
+void agx_entry_pop(agx_entry *e) AGX_HIDDEN; /* hidden: every hooked call's exit, no PLT */
 /* agx_entry_push(t, e, mode, NULL) and agx_entry_pop of such an entry, inline:
  * what every hooked call does in mode off (no lock), without two calls. */
 static inline void agx_entry_push_unlocked(agx_thread_entries *t, agx_entry *e) {
@@ -144,7 +144,29 @@ uint64_t agx_nesting_skips(void);
  * (from agx_entry_mode_in(t)): the lock of the site, admitted, waited for the
  * native way (acquire.h), pushed. */
 void agx_entry_enter_native(agx_thread_entries *t, agx_entry *e, int mode, agx_site site, int has_stream,
-                            uint64_t key, const void *object);
+                            uint64_t key, const void *object) AGX_HIDDEN; /* hidden: no PLT */
+
+/* The op mode's lock (guard.c), for the inline entry below. */
+extern agx_lock *const agx_op_lock_p AGX_HIDDEN;
+
+/* A hooked call's op-mode entry, inline, for the common case: the thread's
+ * first locked entry (rule 2: an entry that holds no lock may wait for any)
+ * finding the op lock free. It does what agx_entry_enter_native(t, e,
+ * AGX_MODE_OP, AGX_SITE_CALL, ...) does then, without the call, and returns 1;
+ * otherwise it does nothing and returns 0 (the caller takes the general path). */
+static inline int agx_entry_try_op_call(agx_thread_entries *t, agx_entry *e) {
+    if (t->locked != 0) return 0;
+    agx_lock *l = agx_op_lock_p;
+    if (!agx_lock_try(l)) return 0;
+    e->t = t;
+    e->lock = l;
+    e->prev_top = t->top;
+    t->entries++;
+    t->locked = 1;
+    t->bound_mode = AGX_MODE_OP;
+    if ((uintptr_t)l > (uintptr_t)t->top) t->top = l;
+    return 1;
+}
 
 /* Per-thread stack of what each open region took, so that its exit releases
  * exactly that even if the mode changed in between. */

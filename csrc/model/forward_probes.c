@@ -15,8 +15,9 @@
  *
  * AGXForwardRefuse has methods the forwarder must refuse (a union, a
  * bit-field, an array argument, an opaque struct, _Complex, an unknown type
- * code). AGXForwardBench{Typed,Ffi,Plain} share one cheap method of a shape
- * that has a typed wrapper, for benchmarks/forwarder.py. */
+ * code). AGXForwardBench{Typed,Ffi,Libffi,Plain} share one cheap method of a
+ * shape that has a typed wrapper, for benchmarks/forwarder.py (Ffi: the
+ * forwarder's trampoline, Libffi: its libffi closure). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -60,6 +61,8 @@ typedef struct { float v[2]; } fp_f2;
 typedef struct { float v[4]; } fp_f4; /* encoded with an array inside */
 typedef struct { double v[3]; } fp_d3;
 typedef struct { double v[4]; } fp_d4;
+typedef long double fp_ld;                /* x86-64: the x87 stack for a return, memory as an argument */
+typedef struct { long double x; } fp_sld; /* x86-64: returned on the x87 stack too */
 
 _Static_assert(sizeof(fp_s8) == 8 && sizeof(fp_s16) == 16 && sizeof(fp_s24) == 24 && sizeof(fp_s32) == 32 &&
                    sizeof(fp_s48) == 48 && sizeof(fp_s64) == 64,
@@ -90,6 +93,8 @@ _Static_assert(sizeof(fp_s8) == 8 && sizeof(fp_s16) == 16 && sizeof(fp_s24) == 2
 #define ENC_f4 "{FPF4=[4f]}"
 #define ENC_d3 "{FPD3=ddd}"
 #define ENC_d4 "{FPD4=dddd}"
+#define ENC_ld "D"
+#define ENC_sld "{FPLD=D}"
 #define ENC_v "v"
 
 /* Values from a seed, and a field-by-field hash (FNV-1a over each field's bytes). */
@@ -115,6 +120,15 @@ FP_SCALAR(f32, (float)(sx(s) % 100003) * 0.25f - 7.5f)
 FP_SCALAR(f64, (double)(sx(s) % 1000000007) * 0.125 - 3.75)
 FP_SCALAR(bo, (sx(s) >> 5) & 1)
 FP_SCALAR(ptr, (void *)(uintptr_t)(sx(s) & ~(uint64_t)7))
+
+/* long double: only its value's bytes (x86-64's 80-bit format leaves 6 of its 16 bytes unused) */
+#if defined(__x86_64__) || defined(__i386__)
+#define FP_LD_BYTES 10
+#else
+#define FP_LD_BYTES sizeof(long double)
+#endif
+static fp_ld mk_ld(uint64_t s) { return (fp_ld)(sx(s) % 1000000007) / 3.0L - 11.25L; }
+static uint64_t hs_ld(uint64_t h, fp_ld v) { return mixb(h, &v, FP_LD_BYTES); }
 
 #define F(T, field, k) r.field = mk_##T(s + k);
 #define H(T, field) h = hs_##T(h, v.field);
@@ -147,6 +161,8 @@ static fp_d3 mk_d3(uint64_t s) { fp_d3 r; F(f64, v[0], 1) F(f64, v[1], 2) F(f64,
 static uint64_t hs_d3(uint64_t h, fp_d3 v) { H(f64, v[0]) H(f64, v[1]) H(f64, v[2]) return h; }
 static fp_d4 mk_d4(uint64_t s) { fp_d4 r; F(f64, v[0], 1) F(f64, v[1], 2) F(f64, v[2], 3) F(f64, v[3], 4) return r; }
 static uint64_t hs_d4(uint64_t h, fp_d4 v) { H(f64, v[0]) H(f64, v[1]) H(f64, v[2]) H(f64, v[3]) return h; }
+static fp_sld mk_sld(uint64_t s) { fp_sld r; F(ld, x, 1) return r; }
+static uint64_t hs_sld(uint64_t h, fp_sld v) { H(ld, x) return h; }
 #undef F
 #undef H
 
@@ -187,7 +203,10 @@ static uint64_t hs_d4(uint64_t h, fp_d4 v) { H(f64, v[0]) H(f64, v[1]) H(f64, v[
     X(narrowMix, i32, i8, u64, i16, f32, bo, i32, f64, u8, u16, i8, u64, i16, u8, u16, u32)                  \
     X(narrowReturn, i8, i8, u16, i16)                                                                         \
     X(shortReturn, u16, u16, i8)                                                                              \
-    X(floatDoubleMix, f32, f32, f64, f32, f64, f32, f64, f32, f64, f32, f64, i64)
+    X(floatDoubleMix, f32, f32, f64, f32, f64, f32, f64, f32, f64, f32, f64, i64)                           \
+    /* long double returns and arguments (x86-64: the x87 stack, and memory) */                              \
+    X(longDoubleMix, ld, ld, f64, ld, u64)                                                                    \
+    X(longDoubleStruct, sld, sld, f32)
 
 /* An index-carrying FOR_EACH, up to 20 arguments. */
 #define FP_N_(_1, _2, _3, _4, _5, _6, _7, _8, _9, _10, _11, _12, _13, _14, _15, _16, _17, _18, _19, _20, N, ...) N
@@ -278,6 +297,8 @@ static void fp_bump(void) {
 #define FP_RTYPE_i32 fp_i32
 #define FP_RTYPE_i8 fp_i8
 #define FP_RTYPE_u16 fp_u16
+#define FP_RTYPE_ld fp_ld
+#define FP_RTYPE_sld fp_sld
 /* value returns share one pattern: the callee returns mk_T(digest); the
  * caller compares the returned value's field hash with the expected one */
 #define FP_RETURN_s8(h) return mk_s8(h)
@@ -298,6 +319,8 @@ static void fp_bump(void) {
 #define FP_RETURN_i32(h) return mk_i32(h)
 #define FP_RETURN_i8(h) return mk_i8(h)
 #define FP_RETURN_u16(h) return mk_u16(h)
+#define FP_RETURN_ld(h) return mk_ld(h)
+#define FP_RETURN_sld(h) return mk_sld(h)
 #define FP_CALL_VAL(T, imp, obj, sel, ...)                                                                 \
     fp_##T r = ((fp_##T(*)(id, SEL FP_EACH(FP_TYPE, __VA_ARGS__)))imp)(obj, sel FP_EACH(FP_NAME, __VA_ARGS__))
 #define FP_CHECK_VAL(T, h)                                                                                 \
@@ -320,6 +343,8 @@ static void fp_bump(void) {
 #define FP_CALL_i32(...) FP_CALL_VAL(i32, __VA_ARGS__)
 #define FP_CALL_i8(...) FP_CALL_VAL(i8, __VA_ARGS__)
 #define FP_CALL_u16(...) FP_CALL_VAL(u16, __VA_ARGS__)
+#define FP_CALL_ld(...) FP_CALL_VAL(ld, __VA_ARGS__)
+#define FP_CALL_sld(...) FP_CALL_VAL(sld, __VA_ARGS__)
 #define FP_CHECK_s8(h) FP_CHECK_VAL(s8, h)
 #define FP_CHECK_s16(h) FP_CHECK_VAL(s16, h)
 #define FP_CHECK_s24(h) FP_CHECK_VAL(s24, h)
@@ -338,6 +363,8 @@ static void fp_bump(void) {
 #define FP_CHECK_i32(h) FP_CHECK_VAL(i32, h)
 #define FP_CHECK_i8(h) FP_CHECK_VAL(i8, h)
 #define FP_CHECK_u16(h) FP_CHECK_VAL(u16, h)
+#define FP_CHECK_ld(h) FP_CHECK_VAL(ld, h)
+#define FP_CHECK_sld(h) FP_CHECK_VAL(sld, h)
 
 FP_PROBES(FP_DEFINE)
 
@@ -388,7 +415,8 @@ static void fp_bench_copy(id self, SEL cmd, id buf, uint64_t off, uint64_t row, 
 }
 #define FP_BENCH_COPY "benchCopy:sourceOffset:sourceBytesPerRow:sourceBytesPerImage:sourceSize:toTexture:" \
                       "destinationSlice:destinationLevel:destinationOrigin:"
-static const char *const fp_bench_classes[] = {"AGXForwardBenchPlain", "AGXForwardBenchTyped", "AGXForwardBenchFfi"};
+static const char *const fp_bench_classes[] = {"AGXForwardBenchPlain", "AGXForwardBenchTyped", "AGXForwardBenchFfi",
+                                               "AGXForwardBenchLibffi"};
 
 /* Make (once) the probe, refusal and benchmark classes; 0, or -1 with a Python error. */
 static int fp_classes(void) {
@@ -568,7 +596,8 @@ static PyObject *py_forward_bench(PyObject *self, PyObject *args) {
         known |= c && !strcmp(cls_name, fp_bench_classes[i]);
     if (!known) {
         PyErr_Format(PyExc_ValueError, "forward_bench: class %s is not one of AGXForwardBenchPlain, "
-                                       "AGXForwardBenchTyped, AGXForwardBenchFfi", cls_name);
+                                       "AGXForwardBenchTyped, AGXForwardBenchFfi, AGXForwardBenchLibffi",
+                     cls_name);
         return NULL;
     }
     if (calls < 1) {
@@ -598,7 +627,30 @@ static PyObject *py_forward_bench(PyObject *self, PyObject *args) {
     return PyFloat_FromDouble(ns / (double)calls);
 }
 
+/* The first n bytes of the code of -[class selector] as the class now
+ * dispatches it (tests/test_forwarder.py recognizes the forwarder's stubs). */
+static PyObject *py_forward_imp_code(PyObject *self, PyObject *args) {
+    (void)self;
+    const char *cls_name, *selector;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "ssn:forward_imp_code", &cls_name, &selector, &n)) return NULL;
+    if (n < 1 || n > 64) {
+        PyErr_Format(PyExc_ValueError, "forward_imp_code: n=%zd, must be 1..64", n);
+        return NULL;
+    }
+    if (fp_classes() < 0) return NULL;
+    Class c = objc_getClass(cls_name);
+    Method m = c ? class_getInstanceMethod(c, sel_registerName(selector)) : NULL;
+    if (!m) {
+        PyErr_Format(PyExc_ValueError, "forward_imp_code: no instance method -[%s %s]", cls_name, selector);
+        return NULL;
+    }
+    return PyBytes_FromStringAndSize((const char *)(uintptr_t)method_getImplementation(m), n);
+}
+
 static PyMethodDef fp_methods[] = {
+    {"forward_imp_code", py_forward_imp_code, METH_VARARGS,
+     "forward_imp_code(class_name, selector, n) -> the first n (1..64) bytes of the method's implementation."},
     {"forward_probes", py_forward_probes, METH_NOARGS,
      "forward_probes() -> [(selector, type_encoding)] of class AGXForwardProbe (the forwarder's test signatures)."},
     {"forward_probe_call", py_forward_probe_call, METH_VARARGS,

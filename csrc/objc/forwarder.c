@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fwd_tramp.h"
 #include "swizzle_hook.h"
 #include "swizzle_shapes.h"
 
@@ -32,6 +33,8 @@ typedef struct agx_fwd {
     struct agx_hook_slot *slot; /* a hook's, or NULL for a redirect */
     void *(*redirect)(void *self); /* a redirect's: the object that gets the message instead */
     ffi_closure *closure;
+    uint64_t stack_bytes; /* the trampoline's: stack argument bytes to pass on (an upper bound) */
+    uint64_t x87;         /* the trampoline's: 1 when the return comes on the x87 stack */
     void **owned; /* the struct types and element lists built for this signature */
     size_t n_owned, cap_owned;
 } agx_fwd;
@@ -299,6 +302,85 @@ static void fwd_redirect(ffi_cif *cif, void *ret, void **args, void *user) {
     ffi_call(cif, FFI_FN(agx_objc_lookup(to, sel)), ret, argv);
 }
 
+#if AGX_FWD_TRAMP
+/* The trampoline (fwd_tramp.h): stub i forwards through agx_fwd_by_stub[i]. */
+static agx_fwd *_Atomic agx_fwd_by_stub[AGX_FWD_STUBS];
+static _Atomic int agx_fwd_stubs_used;
+
+/* Whether ty is returned on the x87 stack (x86-64 System V: a long double, or
+ * a struct of 16 bytes whose only member, nested or not, is one long double). */
+static int fwd_x87_return(const ffi_type *t) {
+#if defined(__x86_64__) && !defined(_WIN32)
+    while (t->type == FFI_TYPE_STRUCT && t->size == 16 && t->elements[0] && !t->elements[1]) t = t->elements[0];
+    return t->type == FFI_TYPE_LONGDOUBLE && t->size == 16;
+#else
+    (void)t;
+    return 0;
+#endif
+}
+
+/* An upper bound of the bytes g's arguments can take on the stack, rounded up
+ * to 16 (fwd_tramp.h): self and _cmd always travel in registers; every other
+ * argument takes at most its size rounded up to 8, plus 8 of padding when it
+ * is aligned to more than 8. */
+static uint64_t fwd_stack_bound(const agx_fwd *g) {
+    uint64_t n = 0;
+    for (int i = 2; i < g->nargs; i++) {
+        const ffi_type *t = g->args[i];
+        n += (t->size + 7) & ~(uint64_t)7;
+        if (t->alignment > 8) n += 8;
+    }
+    return (n + 15) & ~(uint64_t)15;
+}
+
+/* A stub for g, or NULL (then g gets a libffi closure). */
+static IMP fwd_tramp_make(agx_fwd *g) {
+    g->stack_bytes = fwd_stack_bound(g);
+    if (g->stack_bytes > AGX_FWD_TRAMP_MAX_STACK) return NULL;
+    g->x87 = (uint64_t)fwd_x87_return(g->ret);
+    int i = atomic_fetch_add(&agx_fwd_stubs_used, 1);
+    if (i >= AGX_FWD_STUBS) return NULL;
+    /* published before the stub becomes anyone's implementation */
+    atomic_store_explicit(&agx_fwd_by_stub[i], g, memory_order_release);
+    return (IMP)(uintptr_t)(agx_fwd_stubs + (size_t)i * AGX_FWD_STUB_SIZE);
+}
+
+void agx_fwd_enter(agx_fwd_call *c, uintptr_t stub, void *self) {
+    size_t i = (size_t)(stub - (uintptr_t)agx_fwd_stubs) / AGX_FWD_STUB_SIZE;
+    agx_fwd *g = atomic_load_explicit(&agx_fwd_by_stub[i], memory_order_acquire);
+    IMP orig;
+    c->fwd = g;
+    c->self = self;
+    c->stack_bytes = g->stack_bytes;
+    c->x87 = g->x87;
+    c->in = agx_hook_enter(g->slot, (id)self, &orig, &c->kind, &c->e);
+    c->orig = (void *)orig;
+    if (c->kind) agx_hook_event(c->kind, AGX_SWZ_BEFORE, (id)self, 0);
+}
+
+void agx_fwd_exit(agx_fwd_call *c) {
+    if (c->kind) {
+        agx_fwd *g = c->fwd;
+        uint64_t bits = 0;
+        if (g->ret_bits) {
+            bits = c->ret[0];
+            if (g->ret->size < 8) bits &= (UINT64_C(1) << (8 * g->ret->size)) - 1;
+        }
+        agx_hook_event(c->kind, AGX_SWZ_AFTER, (id)c->self, bits);
+    }
+    agx_hook_exit(c->in, &c->e);
+}
+#endif
+
+/* How hooked methods are forwarded, from AGXGUARD_FORWARDER (read at each
+ * install, for comparing the two): 1 the trampoline where there is one (unset,
+ * empty or "trampoline"), 0 libffi's closure ("libffi"), -1 another value. */
+static int fwd_path(void) {
+    const char *v = getenv("AGXGUARD_FORWARDER");
+    if (!v || !*v || !strcmp(v, "trampoline")) return 1;
+    return strcmp(v, "libffi") == 0 ? 0 : -1;
+}
+
 int agx_forwarder_available(void) { return 1; }
 
 int agx_forwarder_check(const char *types, char *why, size_t whylen) {
@@ -324,6 +406,19 @@ static IMP fwd_make(struct agx_hook_slot *slot, void *(*redirect)(void *), const
     void *code = NULL;
     g->slot = slot;
     g->redirect = redirect;
+    int path = slot ? fwd_path() : 0;
+    if (path < 0) {
+        snprintf(why, whylen, "AGXGUARD_FORWARDER=%.40s is not one of trampoline, libffi (unset: trampoline)",
+                 getenv("AGXGUARD_FORWARDER"));
+        fwd_free(g);
+        return NULL;
+    }
+#if AGX_FWD_TRAMP
+    if (path == 1) {
+        IMP stub = fwd_tramp_make(g);
+        if (stub) return stub; /* g lives as long as the process, like the slot */
+    }
+#endif
     g->closure = ffi_closure_alloc(sizeof(ffi_closure), &code);
     if (!g->closure || ffi_prep_closure_loc(g->closure, &g->cif, slot ? fwd_call : fwd_redirect, g, code) != FFI_OK) {
         snprintf(why, whylen, "libffi could not make a closure");

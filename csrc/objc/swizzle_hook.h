@@ -72,6 +72,7 @@ static inline int agx_hook_enter(agx_hook_slot *s, id self, IMP *orig, int *kind
         agx_entry_push_unlocked(t, e);
         return 1;
     }
+    if (mode == AGX_MODE_OP && agx_entry_try_op_call(t, e)) return 1; /* uncontended op: no call */
     uint64_t key = 0;
     int has = mode == AGX_MODE_STREAM && agx_swizzle_stream_of(self, &key); /* only stream mode uses it */
     agx_entry_enter_native(t, e, mode, AGX_SITE_CALL, has, key, (const void *)self);

@@ -108,18 +108,7 @@ void agx_lock_note_wait(agx_lock *l, int64_t waited_ns) {
 
 void agx_lock_note_timeout(agx_lock *l) { atomic_fetch_add(&l->n_timeout, 1); }
 
-int agx_lock_release(agx_lock *l) {
-    if (!agx_lock_owned(l)) return -1;
-    if (--l->depth > 0) return 0;
-    if (l->acquired_tick) {
-        BUMP(l->hold_ticks, agx_ticks() - l->acquired_tick);
-        BUMP(l->hold_samples, 1);
-    }
-    l->last_owner = agx_thread_id();
-    atomic_store_explicit(&l->owner, 0, memory_order_seq_cst);
-    if (atomic_load_explicit(&l->waiters, memory_order_seq_cst) > 0) lock_wake(l);
-    return 0;
-}
+void agx_lock_wake_waiter(agx_lock *l) { lock_wake(l); }
 
 static uint64_t ticks_to_ns(uint64_t ticks) { return (uint64_t)((double)ticks / agx_ticks_per_ns()); }
 

@@ -49,10 +49,12 @@ typedef struct agx_lock {
 
 void agx_lock_init(agx_lock *l, const char *name);
 
-/* Hold times cost two tick reads (about 10 ns each here, 20 on some VMs), so
- * only some holds are timed: the first 64 acquisitions of a lock, then one in
- * 16. The reported total is the sampled mean times the acquisitions. */
-#define AGX_HOLD_SAMPLED(n) ((n) <= 64 || ((n) & 15) == 0)
+/* Hold times cost two tick reads (about 10 ns each here, 12 to 20 on some
+ * VMs), so only some holds are timed: the first 64 acquisitions of a lock, then
+ * one in 64 (about 0.4 ns per acquisition on such a VM; one in 16 cost 1.5, a
+ * tenth of a hooked call's budget). The reported total is the sampled mean
+ * times the acquisitions. */
+#define AGX_HOLD_SAMPLED(n) ((n) <= 64 || ((n) & 63) == 0)
 
 /* Try once, never blocks. Returns 1 if the caller now holds the lock
  * (acquired or re-entered), 0 if another thread holds it. */
@@ -124,11 +126,30 @@ void agx_lock_note_wait(agx_lock *l, int64_t waited_ns);
 /* Record a wait given up past its timeout (caller does not hold the lock). */
 void agx_lock_note_timeout(agx_lock *l);
 
-/* Release one level. Returns -1 if the caller does not own the lock. */
-int agx_lock_release(agx_lock *l);
-
 static inline int agx_lock_owned(agx_lock *l) {
     return atomic_load_explicit(&l->owner, memory_order_relaxed) == agx_thread_id();
+}
+
+/* Wake one sleeper of l after a release that saw waiters (lock.c). */
+void agx_lock_wake_waiter(agx_lock *l);
+
+/* Release one level. Returns -1 if the caller does not own the lock. Inline:
+ * the uncontended release is one exchange (the seq_cst store) and one load of
+ * `waiters`; the store must stay seq_cst: with a plain release store the load
+ * of `waiters` could be ordered before it and miss a thread that just raised
+ * `waiters` and saw the lock still held (a lost wakeup). */
+static inline int agx_lock_release(agx_lock *l) {
+    uintptr_t me = agx_thread_id();
+    if (atomic_load_explicit(&l->owner, memory_order_relaxed) != me) return -1;
+    if (--l->depth > 0) return 0;
+    if (l->acquired_tick) {
+        AGX_BUMP(l->hold_ticks, agx_ticks() - l->acquired_tick);
+        AGX_BUMP(l->hold_samples, 1);
+    }
+    l->last_owner = me;
+    atomic_store_explicit(&l->owner, 0, memory_order_seq_cst);
+    if (atomic_load_explicit(&l->waiters, memory_order_seq_cst) > 0) agx_lock_wake_waiter(l);
+    return 0;
 }
 
 void agx_lock_read(agx_lock *l, agx_lock_counters *out);

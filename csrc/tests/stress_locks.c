@@ -183,6 +183,8 @@ static _Atomic int stop_switcher;
 static long nested_global; /* plain data, written only while holding the global lock */
 static long nested_stream[KEYS]; /* written only while holding stream key 2000+k's lock */
 static _Atomic long nested_done;
+static long nested_op;                 /* plain data, written only while holding the op lock */
+static _Atomic long nested_op_entries; /* how many entries took the op lock */
 
 static void *mode_switcher(void *arg) {
     unsigned r = 12345;
@@ -199,8 +201,19 @@ static void *nested_worker(void *arg) {
     int objects[4];
     for (int i = 0; i < iterations; i++) {
         int k1 = (int)((id + i) % KEYS), k2 = (int)((id * 7 + i * 3) % KEYS);
-        agx_entry outer, inner, call;
+        agx_entry outer, inner, call, hook;
         agx_thread_entries *t = agx_entries();
+        /* a hooked call entered as swizzle_hook.h does: the inline op path first */
+        int mode = agx_entry_mode_in(t);
+        if (!(mode == AGX_MODE_OP && agx_entry_try_op_call(t, &hook)))
+            agx_entry_enter_native(t, &hook, mode, AGX_SITE_CALL, 0, 0, &objects[i & 3]);
+        CHECK(!hook.lock || agx_lock_owned(hook.lock), "a hooked call's lock is not held by its thread");
+        if (hook.lock == agx_op_lock()) {
+            nested_op++;
+            atomic_fetch_add(&nested_op_entries, 1);
+        }
+        agx_entry_pop_any(&hook);
+        CHECK(agx_entry_depth() == 0, "a hooked call's entry left open");
         agx_entry_enter_native(t, &outer, agx_entry_mode_in(t), AGX_SITE_REGION, 1, 2000 + (uint64_t)k1, NULL);
         agx_entry_enter_native(t, &inner, agx_entry_mode_in(t), AGX_SITE_REGION, 1, 2000 + (uint64_t)k2, NULL);
         agx_entry_enter_native(t, &call, agx_entry_mode_in(t), AGX_SITE_CALL, i & 1, 2000 + (uint64_t)k2,
@@ -238,8 +251,10 @@ static void nested_test(int switching) {
     free(tids);
     CHECK(atomic_load(&nested_done) == (long)threads * iterations, "nested: %ld of %ld done",
           atomic_load(&nested_done), (long)threads * iterations);
-    printf("nested (%s): %ld entries three deep, %llu nested skips so far\n",
-           switching ? "mode switches" : "stream mode", atomic_load(&nested_done),
+    CHECK(nested_op == atomic_load(&nested_op_entries), "hooked calls under the op lock lost updates: %ld of %ld",
+          nested_op, atomic_load(&nested_op_entries));
+    printf("nested (%s): %ld entries three deep, %ld hooked calls under the op lock so far, %llu nested skips so far\n",
+           switching ? "mode switches" : "stream mode", atomic_load(&nested_done), atomic_load(&nested_op_entries),
            (unsigned long long)agx_nesting_skips());
 }
 

@@ -7,7 +7,7 @@
 TSAN_MODEL_MODEL = csrc/model/driver_model.c csrc/model/model_debug_layer.c csrc/model/model_images.c \
                    csrc/model/model_runner.c csrc/model/model_capi.c
 TSAN_MODEL_SRC = csrc/tests/tsan_model.c $(wildcard csrc/sync/*.c) csrc/guard/guard.c csrc/objc/swizzle.c \
-                 csrc/objc/forwarder.c csrc/agx/discovery.c csrc/agx/hook_table.c csrc/agx/lifecycle.c \
+                 csrc/objc/forwarder.c csrc/objc/fwd_tramp.c csrc/agx/discovery.c csrc/agx/hook_table.c csrc/agx/lifecycle.c \
                  csrc/python/capi.c $(TSAN_MODEL_MODEL)
 TSAN_MODEL_INC = $(patsubst %,-I%,$(filter-out csrc/tests/,$(wildcard csrc/*/)))
 TSAN_CC ?= gcc
