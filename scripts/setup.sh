@@ -36,6 +36,12 @@ if [ "$(uname -s)" = Linux ] && ! have_ffi; then
     apt_install libffi-dev ||
         echo "setup: could not install libffi; methods with no typed wrapper will not be guardable"
 fi
+# qemu-user: the tests run the forwarder's arm64 trampoline (the Apple path's architecture)
+# under emulation (tests/test_forwarder_trampoline.py); without it that test skips, saying so
+if [ "$(uname -s)" = Linux ] && [ "$(uname -m)" != aarch64 ] && ! command -v qemu-aarch64 >/dev/null 2>&1; then
+    echo "setup: installing qemu-user with apt (the arm64 trampoline test)"
+    apt_install qemu-user || echo "setup: could not install qemu-user; the arm64 trampoline test will skip"
+fi
 # a distribution's Python may lack pip or its C headers
 $PYTHON -m pip --version >/dev/null 2>&1 || $PYTHON -m ensurepip --upgrade >/dev/null 2>&1 ||
     apt_install python3-pip || { echo "setup: pip is missing and could not be installed"; exit 1; }
