@@ -185,6 +185,7 @@ typedef struct {
     /* adaptive batching estimates */
     int64_t last_arrival_ns;
     double ia_est_ns, run_est_ns;
+    int wake_unlocked; /* wake sleeping callers with the GIL released */
 } QueueObject;
 
 static PyTypeObject QueueType;
@@ -560,8 +561,8 @@ static int deliver_one(ReqObject *r, PyObject *value, PyObject *error, PyObject 
     if (r->kind == REQ_CALL) {
         if (error) r->error = Py_NewRef(error);
         else r->value = Py_NewRef(value ? value : Py_None);
-        agx_event_set(&r->ev); /* r belongs to its caller again */
-        return 0;
+        if (deliver) agx_event_set(&r->ev); /* r belongs to its caller again */
+        return 0;             /* (deliver NULL: the caller of deliver_one sets the event) */
     }
     PyObject *t = PyTuple_Pack(3, r->payload, error ? Py_None : (value ? value : Py_None), error ? error : Py_None);
     if (t == NULL) return -1;
@@ -630,6 +631,12 @@ static PyObject *Queue_complete(QueueObject *q, PyObject *const *args, Py_ssize_
     int64_t done = agx_now_ns();
     int64_t start = n ? ((ReqObject *)PyList_GET_ITEM(batch, 0))->start_ns : done;
     int bad = 0;
+    /* Calls are woken after every answer is stored: with the GIL released when a
+     * caller sleeps (a futex wake each, which need not hold up the callers that
+     * already woke), else with it held (a store each: the callers spin). */
+    agx_event *small[64], **wake = n <= 64 ? small : PyMem_Malloc(sizeof(agx_event *) * n);
+    Py_ssize_t nwake = 0;
+    int sleeping = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         ReqObject *r = (ReqObject *)PyList_GET_ITEM(batch, i);
         record_sample(q, r->start_ns - r->t_ns, done - r->t_ns);
@@ -638,7 +645,12 @@ static PyObject *Queue_complete(QueueObject *q, PyObject *const *args, Py_ssize_
         r->claimed = 1;
         if (error) q->failed++;
         else q->answered++;
-        if (deliver_one(r, error ? NULL : PyList_GET_ITEM(results, i), error, deliver) < 0) bad = 1;
+        int later = r->kind == REQ_CALL && wake != NULL;
+        if (deliver_one(r, error ? NULL : PyList_GET_ITEM(results, i), error, later ? NULL : deliver) < 0) bad = 1;
+        if (later) {
+            wake[nwake++] = &r->ev;
+            sleeping |= atomic_load_explicit(&r->ev.sleepers, memory_order_relaxed) > 0;
+        }
     }
     q->in_flight -= n;
     if (q->in_flight < 0) q->in_flight = 0;
@@ -658,6 +670,15 @@ static PyObject *Queue_complete(QueueObject *q, PyObject *const *args, Py_ssize_
         Py_XDECREF(v);
         Py_DECREF(k);
     }
+    /* counted before anyone is woken: a caller that reads stats() sees its batch */
+    if (nwake && sleeping && q->wake_unlocked) {
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < nwake; i++) agx_event_set(wake[i]);
+        Py_END_ALLOW_THREADS
+    } else {
+        for (Py_ssize_t i = 0; i < nwake; i++) agx_event_set(wake[i]);
+    }
+    if (wake != small) PyMem_Free(wake);
     Py_XDECREF(own_error);
     if (bad) {
         Py_DECREF(deliver);
@@ -1110,6 +1131,7 @@ static PyObject *Queue_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     atomic_store(&q->room_sleepers, 0);
     q->pad_dim = -1;
     q->max_length = -1;
+    q->wake_unlocked = 1;
     agx_event_init(&q->wake);
     agx_init_sync(&q->room_mu, &q->room_cv);
     q->keys = PyDict_New();
@@ -1222,6 +1244,13 @@ static int Queue_set_max_queue(QueueObject *q, PyObject *v, void *u) {
     return 0;
 }
 static PyObject *Queue_get_spin_us(QueueObject *q, void *u) { return PyFloat_FromDouble((double)q->spin_ns / 1000.0); }
+static PyObject *Queue_get_wake_unlocked(QueueObject *q, void *u) { return PyBool_FromLong(q->wake_unlocked); }
+static int Queue_set_wake_unlocked(QueueObject *q, PyObject *v, void *u) {
+    int t = v ? PyObject_IsTrue(v) : 0;
+    if (t < 0) return -1;
+    q->wake_unlocked = t;
+    return 0;
+}
 static PyObject *Queue_get_queued(QueueObject *q, void *u) { return PyLong_FromSsize_t(atomic_load(&q->count)); }
 
 static PyGetSetDef Queue_getset[] = {
@@ -1229,6 +1258,8 @@ static PyGetSetDef Queue_getset[] = {
      "Most requests queued at once; past it enqueuing waits for room (settable).", NULL},
     {"spin_us", (getter)Queue_get_spin_us, NULL, "How long waits spin (GIL released) before they sleep.", NULL},
     {"_queued", (getter)Queue_get_queued, NULL, "Requests queued now.", NULL},
+    {"_wake_unlocked", (getter)Queue_get_wake_unlocked, (setter)Queue_set_wake_unlocked,
+     "Wake sleeping callers of a batch with the GIL released (default True).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
