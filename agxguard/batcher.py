@@ -742,6 +742,7 @@ class Batcher(_RequestQueue):
                     if batch:
                         self._overlapped += 1
                         pending.append(self._launch(batch, xs, sizes, lens))
+                    got = batch = xs = None
                     continue
                 target = self.latency_target_ms
                 got = take(self._max_batch, self._max_delay_ms / 1000.0,
@@ -754,10 +755,12 @@ class Batcher(_RequestQueue):
                 if not batch:
                     continue
                 flight = self._launch(batch, xs, sizes, lens)
+                got = batch = xs = None  # hold no request's input while waiting for the next
                 if flight.event is None:
                     self._complete(flight)
                 else:
                     pending.append(flight)
+                flight = None
             except BaseException as exc:  # the loop's own machinery failed: fail what it held
                 log.exception("Batcher %r: dispatcher error (it goes on)", self.name)
                 held = [r for fl in list(self._inflight) for r in fl.batch]

@@ -256,3 +256,48 @@ def test_acall_and_threads_share_the_c_queue_and_every_request_is_settled():
         assert all(torch.equal(t.result, torch.zeros(1, 2)) for t in threads)
     s = b.stats()
     assert s["answered"] == s["accepted"] == 40 and settled(s) == 40
+
+
+def test_requests_leave_no_reference_to_their_input_behind():
+    """Every way in (call, call with timeout, submit, acall, a failing batch, a timed-out
+    call) drops the queue's references to the input once finished."""
+    import gc
+
+    x = torch.zeros(1, 4)
+    gate = threading.Event()
+
+    def fn(t):
+        gate.wait(TIMEOUT)
+        if t.shape[0] == 3:
+            raise ValueError("a batch of three fails")
+        return t + 1
+
+    with Batcher(fn, max_batch=4, max_delay_ms=0) as b:
+        gate.set()
+        b(x)
+        gc.collect()
+        before = sys.getrefcount(x)
+        for _ in range(300):
+            b(x)
+            b(x, timeout=TIMEOUT)
+            b.submit(x).result(TIMEOUT)
+
+        async def calls():
+            for _ in range(100):
+                await b.acall(x, timeout=TIMEOUT)
+
+        asyncio.run(calls())
+        gate.clear()
+        first = b.submit(x)  # holds the dispatcher in fn
+        time.sleep(0.05)
+        with pytest.raises(TimeoutError):
+            b(x, timeout=0.01)
+        futs = [b.submit(x) for _ in range(3)]
+        gate.set()
+        first.result(TIMEOUT)
+        for f in futs:
+            with pytest.raises(ValueError, match="a batch of three fails"):
+                f.result(TIMEOUT)
+        del f, futs, first
+        gc.collect()
+        assert sys.getrefcount(x) == before

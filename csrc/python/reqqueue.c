@@ -875,7 +875,11 @@ static PyObject *finish_take(QueueObject *q, PyObject *batch, PyObject *deliver)
     }
     q->in_flight += n;
     if (atomic_load(&q->room_sleepers)) wake_room(q);
-    return PyTuple_Pack(5, batch, xs, rows, lens, deliver);
+    PyObject *out = PyTuple_Pack(5, batch, xs, rows, lens, deliver);
+    Py_DECREF(xs);
+    Py_DECREF(rows);
+    Py_DECREF(lens);
+    return out;
 fail:
     Py_XDECREF(xs);
     Py_XDECREF(rows);
