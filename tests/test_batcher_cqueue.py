@@ -301,3 +301,20 @@ def test_requests_leave_no_reference_to_their_input_behind():
         del f, futs, first
         gc.collect()
         assert sys.getrefcount(x) == before
+
+
+def test_batcher_profile_benchmark_runs_on_cpu_and_its_steps_fit_in_the_cycle():
+    """benchmarks/batcher_profile.py (written for the GPU machine) runs here, in a child."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "batcher_profile.py"),
+                          "--device", "cpu", "--seconds", "0.3", "--clients", "4",
+                          "--workloads", "small_mlp"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = [line for line in out.stdout.splitlines() if line.startswith("small_mlp")][0].split()
+    cycle, steps = float(row[3]), [float(v) for v in row[4:11]]
+    assert all(v >= 0 for v in steps) and 0 < sum(steps) <= cycle * 1.05, row
