@@ -12,6 +12,8 @@ sees). One run measures, on the same models and the same device:
                     instead of spinning (a design variant for many client threads)
     batcher_half    N client threads, Batcher(max_batch=N/2): two half batches in the
                     pipeline, one collated while the other runs (a design variant)
+    batcher_base    the batcher mode with the Batcher of another batcher.py (--baseline-file,
+                    e.g. the one before a change), for before/after ratios from one run
     offline_sync    1 thread, batches of 8 requests: collate in pinned memory, one copy in,
                     forward, one copy back, wait, split (the same copies as the Batcher)
     offline_pipe    the same with batch k+1 launched before batch k is waited for
@@ -28,6 +30,7 @@ command, machine and commit) and a PNG (when matplotlib is installed).
 Usage:
     python3 benchmarks/serving.py [--device cuda] [--seconds 2] [--repeats 2]
         [--clients 8,64] [--workloads story_transformer,small_mlp,story_var]
+        [--modes free,...] [--baseline-file PATH]
         [--json benchmarks/results/serving_<device>.json]
 """
 from __future__ import annotations
@@ -105,14 +108,16 @@ class Work:
             out = self.fn(d)
         return out.cpu()
 
-    def batcher(self, clients: int, max_batch: Optional[int] = None, **kw: Any) -> Batcher:
-        """The Batcher this workload is served by for ``clients`` clients."""
+    def batcher(self, clients: int, max_batch: Optional[int] = None, cls: Any = None,
+                **kw: Any) -> Batcher:
+        """The Batcher this workload is served by for ``clients`` clients (``cls``: another
+        Batcher class, e.g. a baseline's)."""
         if self.variable:
             kw["pad_dim"] = 1
         dev = self.device.type if self.device.type in ("cuda", "mps") else None
         if max_batch is None:
             max_batch = max(8, min(clients // 4, 32))
-        return Batcher(self.fn, max_batch=max_batch, max_delay_ms=2.0,
+        return (cls or Batcher)(self.fn, max_batch=max_batch, max_delay_ms=2.0,
                        max_queue=4096, device=dev, name=self.name, **kw)
 
 
@@ -298,6 +303,21 @@ def check_answers(work: Work, b: Batcher, n: int = 64) -> float:
     return worst
 
 
+BASELINE: Any = None  # the batcher module of --baseline-file (mode batcher_base)
+
+
+def load_baseline(path: str) -> Any:
+    """Import another batcher.py as a module of the agxguard package (its relative imports
+    resolve against this tree's agxguard, C core included)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("agxguard.batcher_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "agxguard"
+    spec.loader.exec_module(module)
+    return module
+
+
 def measure(work: Work, mode: str, clients: int, seconds: float) -> dict:
     """One configuration; returns req/s, latency and (Batcher) its stats."""
     dev = work.device
@@ -325,9 +345,10 @@ def measure(work: Work, mode: str, clients: int, seconds: float) -> dict:
             if mode == "guard_global":
                 agxguard.set_mode("off")
     b = work.batcher(clients, max(1, clients // 2) if mode == "batcher_half" else None,
+                     BASELINE.Batcher if mode == "batcher_base" else None,
                      **({"spin_us": 0} if mode == "batcher_nospin" else {}))
     try:
-        if mode in ("batcher", "batcher_half", "batcher_nospin"):
+        if mode in ("batcher", "batcher_half", "batcher_nospin", "batcher_base"):
             out = run_threads(work, clients, seconds, b)
         else:
             out = run_async(work, b, clients, seconds)
@@ -463,17 +484,24 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--clients", default="8,64")
     p.add_argument("--workloads", default=",".join(WORKLOADS))
     p.add_argument("--modes", default=",".join(MODES + OFFLINE))
+    p.add_argument("--baseline-file", default=None, metavar="PATH",
+                   help="another batcher.py, measured as mode batcher_base (threads)")
     p.add_argument("--json", default=None, help="default benchmarks/results/serving_<device>.json")
     a = p.parse_args(argv)
+    global BASELINE
+    if a.baseline_file:
+        BASELINE = load_baseline(a.baseline_file)
     clients = [int(c) for c in a.clients.split(",")]
     workloads = [w for w in a.workloads.split(",") if w]
     modes = [m for m in a.modes.split(",") if m]
     for w in workloads:
         if w not in WORKLOADS:
             p.error(f"unknown workload {w!r}; allowed: {', '.join(WORKLOADS)}")
+    allowed = MODES + OFFLINE + (("batcher_base",) if BASELINE else ())
     for m in modes:
-        if m not in MODES + OFFLINE:
-            p.error(f"unknown mode {m!r}; allowed: {', '.join(MODES + OFFLINE)}")
+        if m not in allowed:
+            p.error(f"unknown mode {m!r}; allowed: {', '.join(allowed)}"
+                    + ("" if BASELINE else " (batcher_base with --baseline-file)"))
     if any(c < 1 for c in clients) or a.repeats < 1 or not a.seconds > 0:
         p.error("--clients, --repeats and --seconds must be positive")
     path = a.json or os.path.join(HERE, "results", f"serving_{torch.device(a.device).type}.json")
@@ -504,6 +532,16 @@ def main(argv: Optional[list] = None) -> int:
             f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
             f"{a.seconds} s per configuration, {a.repeats} repeats; medians, spread in brackets")
     report = head + "\n\n" + text + "\n\n" + "\n".join(f"{s}  {n}: {f}" for n, s, f in checks)
+    if "batcher_base" in modes:
+        lines = []
+        for w, by_c in results.items():
+            for c, by_m in by_c.items():
+                if "batcher" in by_m and "batcher_base" in by_m:
+                    new = statistics.median([r["req_s"] for r in by_m["batcher"]])
+                    old = statistics.median([r["req_s"] for r in by_m["batcher_base"]])
+                    lines.append(f"{w}, {c} clients: batcher / batcher_base {new / old:.2f}x "
+                                 f"({new:.0f} vs {old:.0f} req/s)")
+        report += f"\n\nbefore/after (batcher_base: {a.baseline_file}):\n" + "\n".join(lines)
     print("\n" + report)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:

@@ -247,7 +247,8 @@ static int is_passthrough(PyObject *func) {
 /* torch_function(mode, func, types, args=(), kwargs=None): the body of
  * agxguard.ops()'s __torch_function__, bound to the mode instance with
  * types.MethodType (torch wants a method whose __self__ is the mode). */
-int agx_wakeup_add_to_module(PyObject *m); /* wakeup.c */
+int agx_wakeup_add_to_module(PyObject *m);   /* wakeup.c */
+int agx_reqqueue_add_to_module(PyObject *m); /* reqqueue.c */
 
 static PyObject *mod_torch_function(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 3 || nargs > 5) {
@@ -639,7 +640,8 @@ PyMODINIT_FUNC PyInit__C(void) {
     if (PyModule_AddObjectRef(m, "LockTimeout", agx_LockTimeout) < 0 ||
         PyModule_AddObjectRef(m, "LockWaitWarning", agx_LockWaitWarning) < 0 ||
         PyModule_AddObjectRef(m, "Guard", (PyObject *)&GuardType) < 0 ||
-        PyModule_AddObjectRef(m, "Lock", (PyObject *)&LockType) < 0 || agx_wakeup_add_to_module(m) < 0)
+        PyModule_AddObjectRef(m, "Lock", (PyObject *)&LockType) < 0 || agx_wakeup_add_to_module(m) < 0 ||
+        agx_reqqueue_add_to_module(m) < 0)
         goto fail;
     op_site = (GuardObject *)PyObject_CallNoArgs((PyObject *)&GuardType);
     if (op_site == NULL) goto fail;

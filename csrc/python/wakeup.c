@@ -27,6 +27,7 @@
 #include "acquire.h"
 #include "event.h"
 #include "spin.h"
+#include "wakeup.h"
 
 #define GATE_NS (200 * 1000LL)
 
@@ -113,20 +114,25 @@ static PyObject *Wakeup_wait(WakeupObject *self, PyObject *const *args, Py_ssize
     }
     if (agx_event_consume(&self->ev)) Py_RETURN_TRUE; /* set already: keep the GIL */
     if (timeout_ns == 0) Py_RETURN_FALSE;
-    int64_t deadline = timeout_ns < 0 ? -1 : agx_now_ns() + timeout_ns;
+    int got = agx_wakeup_wait(&self->ev, timeout_ns < 0 ? -1 : agx_now_ns() + timeout_ns, spin);
+    if (got < 0) return NULL;
+    return PyBool_FromLong(got);
+}
+
+int agx_wakeup_wait(agx_event *e, int64_t deadline_ns, int64_t spin_ns) {
     for (;;) {
         int64_t slice = agx_now_ns() + AGX_SLICE_NS;
-        if (deadline >= 0 && deadline < slice) slice = deadline;
+        if (deadline_ns >= 0 && deadline_ns < slice) slice = deadline_ns;
         int got;
         PyThreadState *ts = PyEval_SaveThread();
         gate_leave();
-        got = agx_event_wait_until(&self->ev, slice, spin);
+        got = agx_event_wait_until(e, slice, spin_ns);
         if (got) gate_enter();
         PyEval_RestoreThread(ts);
-        if (got) Py_RETURN_TRUE;
-        spin = 0; /* spin once per wait, not once per slice */
-        if (PyErr_CheckSignals() < 0) return NULL;
-        if (deadline >= 0 && agx_now_ns() >= deadline) Py_RETURN_FALSE;
+        if (got) return 1;
+        spin_ns = 0; /* spin once per wait, not once per slice */
+        if (PyErr_CheckSignals() < 0) return -1;
+        if (deadline_ns >= 0 && agx_now_ns() >= deadline_ns) return 0;
     }
 }
 
