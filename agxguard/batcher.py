@@ -358,6 +358,11 @@ class Batcher(_RequestQueue):
         latency_target_ms: None, or a target latency (> 0): the wait for more requests is
             tuned to the arrival rate and the batch run time so that a request's latency
             stays near it (never longer than max_delay_ms).
+        trim: with ``pad_dim``, True (default) trims each output whose size along
+            ``pad_dim`` equals the batch's padded length back to its request's length;
+            False returns every output row as ``fn`` made it. Use False when outputs are
+            not sequences (a pooled embedding of width 16 would otherwise be cut to a
+            request's length whenever a batch happens to be padded to 16).
     """
 
 
@@ -367,7 +372,7 @@ class Batcher(_RequestQueue):
                  spin_us: float = DEFAULT_SPIN_US, pad_dim: Optional[int] = None,
                  pad_value: float = 0.0, buckets: Optional[Sequence[int]] = None,
                  device: Any = None, pipeline_depth: int = 2,
-                 latency_target_ms: Optional[float] = None):
+                 latency_target_ms: Optional[float] = None, trim: bool = True):
         if not callable(fn):
             raise TypeError(f"fn must be callable (a model or function of one batched tensor), "
                             f"got {fn!r} (type {type(fn).__name__})")
@@ -391,6 +396,9 @@ class Batcher(_RequestQueue):
         if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)):
             raise TypeError(f"pad_value must be a number, got {pad_value!r}")
         self.pad_value = pad_value
+        if trim is not True and trim is not False:
+            raise ValueError(f"trim must be True or False, got {trim!r}")
+        self.trim = trim
         self.buckets = _check_buckets(buckets)
         if self.buckets is not None and pad_dim is None:
             raise ValueError("buckets needs pad_dim (the dim whose length they bucket)")
@@ -641,7 +649,7 @@ class Batcher(_RequestQueue):
             row += n
             row_lens.extend([length] * n)
         lengths = torch.tensor(row_lens, dtype=torch.int64)
-        trim = (lens, pad_dim, padded)
+        trim = (lens, pad_dim, padded) if self.trim else None
         if dev is None:
             return host, lengths.to(x0.device), trim
         if pin:

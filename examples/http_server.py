@@ -103,8 +103,10 @@ def make_app(batcher: Batcher, timeout: float = 10.0) -> web.Application:
 async def serve(host: str, port: int, device: str) -> None:
     """Run the service until SIGINT or SIGTERM; print the address once listening."""
     dev = device if device in ("cuda", "mps") else None
+    # trim=False: the answers are pooled embeddings (width DIM), not sequences; with the
+    # default a batch padded to 16 (a bucket, and DIM) would cut them to each request's length
     batcher = Batcher(build_model(device), max_batch=32, max_delay_ms=2.0, pad_dim=1,
-                      buckets=BUCKETS, device=dev, name="embed")
+                      buckets=BUCKETS, device=dev, name="embed", trim=False)
     runner = web.AppRunner(make_app(batcher))
     await runner.setup()
     site = web.TCPSite(runner, host, port)

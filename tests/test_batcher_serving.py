@@ -366,6 +366,27 @@ def test_buckets_limit_the_shapes_fn_sees():
     assert len(shapes) > 1
 
 
+def test_trim_false_keeps_an_output_whose_width_equals_the_padded_length():
+    """A pooled output of width 16 in a batch padded to 16 (bucket 16): the default trims
+    it to each request's length (the rule the issue gives), trim=False keeps it whole.
+    The HTTP example's embeddings (width 16, a bucket of 16) were cut this way."""
+    w = torch.randn(16, 16, generator=torch.Generator().manual_seed(3))
+
+    def pooled(x, lengths):  # (rows, length, 16) -> (rows, 16)
+        mask = torch.arange(x.shape[1])[None, :] < lengths[:, None]
+        return (x @ w * mask[..., None]).sum(1) / lengths[:, None]
+
+    xs = [torch.randn(1, n, 16, generator=torch.Generator().manual_seed(n)) for n in (5, 11, 16)]
+    for trim, widths in ((True, [5, 11, 16]), (False, [16, 16, 16])):
+        with Batcher(pooled, max_batch=3, max_delay_ms=200, pad_dim=1, buckets=[16], trim=trim) as b:
+            futures = [b.submit(x) for x in xs]
+            got = [f.result(TIMEOUT) for f in futures]
+        assert [g.shape[1] for g in got] == widths, (trim, [g.shape for g in got])
+        if not trim:
+            for x, g in zip(xs, got):
+                torch.testing.assert_close(g, pooled(x, torch.tensor([x.shape[1]])), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, error, words", [
     ({"pad_dim": 0}, ValueError, "pad_dim must be None or an int >= 1 (dim 0 is the batch"),
     ({"pad_dim": -1}, ValueError, "pad_dim must be None or an int >= 1"),
@@ -380,6 +401,7 @@ def test_buckets_limit_the_shapes_fn_sees():
     ({"pipeline_depth": 0}, ValueError, "pipeline_depth must be an int >= 1, got 0"),
     ({"latency_target_ms": 0}, ValueError, "latency_target_ms must be None or a number > 0"),
     ({"latency_target_ms": -3}, ValueError, "latency_target_ms must be a finite number >= 0"),
+    ({"pad_dim": 1, "trim": "yes"}, ValueError, "trim must be True or False, got 'yes'"),
 ])
 def test_a_bad_serving_argument_raises_a_clear_error(kwargs, error, words):
     with pytest.raises(error, match=re.escape(words)):
