@@ -21,6 +21,19 @@ from setuptools import Extension, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def probe_links(source, cflags, libs):
+    """True if the C program `source` compiles and links with the platform's C compiler
+    and these flags (how the build finds an optional library)."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write(source)
+        r = subprocess.run([cc] + cflags + [src, "-o", os.path.join(tmp, "probe")] + libs,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return r.returncode == 0
+
+
 def objc_runtime_flags():
     """Compile/link flags for the Objective-C runtime, or None if there is none."""
     if os.environ.get("AGXGUARD_NO_OBJC") == "1":
@@ -29,17 +42,8 @@ def objc_runtime_flags():
         # CoreGraphics: without it MTLCreateSystemDefaultDevice() returns nil in a command-line process
         return {"compile": [], "link": ["-lobjc", "-framework", "Foundation", "-framework", "Metal",
                                         "-framework", "CoreGraphics"]}
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     probe = "#include <objc/runtime.h>\nint main(void){return objc_getClass(\"Object\") != 0;}\n"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "probe.c")
-        with open(src, "w") as f:
-            f.write(probe)
-        r = subprocess.run([cc, src, "-o", os.path.join(tmp, "probe"), "-lobjc"],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if r.returncode != 0:
-        return None
-    return {"compile": [], "link": ["-lobjc"]}
+    return {"compile": [], "link": ["-lobjc"]} if probe_links(probe, [], ["-lobjc"]) else None
 
 
 def ffi_flags():
@@ -58,15 +62,8 @@ def ffi_flags():
                               stderr=subprocess.DEVNULL, text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         cflags, libs = [], ["-lffi"]
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     probe = "#include <ffi.h>\nint main(void){return ffi_prep_cif(0, FFI_DEFAULT_ABI, 0, &ffi_type_void, 0);}\n"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "probe.c")
-        with open(src, "w") as f:
-            f.write(probe)
-        r = subprocess.run([cc] + cflags + [src, "-o", os.path.join(tmp, "probe")] + libs,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return {"compile": cflags, "link": libs} if r.returncode == 0 else None
+    return {"compile": cflags, "link": libs} if probe_links(probe, cflags, libs) else None
 
 
 # The product: lock primitives, guard domains and modes, the CPython module.

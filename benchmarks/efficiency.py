@@ -437,11 +437,8 @@ class Bench:
         if base_config(config) in THREAD_CONFIGS:
             self._lock = threading.Lock()
             self._semaphore = threading.Semaphore(2)
-            variant = config.partition("@")[2]
             if agxguard is not None:
-                agxguard.set_mode("op" if config == "op_dispatch" else
-                                  base_config(config) if base_config(config) in MODE_CONFIGS else "off")
-                set_variant(variant or None)
+                apply_config(config)
                 agxguard.reset_stats()
                 wait_counts(True)
             try:
@@ -451,9 +448,7 @@ class Bench:
                 if agxguard is not None:
                     set_variant(None)
             if agxguard is not None and base_config(config) == "global":
-                g = agxguard.stats()["domains"]["global"]
-                extra["lock_stats"] = dict(handoffs=g.get("handoffs"), acquisitions=g["acquisitions"],
-                                           contentions=g["contentions"], **(wait_counts(False) or {}))
+                extra["lock_stats"] = global_lock_stats()
             threads, batch = n, 1
         elif config == "offline":
             if n not in self.batched_inputs:
@@ -548,10 +543,8 @@ class Bench:
                 end.abort()
 
         def run_slice(config: str, warm: bool) -> Dict[str, Any]:
-            variant = config.partition("@")[2]
             if agxguard is not None:
-                agxguard.set_mode(base_config(config) if base_config(config) in MODE_CONFIGS else "off")
-                set_variant(variant or None)
+                apply_config(config)
             state.update(config=config, warm=warm)
             for i in range(n):
                 counts[i] = 0
@@ -570,9 +563,7 @@ class Bench:
                                      threads=n, batch=1, latencies=[v for lat in lats for v in lat],
                                      per_thread=list(counts))
             if agxguard is not None and base_config(config) == "global":
-                g = agxguard.stats()["domains"]["global"]
-                r["lock_stats"] = dict(handoffs=g.get("handoffs"), acquisitions=g["acquisitions"],
-                                       contentions=g["contentions"], **(wait_counts(False) or {}))
+                r["lock_stats"] = global_lock_stats()
             return r
 
         threads = [threading.Thread(target=worker, args=(i,), name=f"bench-{i}") for i in range(n)]
@@ -608,6 +599,21 @@ class Bench:
         del self.models, self.inputs, self.batched_inputs
         if self.device.type == "cuda":
             self.torch.cuda.empty_cache()
+
+
+def apply_config(config: str) -> None:
+    """agxguard's mode (and global@VARIANT's wait) for a thread config."""
+    agxguard.set_mode("op" if config == "op_dispatch" else
+                      base_config(config) if base_config(config) in MODE_CONFIGS else "off")
+    set_variant(config.partition("@")[2] or None)
+
+
+def global_lock_stats() -> Dict[str, Any]:
+    """The global lock's handoffs, acquisitions, contentions and wait counts since the
+    last reset (the wait counts are read and reset)."""
+    g = agxguard.stats()["domains"]["global"]
+    return dict(handoffs=g.get("handoffs"), acquisitions=g["acquisitions"],
+                contentions=g["contentions"], **(wait_counts(False) or {}))
 
 
 def set_variant(variant: Optional[str]) -> None:
