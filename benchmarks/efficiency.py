@@ -66,6 +66,9 @@ from typing import Any, Callable, Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+from _paired import bootstrap_ci, total_ratio  # noqa: E402
 
 try:  # the package with its C core
     import agxguard  # noqa: E402
@@ -83,7 +86,7 @@ except ImportError as exc:  # not built: measure what does not need the C core
         spec.loader.exec_module(module)
         return module
 
-    W = _load("agxguard_workloads", "workloads.py")
+    W = _load("agxguard_workloads", os.path.join("lab", "workloads.py"))
     Batcher = _load("agxguard_batcher", "batcher.py").Batcher
 
 DEFAULT_WORKLOADS = ("small_mlp", "story_transformer", "large_transformer", "medium_mlp", "matmul")
@@ -668,7 +671,7 @@ def run_workload(name: str, opts: argparse.Namespace, progress: Dict[str, int]) 
     configs = list(opts.configs)
     skipped: Dict[str, str] = {}
     if agxguard is None:
-        for c in MODE_CONFIGS + ("op_dispatch", "ops_unlocked"):
+        for c in MODE_CONFIGS + ("op_dispatch", "ops_unlocked") + BATCHER_CONFIGS:
             if c in configs:
                 skipped[c] = AGX_ERROR or "agxguard missing"
     points = [(c, n) for c in configs for n in points_for(c, opts.threads)]
@@ -856,26 +859,6 @@ def evaluate_targets(rows: List[Dict[str, Any]], opts: argparse.Namespace) -> Li
                              total_ratio_ci95=bootstrap_ci(aq, ae, bq, be))
             out.append(t)
     return out
-
-
-def total_ratio(aq: List[int], ae: List[float], bq: List[int], be: List[float]) -> float:
-    """(sum aq / sum ae) / (sum bq / sum be): the two configs' throughputs over all rounds."""
-    return (sum(aq) / sum(ae)) / (sum(bq) / sum(be))
-
-
-def bootstrap_ci(aq: List[int], ae: List[float], bq: List[int], be: List[float],
-                 resamples: int = 2000, seed: int = 12) -> List[float]:
-    """95% interval of total_ratio, resampling rounds (each round keeps its pair together)."""
-    import random
-
-    rng = random.Random(seed)
-    k = len(aq)
-    out = []
-    for _ in range(resamples):
-        idx = [rng.randrange(k) for _ in range(k)]
-        out.append(total_ratio([aq[i] for i in idx], [ae[i] for i in idx], [bq[i] for i in idx], [be[i] for i in idx]))
-    out.sort()
-    return [out[int(0.025 * resamples)], out[int(0.975 * resamples) - 1]]
 
 
 def label(config: str) -> str:

@@ -27,10 +27,19 @@ run alone). Client counts: 8 and 64 (--clients).
 It prints a table and the issue's targets as PASS/FAIL lines, and writes JSON (with the
 command, machine and commit) and a PNG (when matplotlib is installed).
 
+--paired R measures each target's two sides in R paired rounds (--slice seconds each, the
+order reversed every other round), so that both sides of a ratio run within a second or
+two of each other: on a host whose single-thread speed drifts by 1.5x over seconds
+(benchmarks/results/host_noise_h200.txt), medians of configurations measured minutes
+apart can differ by more than the effect. It reports per target the median of the
+per-round ratios with their spread, and the ratio of the totals with a 95% bootstrap
+interval over rounds; the targets are judged on the ratio of the totals. --repeats 0
+skips the table and runs only the paired rounds.
+
 Usage:
     python3 benchmarks/serving.py [--device cuda] [--seconds 2] [--repeats 2]
         [--clients 8,64] [--workloads story_transformer,small_mlp,story_var]
-        [--modes free,...] [--baseline-file PATH]
+        [--modes free,...] [--baseline-file PATH] [--paired 16 --slice 0.5]
         [--json benchmarks/results/serving_<device>.json]
 """
 from __future__ import annotations
@@ -52,11 +61,13 @@ from typing import Any, Callable, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 
 import agxguard  # noqa: E402
 from agxguard.batcher import Batcher  # noqa: E402
+from _paired import bootstrap_ci, total_ratio  # noqa: E402
 
 try:  # the workloads module moves into agxguard.lab (issue 12)
     from agxguard.lab import workloads as W  # type: ignore  # noqa: E402
@@ -68,6 +79,15 @@ MODES = ("free", "lock", "guard_global", "batcher", "batcher_async", "batcher_ha
          "batcher_nospin")
 OFFLINE = ("offline_sync", "offline_pipe")
 OFFLINE_BATCH = 8
+# --paired: (workload, side a, its clients, side b, its clients, the target for a / b)
+PAIRS = (
+    ("story_transformer", "batcher", 8, "offline_sync", 8, 1.0),
+    ("small_mlp", "batcher", 8, "offline_sync", 8, 0.8),
+    ("story_var", "batcher", 8, "free", 8, 3.0),
+    ("story_transformer", "batcher_async", 64, "batcher", 8, 1.0),
+    ("small_mlp", "batcher_async", 64, "batcher", 8, 1.0),
+    ("story_var", "batcher_async", 64, "batcher", 8, 1.0),
+)
 VAR_LENGTHS = (8, 32)  # story_var: tokens per request, inclusive
 
 
@@ -318,8 +338,9 @@ def load_baseline(path: str) -> Any:
     return module
 
 
-def measure(work: Work, mode: str, clients: int, seconds: float) -> dict:
-    """One configuration; returns req/s, latency and (Batcher) its stats."""
+def measure(work: Work, mode: str, clients: int, seconds: float, check: bool = True) -> dict:
+    """One configuration; returns req/s, latency and (Batcher) its stats (``check``: for
+    story_var's batcher, also compare its answers with each request run alone)."""
     dev = work.device
     if mode == "offline_sync":
         return run_offline(work, seconds, pipelined=False)
@@ -358,7 +379,7 @@ def measure(work: Work, mode: str, clients: int, seconds: float) -> dict:
                    batch_run_mean_ms=s["batch_run_mean_ms"],
                    queue_wait_mean_ms=s["queue_wait_mean_ms"],
                    overlapped_batches=s["overlapped_batches"])
-        if work.variable and mode == "batcher":
+        if work.variable and mode == "batcher" and check:
             out["max_abs_diff_vs_alone"] = check_answers(work, b)
         return out
     finally:
@@ -429,6 +450,60 @@ def targets(results: dict, clients: list) -> list:
     return [(n, "PASS" if ok else "FAIL", fig) for n, ok, fig in out]
 
 
+def run_paired(works: dict, rounds: int, slice_s: float) -> list:
+    """Every target of PAIRS whose workload is in ``works``: ``rounds`` rounds of side a and
+    side b, one ``slice_s`` measurement each, the order reversed every other round."""
+    out = []
+    for w, a, ca, b, cb, need in PAIRS:
+        if w not in works:
+            continue
+        runs: dict = {a: [], b: []}
+        first = []
+        for rnd in range(rounds):
+            sides = ((a, ca), (b, cb)) if rnd % 2 == 0 else ((b, cb), (a, ca))
+            first.append(sides[0][0])
+            for m, c in sides:
+                runs[m].append(measure(works[w], m, c, slice_s, check=False))
+            ra, rb = runs[a][-1]["req_s"], runs[b][-1]["req_s"]
+            print(f"[paired {rnd + 1}/{rounds}] {w:18} {a}@{ca} {ra:9.0f} / {b}@{cb} {rb:9.0f} "
+                  f"req/s = {ra / rb:.2f}", flush=True)
+        ratios = [x["req_s"] / y["req_s"] for x, y in zip(runs[a], runs[b])]
+        aq = [x["requests"] for x in runs[a]]
+        bq = [y["requests"] for y in runs[b]]
+        ae = [x["requests"] / x["req_s"] for x in runs[a]]
+        be = [y["requests"] / y["req_s"] for y in runs[b]]
+        total = total_ratio(aq, ae, bq, be)
+        lo, hi = bootstrap_ci(aq, ae, bq, be)
+        row = dict(workload=w, a=a, a_clients=ca, b=b, b_clients=cb, target=need,
+                   rounds=rounds, slice_s=slice_s, first=first, ratios=ratios,
+                   median_ratio=statistics.median(ratios), total_ratio=total,
+                   total_ratio_ci95=[lo, hi], a_req_s=[x["req_s"] for x in runs[a]],
+                   b_req_s=[y["req_s"] for y in runs[b]],
+                   a_p50_ms=statistics.median([x["p50_ms"] for x in runs[a]]),
+                   a_p99_ms=statistics.median([x["p99_ms"] for x in runs[a]]),
+                   result="PASS" if total >= need else "FAIL")
+        if "mean_batch" in runs[a][0]:
+            row["a_mean_batch"] = statistics.median([x["mean_batch"] for x in runs[a]])
+        out.append(row)
+    return out
+
+
+def paired_report(rows: list) -> str:
+    """The paired targets as lines: ratio of totals (95% CI), median of per-round ratios
+    [min-max], side a's latency."""
+    lines = []
+    for r in rows:
+        lo, hi = r["total_ratio_ci95"]
+        batch = f", mean batch {r['a_mean_batch']:.2f}" if r.get("a_mean_batch") else ""
+        lines.append(
+            f"{r['result']}  {r['workload']}: {r['a']}@{r['a_clients']} / {r['b']}@{r['b_clients']} "
+            f">= {r['target']}: totals {r['total_ratio']:.2f}x (95% CI {lo:.2f}-{hi:.2f}); "
+            f"per round median {r['median_ratio']:.2f} [{min(r['ratios']):.2f}-"
+            f"{max(r['ratios']):.2f}]; {r['a']} p50 {r['a_p50_ms']:.2f} ms, p99 "
+            f"{r['a_p99_ms']:.2f} ms{batch}")
+    return "\n".join(lines)
+
+
 def table(results: dict, clients: list) -> str:
     """The results as a text table: median req/s (spread over repeats), p50/p99, mean batch."""
     lines = [f"{'workload':18} {'clients':>7} {'mode':14} {'req/s (median, spread)':>26} "
@@ -486,6 +561,10 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--modes", default=",".join(MODES + OFFLINE))
     p.add_argument("--baseline-file", default=None, metavar="PATH",
                    help="another batcher.py, measured as mode batcher_base (threads)")
+    p.add_argument("--paired", type=int, default=0, metavar="R",
+                   help="also measure each target's two sides in R interleaved rounds")
+    p.add_argument("--slice", type=float, default=0.5, metavar="S",
+                   help="measured seconds per side and round with --paired")
     p.add_argument("--json", default=None, help="default benchmarks/results/serving_<device>.json")
     a = p.parse_args(argv)
     global BASELINE
@@ -502,8 +581,13 @@ def main(argv: Optional[list] = None) -> int:
         if m not in allowed:
             p.error(f"unknown mode {m!r}; allowed: {', '.join(allowed)}"
                     + ("" if BASELINE else " (batcher_base with --baseline-file)"))
-    if any(c < 1 for c in clients) or a.repeats < 1 or not a.seconds > 0:
-        p.error("--clients, --repeats and --seconds must be positive")
+    if any(c < 1 for c in clients) or a.repeats < 0 or not a.seconds > 0:
+        p.error("--clients and --seconds must be positive, --repeats 0 or more")
+    if a.paired < 0 or not a.slice > 0:
+        p.error(f"--paired must be 0 or more and --slice positive, got --paired {a.paired} "
+                f"--slice {a.slice}")
+    if a.repeats == 0 and a.paired == 0:
+        p.error("--repeats 0 needs --paired R (nothing would be measured)")
     path = a.json or os.path.join(HERE, "results", f"serving_{torch.device(a.device).type}.json")
     results: dict = {}
     works = {w: Work(w, a.device) for w in workloads}
@@ -525,13 +609,20 @@ def main(argv: Optional[list] = None) -> int:
             for m in OFFLINE:
                 if m in first:
                     results[w].setdefault(str(c), {})[m] = first[m]
+    paired = run_paired(works, a.paired, a.slice) if a.paired else []
     text = table(results, clients)
     checks = targets(results, clients)
     head = (f"command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}\n"
             f"machine: {machine()}\ncommit: {git_commit()}\n"
-            f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}\n"
-            f"{a.seconds} s per configuration, {a.repeats} repeats; medians, spread in brackets")
-    report = head + "\n\n" + text + "\n\n" + "\n".join(f"{s}  {n}: {f}" for n, s, f in checks)
+            f"date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
+    report = head
+    if a.repeats:
+        report += (f"\n{a.seconds} s per configuration, {a.repeats} repeats; medians, spread in "
+                   f"brackets\n\n{text}\n\n"
+                   + "\n".join(f"{s}  {n}: {f}" for n, s, f in checks))
+    if paired:
+        report += (f"\n\npaired rounds (the targets): {a.paired} rounds of {a.slice} s per side, "
+                   f"order reversed every other round\n{paired_report(paired)}")
     if "batcher_base" in modes:
         lines = []
         for w, by_c in results.items():
@@ -547,11 +638,13 @@ def main(argv: Optional[list] = None) -> int:
     with open(path, "w") as fh:
         json.dump({"command": sys.argv, "machine": machine(), "commit": git_commit(),
                    "seconds": a.seconds, "repeats": a.repeats, "results": results,
-                   "targets": [{"target": n, "result": s, "figures": f} for n, s, f in checks]},
+                   "targets": [{"target": n, "result": s, "figures": f} for n, s, f in checks],
+                   "paired": paired},
                   fh, indent=1)
     with open(os.path.splitext(path)[0] + ".txt", "w") as fh:
         fh.write(report + "\n")
-    plot(results, os.path.splitext(path)[0] + ".png")
+    if results:
+        plot(results, os.path.splitext(path)[0] + ".png")
     return 0
 
 

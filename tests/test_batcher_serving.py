@@ -685,3 +685,37 @@ def test_the_serving_benchmark_runs_every_mode_and_writes_json_and_table(tmp_pat
     assert data["results"]["story_var"]["2"]["batcher"][0]["max_abs_diff_vs_alone"] < 1e-3
     assert (tmp_path / "serving.txt").read_text().count("req/s") >= 1
     assert any(t["target"].startswith("story_var: mean batch") for t in data["targets"])
+
+
+def test_the_serving_benchmark_pairs_rounds_for_its_targets(tmp_path):
+    """--paired: each target's two sides alternate round by round (ABBA), each round gives
+    a ratio, and the totals' ratio lies inside its bootstrap interval; bad values refused."""
+    out = tmp_path / "paired.json"
+    r = run_child(f"""
+        import sys
+        sys.argv = ["serving.py", "--device", "cpu", "--repeats", "0", "--paired", "3",
+                    "--slice", "0.1", "--workloads", "small_mlp", "--json", {str(out)!r}]
+        sys.path.insert(0, "benchmarks")
+        import serving
+        sys.exit(serving.main())
+    """, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["results"] == {}
+    pairs = {(p["a"], p["a_clients"], p["b"]): p for p in data["paired"]}
+    assert set(pairs) == {("batcher", 8, "offline_sync"), ("batcher_async", 64, "batcher")}
+    for p in pairs.values():
+        assert p["workload"] == "small_mlp" and p["rounds"] == 3 and len(p["ratios"]) == 3
+        lo, hi = p["total_ratio_ci95"]
+        assert lo <= p["total_ratio"] <= hi
+        assert p["result"] == ("PASS" if p["total_ratio"] >= p["target"] else "FAIL")
+        assert p["first"] == [p["a"], p["b"], p["a"]]  # the order reversed every other round
+    text = (tmp_path / "paired.txt").read_text()
+    assert "paired rounds" in text and "95% CI" in text
+    for argv, words in ((["--paired", "-1"], "--paired"), (["--slice", "0"], "--slice"),
+                        (["--repeats", "0"], "needs --paired")):
+        bad = subprocess.run([sys.executable, "benchmarks/serving.py", *argv], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and words in bad.stderr, bad.stderr[-500:]
