@@ -16,15 +16,23 @@ each step of its dispatcher with time.perf_counter and reports the mean per batc
     answer      RequestQueue._q_complete: every caller's answer set and woken
 
 and the cycle (wall time / batches) beside it; the steps and the Python between them
-sum to the cycle. Usage:
+sum to the cycle. --bare runs it again with clients that only call the Batcher in a loop
+(no latency bookkeeping), to show the benchmark client's own share of ``take``.
+
+--ops times, on the device, each torch call a batch of fixed-length requests costs the
+dispatcher (and offline batching), one at a time in a loop: the pinned allocation, the
+concatenation into it (fresh or reused), the copy in, the forward, the copies back
+(into a fresh pinned tensor, or ``.to("cpu", non_blocking=True)``), the event, the
+split; and the offline loop's whole cycle beside them. Usage:
 
     python3 benchmarks/batcher_profile.py [--device cuda] [--clients 8] [--seconds 2]
-        [--workloads story_transformer,small_mlp,story_var]
+        [--workloads story_transformer,small_mlp,story_var] [--bare] [--ops]
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import threading
 import time
@@ -126,9 +134,37 @@ class TimedBatcher(Batcher):
         super()._complete(flight)
 
 
-def profile(work: Any, clients: int, seconds: float) -> dict:
+def bare_clients(work: Any, clients: int, seconds: float, call: Any) -> dict:
+    """``clients`` threads calling ``call(x)`` in a plain loop for ``seconds``: no clock
+    reads, no latency lists (serving.run_threads' bookkeeping left out)."""
+    stop = threading.Event()
+    counts = [0] * clients
+
+    def client(i: int) -> None:
+        xs, n, k = work.inputs, len(work.inputs), 0
+        while not stop.is_set():
+            call(xs[(i + k * clients) % n])
+            k += 1
+        counts[i] = k
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    wall = time.perf_counter() - t0
+    return {"req_s": sum(counts) / wall}
+
+
+def profile(work: Any, clients: int, seconds: float, bare: bool = False,
+            spin_us: Any = None) -> dict:
     dev = work.device.type if work.device.type in ("cuda", "mps") else None
     kw = {"pad_dim": 1} if work.variable else {}
+    if spin_us is not None:
+        kw["spin_us"] = spin_us
     b = TimedBatcher(work.fn, max_batch=clients, max_delay_ms=2.0, max_queue=4096, device=dev,
                      name=work.name, **kw)
     try:
@@ -137,7 +173,10 @@ def profile(work: Any, clients: int, seconds: float) -> dict:
         for k in b.spent:
             b.spent[k] = 0.0
         t0 = time.perf_counter()
-        out = serving.run_threads(work, clients, seconds, b)
+        if bare:
+            out = bare_clients(work, clients, seconds, b)
+        else:
+            out = serving.run_threads(work, clients, seconds, b)
         wall = time.perf_counter() - t0
         s = b.stats()
         spent = dict(b.spent)
@@ -151,12 +190,107 @@ def profile(work: Any, clients: int, seconds: float) -> dict:
             "cycle_us": 1e6 * wall / batches, "steps_us": per}
 
 
+class Spinners:
+    """``n`` threads that spin (GIL released, in agxguard's C wait) as the Batcher's waiting
+    callers do, on a Wakeup nobody sets, until stopped."""
+
+    def __init__(self, n: int, spin_us: float = 2000.0):
+        from agxguard import _C
+
+        self.stop = threading.Event()
+        w = _C.Wakeup(spin_us=spin_us)
+
+        def spin() -> None:
+            while not self.stop.is_set():
+                w.wait(spin_us / 1e6)
+
+        self.threads = [threading.Thread(target=spin, daemon=True) for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+
+
+def time_ops(work: Any, reps: int = 2000, rounds: int = 5) -> list:
+    """(step, microseconds per call: median of ``rounds`` loops of ``reps``) for the torch
+    calls of one batch of 8 fixed-length requests on ``work``'s device (cuda)."""
+    import torch
+
+    dev = work.device
+    xs = work.inputs[:8]
+    sizes = [x.shape[0] for x in xs]
+    shape = (sum(sizes),) + tuple(xs[0].shape[1:])
+    staging = torch.empty(shape, pin_memory=True)
+    torch.cat(xs, 0, out=staging)
+    d = staging.to(dev, non_blocking=True)
+    out = work.fn(d)
+    back = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+    ev = torch.cuda.Event()
+    ev.record()
+    torch.cuda.synchronize()
+
+    def offline_cycle() -> None:
+        h = torch.empty(shape, pin_memory=True)
+        torch.cat(xs, 0, out=h)
+        o = work.fn(h.to(dev, non_blocking=True))
+        b = torch.empty(o.shape, dtype=o.dtype, pin_memory=True)
+        b.copy_(o, non_blocking=True)
+        e = torch.cuda.Event()
+        e.record()
+        e.synchronize()
+        b.split(sizes, 0)
+
+    steps = [
+        ("pinned alloc: torch.empty(pin_memory=True)", lambda: torch.empty(shape, pin_memory=True)),
+        ("torch.cat(xs, out=reused pinned)", lambda: torch.cat(xs, 0, out=staging)),
+        ("pinned alloc + cat (the Batcher's collate)",
+         lambda: torch.cat(xs, 0, out=torch.empty(shape, pin_memory=True))),
+        ("copy in: pinned.to(dev, non_blocking)", lambda: staging.to(dev, non_blocking=True)),
+        ("forward fn(d)", lambda: work.fn(d)),
+        ("copy back: pinned alloc + copy_(non_blocking)",
+         lambda: torch.empty(out.shape, dtype=out.dtype, pin_memory=True).copy_(out, non_blocking=True)),
+        ("copy back: reused pinned copy_(non_blocking)", lambda: back.copy_(out, non_blocking=True)),
+        ("copy back: out.to('cpu', non_blocking)", lambda: out.to("cpu", non_blocking=True)),
+        ("event: Event() + record()", lambda: torch.cuda.Event().record()),
+        ("split: back.chunk(8)", lambda: back.chunk(8, 0)),
+        ("split: back.unbind(0)", lambda: back.unbind(0)),
+        ("offline cycle (sync, all of the above once)", offline_cycle),
+        ("offline cycle, 8 other threads spinning", offline_cycle),
+    ]
+    rows = []
+    for name, f in steps:
+        spinners = Spinners(8) if "spinning" in name else None
+        for _ in range(50):
+            f()
+        torch.cuda.synchronize()
+        per = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            for _ in range(reps):
+                f()
+            per.append((time.perf_counter() - t) / reps * 1e6)
+            torch.cuda.synchronize()
+        if spinners is not None:
+            spinners.close()
+        rows.append((name, statistics.median(per), min(per), max(per)))
+    return rows
+
+
 def main(argv: Any = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--seconds", type=float, default=2.0)
     p.add_argument("--workloads", default="story_transformer,small_mlp,story_var")
+    p.add_argument("--bare", action="store_true",
+                   help="also profile with bare clients (no latency bookkeeping)")
+    p.add_argument("--spin-us", default=None, metavar="LIST",
+                   help="comma list of Batcher(spin_us=...) to profile (default: its default)")
+    p.add_argument("--ops", action="store_true",
+                   help="also time each torch call of a batch on the device (cuda only)")
     a = p.parse_args(argv)
     names = [w for w in a.workloads.split(",") if w]
     bad = [w for w in names if w not in serving.WORKLOADS]
@@ -167,13 +301,36 @@ def main(argv: Any = None) -> int:
     print(f"{'workload':18} {'req/s':>8} {'batch':>6} {'cycle':>8} "
           + " ".join(f"{k:>8}" for k in STEPS) + f" {'other':>8}")
     threading.current_thread().name = "profile-main"
+    try:
+        spins = [None] if a.spin_us is None else [float(v) for v in a.spin_us.split(",")]
+    except ValueError:
+        p.error(f"--spin-us must be a comma list of numbers, got {a.spin_us!r}")
     for w in names:
         work = serving.Work(w, a.device)
-        r = profile(work, a.clients, a.seconds)
-        steps = r["steps_us"]
-        other = r["cycle_us"] - sum(steps.values())
-        print(f"{w:18} {r['req_s']:8.0f} {r['mean_batch']:6.2f} {r['cycle_us']:8.1f} "
-              + " ".join(f"{steps[k]:8.1f}" for k in STEPS) + f" {other:8.1f}", flush=True)
+        for spin in spins:
+            r = profile(work, a.clients, a.seconds, spin_us=spin)
+            steps = r["steps_us"]
+            other = r["cycle_us"] - sum(steps.values())
+            label = w if spin is None else f"{w} spin {spin:g}"
+            print(f"{label:18} {r['req_s']:8.0f} {r['mean_batch']:6.2f} {r['cycle_us']:8.1f} "
+                  + " ".join(f"{steps[k]:8.1f}" for k in STEPS) + f" {other:8.1f}", flush=True)
+        if a.bare:
+            r = profile(work, a.clients, a.seconds, bare=True)
+            steps = r["steps_us"]
+            other = r["cycle_us"] - sum(steps.values())
+            print(f"{w + ' (bare)':18} {r['req_s']:8.0f} {r['mean_batch']:6.2f} "
+                  f"{r['cycle_us']:8.1f} " + " ".join(f"{steps[k]:8.1f}" for k in STEPS)
+                  + f" {other:8.1f}", flush=True)
+    if a.ops:
+        if not a.device.startswith("cuda"):
+            p.error("--ops needs --device cuda")
+        for w in names:
+            if w == "story_var":
+                continue  # fixed-length batches only
+            print(f"\n{w}: one call at a time, microseconds per call (median [min-max] of 5 "
+                  f"loops of 2000)")
+            for name, med, lo, hi in time_ops(serving.Work(w, a.device)):
+                print(f"  {name:48} {med:8.1f} [{lo:.1f}-{hi:.1f}]", flush=True)
     return 0
 
 
