@@ -88,6 +88,12 @@ log = logging.getLogger("agxguard.batcher")
 #: (GIL released) before it sleeps.
 DEFAULT_SPIN_US = 2000.0
 
+#: The device path reuses pinned input buffers: per shape at most this many are kept,
+#: for at most STAGING_SHAPES shapes, each of at most STAGING_MAX_BYTES.
+STAGING_PER_SHAPE = 4
+STAGING_SHAPES = 8
+STAGING_MAX_BYTES = 64 << 20
+
 #: How long the interpreter's exit waits for each open Batcher to finish what it
 #: accepted (seconds); past it the remaining callers are failed and exit goes on.
 EXIT_CLOSE_TIMEOUT_S = 10.0
@@ -98,16 +104,17 @@ _perf_counter = time.perf_counter
 _torch = None
 _Size: Any = None  # torch.Size and torch.dtype once torch is imported (fast path in _describe)
 _dtype: Any = None
+_Tensor: Any = None  # torch.Tensor once imported (the dispatcher's fast path for one output)
 
 
 def _get_torch() -> Any:
     """Import torch on first use (the module imports without it)."""
-    global _torch, _Size, _dtype
+    global _torch, _Size, _dtype, _Tensor
     if _torch is None:
         import torch
 
         _torch = torch
-        _Size, _dtype = torch.Size, torch.dtype
+        _Size, _dtype, _Tensor = torch.Size, torch.dtype, torch.Tensor
     return _torch
 
 
@@ -305,13 +312,14 @@ class _Flight:
     """One batch on its way: its requests (the queue's), the split answers, and (device
     path) the event that fires when its outputs are back on the host."""
 
-    __slots__ = ("batch", "results", "error", "event")
+    __slots__ = ("batch", "results", "error", "event", "staging")
 
     def __init__(self, batch: list):
         self.batch = batch
         self.results = None
         self.error: Optional[BaseException] = None
         self.event = None
+        self.staging = None  # the pinned input buffer, reusable once the event fired
 
 
 class Batcher(_RequestQueue):
@@ -427,6 +435,9 @@ class Batcher(_RequestQueue):
         self._fork_child = False
         self._inflight: list = []  # _Flight objects between forming and answering
         self._overlapped = 0  # batches launched while another was on the device
+        self._events: list = []  # device path: recorded events whose flights completed
+        self._staging: dict = {}  # (shape, dtype) -> pinned input buffers free for reuse
+        self._staging_reused = 0
 
         self._thread = threading.Thread(target=self._dispatch_loop, daemon=True,
                                         name=f"agxguard-batcher-{self.name}")
@@ -573,6 +584,7 @@ class Batcher(_RequestQueue):
         self._fork_child = True
         self._closed = True
         self._inflight = []
+        self._events, self._staging = [], {}  # the parent's device state is not the child's
         self._q_after_fork(self._closed_message())
 
     # ------------------------------------------------------------------ dispatching
@@ -606,9 +618,11 @@ class Batcher(_RequestQueue):
             except RuntimeError:  # the loop is closed: nobody is waiting there any more
                 pass
 
-    def _collate(self, xs: list, sizes: list, lens: Optional[list]) -> tuple:
+    def _collate(self, xs: list, sizes: list, lens: Optional[list],
+                 flight: Optional[_Flight] = None) -> tuple:
         """Build the batch tensor (padded with pad_value along pad_dim if set) and the
-        lengths tensor (or None); on the device path, in pinned host memory, then copied
+        lengths tensor (or None); on the device path, in pinned host memory (for fixed
+        length, a staging buffer that ``flight`` keeps until its event fired), then copied
         to the device. Returns (x, lengths, trim)."""
         dev = self.device
         pad_dim = self.pad_dim
@@ -620,8 +634,10 @@ class Batcher(_RequestQueue):
             torch = _get_torch()
             x0 = xs[0]
             shape = (sum(sizes),) + tuple(x0.shape[1:])
-            host = torch.empty(shape, dtype=x0.dtype, pin_memory=dev.type == "cuda")
+            host = self._staging_get(shape, x0.dtype)
             torch.cat(xs, 0, out=host)
+            if flight is not None:
+                flight.staging = host
             return host.to(dev, non_blocking=True), None, None
         torch = _get_torch()
         padded = max(lens)
@@ -664,7 +680,7 @@ class Batcher(_RequestQueue):
         flight = _Flight(batch)
         self._inflight.append(flight)
         try:
-            x, lengths, trim = self._collate(xs, sizes, lens)
+            x, lengths, trim = self._collate(xs, sizes, lens, flight)
             xs = None
             if self._guard is None:
                 out = self.fn(x) if lengths is None else self.fn(x, lengths)
@@ -675,7 +691,10 @@ class Batcher(_RequestQueue):
             if self.device is not None:
                 out = _map_tensors(out, self._to_host)
                 flight.event = self._record_event()
-            results = _split_output(out, sizes, sum(sizes), trim)
+            if trim is None and type(out) is _Tensor:  # the common case, without the generic walk
+                results = _split_tensor(out, sizes, sum(sizes))
+            else:
+                results = _split_output(out, sizes, sum(sizes), trim)
             flight.results = results if type(results) is list else list(results)
         except BaseException as exc:  # every caller of this batch gets it, and only them
             flight.error = exc
@@ -686,21 +705,45 @@ class Batcher(_RequestQueue):
         dev = getattr(t, "device", None)
         if dev is None or dev.type == "cpu":
             return t
-        torch = _get_torch()
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=dev.type == "cuda")
+        if dev.type == "cuda":  # a non-blocking copy to the CPU lands in pinned memory
+            return t.to("cpu", non_blocking=True)
+        host = _get_torch().empty(t.shape, dtype=t.dtype)
         host.copy_(t, non_blocking=True)
         return host
 
     def _record_event(self) -> Any:
-        """Record an event on the device's current stream (fires when the copies are done)."""
-        torch = _get_torch()
-        if self.device.type == "cuda":
-            ev = torch.cuda.Event()
-            ev.record()
-            return ev
-        ev = torch.mps.event.Event()
+        """Record an event on the device's current stream (fires when the copies are done);
+        events come from a small pool (a completed flight gives its event back)."""
+        ev = self._events.pop() if self._events else None
+        if ev is None:
+            torch = _get_torch()
+            ev = torch.cuda.Event() if self.device.type == "cuda" else torch.mps.event.Event()
         ev.record()
         return ev
+
+    def _staging_get(self, shape: tuple, dtype: Any) -> Any:
+        """A pinned (cuda) host buffer of ``shape`` and ``dtype`` for a batch's input: a
+        reused one whose last batch is done, or a new one."""
+        free = self._staging.get((shape, dtype))
+        if free:
+            self._staging_reused += 1
+            return free.pop()
+        return _get_torch().empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda")
+
+    def _staging_put(self, host: Any) -> None:
+        """Keep ``host`` for a later batch of its shape (its copy to the device is done);
+        at most STAGING_PER_SHAPE per shape and STAGING_SHAPES shapes (the oldest shape
+        is dropped), buffers of up to STAGING_MAX_BYTES."""
+        if host.numel() * host.element_size() > STAGING_MAX_BYTES:
+            return
+        key = (tuple(host.shape), host.dtype)
+        free = self._staging.get(key)
+        if free is None:
+            if len(self._staging) >= STAGING_SHAPES:
+                self._staging.pop(next(iter(self._staging)))
+            free = self._staging[key] = []
+        if len(free) < STAGING_PER_SHAPE:
+            free.append(host)
 
     def _complete(self, flight: _Flight) -> None:
         """Wait for ``flight``'s event (if any), then answer each of its requests (in C:
@@ -710,6 +753,11 @@ class Batcher(_RequestQueue):
                 flight.event.synchronize()
             except BaseException as exc:
                 flight.error = exc
+            else:  # the batch's copies are done: its event and input buffer can serve again
+                self._events.append(flight.event)
+                if flight.staging is not None:
+                    self._staging_put(flight.staging)
+        flight.event = flight.staging = None
         error = flight.error
         deliver = self._q_complete(flight.batch, None if error is not None else flight.results,
                                    error)
@@ -837,6 +885,7 @@ class Batcher(_RequestQueue):
         """Zero the counters and drop latency samples (e.g. after a warm-up)."""
         self._q_reset_stats()
         self._overlapped = 0
+        self._staging_reused = 0
 
     def stats(self) -> dict:
         """Counters and timings so far; times in milliseconds, None where nothing ran.
@@ -849,7 +898,8 @@ class Batcher(_RequestQueue):
         queued + in_flight once the dispatcher is between batches. batches, requests
         (computed), rows, mean_batch_size, largest_batch, batch_sizes ({size: batches}),
         overlapped_batches (device path: launched while another batch was on the device),
-        queue_wait_mean_ms, queue_wait_p50_ms, queue_wait_p99_ms, batch_run_mean_ms
+        staging_reused (device path: batches collated into a pinned input buffer of an
+        earlier batch instead of a new one), queue_wait_mean_ms, queue_wait_p50_ms, queue_wait_p99_ms, batch_run_mean_ms
         (forming to answering, per batch), latency_mean_ms, latency_p50_ms,
         latency_p99_ms, latency_p999_ms (submit to answer, per request; the percentiles
         cover the newest 65,536 computed requests). Kept by the C queue (timestamps at
@@ -857,4 +907,5 @@ class Batcher(_RequestQueue):
         """
         out = self._q_stats()
         out["overlapped_batches"] = self._overlapped
+        out["staging_reused"] = self._staging_reused
         return out

@@ -661,6 +661,64 @@ def test_the_cuda_pipeline_answers_cpu_requests_with_cpu_tensors_equal_to_single
     assert s["overlapped_batches"] > 0, "no batch was collated while another ran"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging buffers and device "
+                    "events need cuda (the device path); the pool's caps are tested on cpu below")
+def test_the_cuda_pipeline_reuses_its_staging_buffers_and_events_without_mixing_batches():
+    """Fixed-length batches are collated into pinned buffers that earlier batches used (once
+    their copies are done) and answered into pinned memory; with two batches in flight and
+    16 threads no answer may come from another batch's data."""
+    lin = torch.nn.Linear(64, 64).cuda()
+
+    def fn(x):
+        with torch.no_grad():
+            return lin(x) + x  # an answer that carries its own input
+
+    inputs = [torch.full((2, 64), float(i)) for i in range(3000)]
+    results = [None] * len(inputs)
+    with Batcher(fn, max_batch=8, max_delay_ms=1, device="cuda") as b:
+        def client(k):
+            for i in range(k, len(inputs), 16):
+                results[i] = b(inputs[i])
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+    for x, y in zip(inputs, results):
+        torch.testing.assert_close(y, fn(x.cuda()).cpu())
+    assert all(y.is_pinned() for y in results[:50]), "answers should land in pinned memory"
+    s = b.stats()
+    assert s["answered"] == len(inputs)
+    assert s["staging_reused"] > s["batches"] // 2, s
+    assert len(b._events) <= b.pipeline_depth + 1
+
+
+def test_the_staging_pool_keeps_few_buffers_per_shape_few_shapes_and_no_large_ones(monkeypatch):
+    """The device path's pool of pinned input buffers is bounded (run here on cpu tensors:
+    only the pool's bookkeeping, no device)."""
+    import agxguard.batcher as B
+
+    monkeypatch.setattr(B, "STAGING_MAX_BYTES", 4096)
+    b = Batcher(lambda x: x, max_batch=2)
+    try:
+        b.device = torch.device("cuda")  # the pool is only used on the device path
+        for _ in range(B.STAGING_PER_SHAPE + 3):
+            b._staging_put(torch.zeros(2, 8))
+        assert len(b._staging[((2, 8), torch.float32)]) == B.STAGING_PER_SHAPE
+        for n in range(1, B.STAGING_SHAPES + 3):
+            b._staging_put(torch.zeros(n, 3))
+        assert len(b._staging) == B.STAGING_SHAPES
+        assert ((2, 8), torch.float32) not in b._staging  # the oldest shape went first
+        b._staging_put(torch.zeros(2, 4096))  # 32 KiB > the cap: not kept
+        assert ((2, 4096), torch.float32) not in b._staging
+        got = b._staging_get((B.STAGING_SHAPES + 2, 3), torch.float32)
+        assert tuple(got.shape) == (B.STAGING_SHAPES + 2, 3) and b.stats()["staging_reused"] == 1
+    finally:
+        b.device = None
+        b.close()
+
+
 # ---------------------------------------------------------------- benchmarks/serving.py
 def test_the_serving_benchmark_runs_every_mode_and_writes_json_and_table(tmp_path):
     out = tmp_path / "serving.json"
