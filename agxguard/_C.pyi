@@ -39,15 +39,6 @@ class Wakeup:
     def is_set(self) -> bool: ...
     def wait(self, timeout: Optional[float] = None, spin_us: Optional[float] = None) -> bool: ...
 
-def gather_rows(dst: Any, xs: List[Any], pad_dim: Optional[int] = -1,
-                pad: Optional[Any] = None) -> bool:
-    """Copy the tensors xs one after the other along dim 0 into dst (contiguous, CPU), each
-    padded along pad_dim (>= 1) to dst's length there with pad (a one-element tensor of
-    dst's dtype). Plain tensors only (CPU, contiguous, dst's dtype, not complex, no
-    autograd, shapes equal to dst's but along dim 0 and pad_dim); False, having written
-    nothing, for anything else."""
-    ...
-
 # A request of a RequestQueue (type agxguard._C.Request, not exported by name) has the
 # read-only attributes x, payload, rows, length, key, claimed, deadline and a settable
 # timed_out; below it is typed as Any.

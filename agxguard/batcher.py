@@ -69,7 +69,6 @@ except ImportError:  # loaded as a lone file (benchmarks/efficiency.py's fallbac
 
 try:
     from ._C import RequestQueue as _RequestQueue
-    from ._C import gather_rows as _gather_rows
 except ImportError as _exc:  # loaded as a lone file, or not built (benchmarks/efficiency.py's fallback)
     _C_ERROR = _exc
 
@@ -439,7 +438,6 @@ class Batcher(_RequestQueue):
         self._events: list = []  # device path: recorded events whose flights completed
         self._staging: dict = {}  # (shape, dtype) -> pinned input buffers free for reuse
         self._staging_reused = 0
-        self._pads: dict = {}  # dtype -> pad_value as a one-element tensor (gather_rows)
 
         self._thread = threading.Thread(target=self._dispatch_loop, daemon=True,
                                         name=f"agxguard-batcher-{self.name}")
@@ -628,70 +626,51 @@ class Batcher(_RequestQueue):
         to the device. Returns (x, lengths, trim)."""
         dev = self.device
         pad_dim = self.pad_dim
-        torch = _get_torch()
-        x0 = xs[0]
+        torch = None
         if pad_dim is None:
             if dev is None:
-                if len(xs) == 1:
-                    return x0, None, None
-                if x0.is_cpu:
-                    x = torch.empty((sum(sizes),) + tuple(x0.shape[1:]), dtype=x0.dtype)
-                    if _gather_rows(x, xs):
-                        return x, None, None
-                return torch.cat(xs, 0), None, None
-            host = self._staging_get((sum(sizes),) + tuple(x0.shape[1:]), x0.dtype)
-            if not _gather_rows(host, xs):
-                torch.cat(xs, 0, out=host)
+                x = xs[0] if len(xs) == 1 else _get_torch().cat(xs, 0)
+                return x, None, None
+            torch = _get_torch()
+            x0 = xs[0]
+            shape = (sum(sizes),) + tuple(x0.shape[1:])
+            host = self._staging_get(shape, x0.dtype)
+            torch.cat(xs, 0, out=host)
             if flight is not None:
                 flight.staging = host
             return host.to(dev, non_blocking=True), None, None
+        torch = _get_torch()
         padded = max(lens)
         if self.buckets is not None:
             for b in self.buckets:
                 if b >= padded:
                     padded = b
                     break
+        x0 = xs[0]
         shape = list(x0.shape)
         shape[0] = sum(sizes)
         shape[pad_dim] = padded
-        if dev is None:
-            host = torch.empty(shape, dtype=x0.dtype, device=x0.device)
-        else:
-            host = self._staging_get(tuple(shape), x0.dtype)
-            if flight is not None:
-                flight.staging = host
+        pin = dev is not None and dev.type == "cuda"
+        where = x0.device if dev is None else "cpu"
+        host = torch.empty(shape, dtype=x0.dtype, device=where, pin_memory=pin)
+        row = 0
         row_lens = []
-        for n, length in zip(sizes, lens):
+        for x, n, length in zip(xs, sizes, lens):
+            dst = host.narrow(0, row, n)
+            if length == padded:
+                dst.copy_(x)
+            else:
+                dst.narrow(pad_dim, 0, length).copy_(x)
+                dst.narrow(pad_dim, length, padded - length).fill_(self.pad_value)
+            row += n
             row_lens.extend([length] * n)
-        if not (x0.is_cpu and _gather_rows(host, xs, pad_dim, self._pad_tensor(x0.dtype))):
-            row = 0
-            for x, n, length in zip(xs, sizes, lens):
-                dst = host.narrow(0, row, n)
-                if length == padded:
-                    dst.copy_(x)
-                else:
-                    dst.narrow(pad_dim, 0, length).copy_(x)
-                    dst.narrow(pad_dim, length, padded - length).fill_(self.pad_value)
-                row += n
         lengths = torch.tensor(row_lens, dtype=torch.int64)
         trim = (lens, pad_dim, padded) if self.trim else None
         if dev is None:
             return host, lengths.to(x0.device), trim
-        if dev.type == "cuda":
+        if pin:
             lengths = lengths.pin_memory()
         return host.to(dev, non_blocking=True), lengths.to(dev, non_blocking=True), trim
-
-    def _pad_tensor(self, dtype: Any) -> Any:
-        """pad_value as a one-element CPU tensor of ``dtype`` (for gather_rows), kept; None
-        where torch cannot make one."""
-        t = self._pads.get(dtype, False)
-        if t is False:
-            try:
-                t = _get_torch().full((1,), self.pad_value, dtype=dtype)
-            except (RuntimeError, TypeError, ValueError):  # torch's fill_ path decides then
-                t = None
-            self._pads[dtype] = t
-        return t
 
     def _launch(self, batch: list, xs: list, sizes: list, lens: Optional[list]) -> _Flight:
         """Collate a batch the queue gave (requests, their inputs, rows and lengths), call

@@ -249,7 +249,6 @@ static int is_passthrough(PyObject *func) {
  * types.MethodType (torch wants a method whose __self__ is the mode). */
 int agx_wakeup_add_to_module(PyObject *m);   /* wakeup.c */
 int agx_reqqueue_add_to_module(PyObject *m); /* reqqueue.c */
-int agx_gather_add_to_module(PyObject *m);   /* gather.c */
 
 static PyObject *mod_torch_function(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs < 3 || nargs > 5) {
@@ -642,7 +641,7 @@ PyMODINIT_FUNC PyInit__C(void) {
         PyModule_AddObjectRef(m, "LockWaitWarning", agx_LockWaitWarning) < 0 ||
         PyModule_AddObjectRef(m, "Guard", (PyObject *)&GuardType) < 0 ||
         PyModule_AddObjectRef(m, "Lock", (PyObject *)&LockType) < 0 || agx_wakeup_add_to_module(m) < 0 ||
-        agx_reqqueue_add_to_module(m) < 0 || agx_gather_add_to_module(m) < 0)
+        agx_reqqueue_add_to_module(m) < 0)
         goto fail;
     op_site = (GuardObject *)PyObject_CallNoArgs((PyObject *)&GuardType);
     if (op_site == NULL) goto fail;
