@@ -720,20 +720,26 @@ def test_the_staging_pool_keeps_few_buffers_per_shape_few_shapes_and_no_large_on
 
 
 # ---------------------------------------------------------------- benchmarks/serving.py
-def test_the_serving_benchmark_runs_every_mode_and_writes_json_and_table(tmp_path):
-    out = tmp_path / "serving.json"
+def run_serving(out, *argv):
+    """benchmarks/serving.py --device cpu ARGV --json OUT in a child; its JSON."""
+    import json
+
+    args = ["serving.py", "--device", "cpu", *argv, "--json", str(out)]
     r = run_child(f"""
         import sys
-        sys.argv = ["serving.py", "--device", "cpu", "--seconds", "0.15", "--repeats", "1",
-                    "--clients", "2", "--workloads", "small_mlp,story_var", "--json", {str(out)!r}]
+        sys.argv = {args!r}
         sys.path.insert(0, "benchmarks")
         import serving
         sys.exit(serving.main())
     """, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    import json
+    return json.loads(out.read_text())
 
-    data = json.loads(out.read_text())
+
+def test_the_serving_benchmark_runs_every_mode_and_writes_json_and_table(tmp_path):
+    out = tmp_path / "serving.json"
+    data = run_serving(out, "--seconds", "0.15", "--repeats", "1", "--clients", "2",
+                       "--workloads", "small_mlp,story_var")
     assert set(data["results"]) == {"small_mlp", "story_var"}
     for w in data["results"].values():
         assert set(w["2"]) == {"free", "lock", "guard_global", "batcher", "batcher_async",
@@ -749,18 +755,8 @@ def test_the_serving_benchmark_pairs_rounds_for_its_targets(tmp_path):
     """--paired: each target's two sides alternate round by round (ABBA), each round gives
     a ratio, and the totals' ratio lies inside its bootstrap interval; bad values refused."""
     out = tmp_path / "paired.json"
-    r = run_child(f"""
-        import sys
-        sys.argv = ["serving.py", "--device", "cpu", "--repeats", "0", "--paired", "3",
-                    "--slice", "0.1", "--workloads", "small_mlp", "--json", {str(out)!r}]
-        sys.path.insert(0, "benchmarks")
-        import serving
-        sys.exit(serving.main())
-    """, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
-    import json
-
-    data = json.loads(out.read_text())
+    data = run_serving(out, "--repeats", "0", "--paired", "3", "--slice", "0.1",
+                       "--workloads", "small_mlp")
     assert data["results"] == {}
     pairs = {(p["a"], p["a_clients"], p["b"]): p for p in data["paired"]}
     assert set(pairs) == {("batcher", 8, "offline_sync"), ("batcher_async", 64, "batcher")}
