@@ -48,6 +48,22 @@ from agxguard.batcher import Batcher  # noqa: E402
 STEPS = ("take", "collate", "fn", "to_host", "split", "sync", "answer")
 
 
+def _timed(method: str, step: str) -> Any:
+    """A TimedBatcher method that calls the Batcher's ``method`` and adds its time to
+    ``step``."""
+    inner = getattr(Batcher, method)
+
+    def timed(self: Any, *args: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return inner(self, *args)
+        finally:
+            self._add(step, t)
+
+    timed.__name__ = method
+    return timed
+
+
 class TimedBatcher(Batcher):
     """A Batcher whose dispatcher adds each step's time to ``self.spent`` (seconds)."""
 
@@ -67,40 +83,13 @@ class TimedBatcher(Batcher):
     def _add(self, step: str, t0: float) -> None:
         self.spent[step] += time.perf_counter() - t0
 
-    def _q_take(self, *args: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return super()._q_take(*args)
-        finally:
-            self._add("take", t)
-
-    def _q_take_ready(self, *args: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return super()._q_take_ready(*args)
-        finally:
-            self._add("take", t)
-
-    def _collate(self, *args: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return super()._collate(*args)
-        finally:
-            self._add("collate", t)
-
-    def _to_host(self, t_: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return super()._to_host(t_)
-        finally:
-            self._add("to_host", t)
-
-    def _record_event(self) -> Any:
-        t = time.perf_counter()
-        try:
-            return super()._record_event()
-        finally:
-            self._add("to_host", t)
+    # the dispatcher's steps that are one Batcher method each, timed around the call
+    _q_take = _timed("_q_take", "take")
+    _q_take_ready = _timed("_q_take_ready", "take")
+    _collate = _timed("_collate", "collate")
+    _to_host = _timed("_to_host", "to_host")
+    _record_event = _timed("_record_event", "to_host")
+    _q_complete = _timed("_q_complete", "answer")
 
     def _launch(self, *args: Any) -> Any:
         t = time.perf_counter()
@@ -114,13 +103,6 @@ class TimedBatcher(Batcher):
             fn = self._fn_time - fn0
             self.spent["fn"] += fn
             self.spent["split"] += total - inner - fn
-
-    def _q_complete(self, *args: Any) -> Any:
-        t = time.perf_counter()
-        try:
-            return super()._q_complete(*args)
-        finally:
-            self._add("answer", t)
 
     def _complete(self, flight: Any) -> None:
         if flight.event is not None and flight.error is None:

@@ -48,6 +48,15 @@ def wait_queued(q, n):
         time.sleep(0.001)
 
 
+def start_callers(q, n):
+    """n Callers of q with a (1, 2) request each, started and queued."""
+    callers = [Caller(q, torch.zeros(1, 2)) for _ in range(n)]
+    for c in callers:
+        c.start()
+    wait_queued(q, n)
+    return callers
+
+
 def settled(s):
     return s["answered"] + s["failed"] + s["cancelled"] + s["expired"] + s["queued"] + s["in_flight"]
 
@@ -91,10 +100,7 @@ def test_a_request_given_up_before_its_batch_forms_is_dropped_and_counted_cancel
 
 def test_one_exception_answers_every_caller_of_the_batch():
     q = Q()
-    callers = [Caller(q, torch.zeros(1, 2)) for _ in range(3)]
-    for c in callers:
-        c.start()
-    wait_queued(q, 3)
+    callers = start_callers(q, 3)
     batch, _, _, _, _ = q._q_take(8, 0.0, None)
     assert len(batch) == 3
     boom = ValueError("boom")
@@ -138,10 +144,7 @@ def test_a_caller_that_gives_up_while_its_batch_runs_gets_nothing_twice():
 
 def test_stats_count_every_outcome_and_keep_latency_percentiles():
     q = Q()
-    callers = [Caller(q, torch.zeros(1, 2)) for _ in range(4)]
-    for c in callers:
-        c.start()
-    wait_queued(q, 4)
+    callers = start_callers(q, 4)
     s = q._q_stats()
     assert (s["accepted"], s["queued"], s["in_flight"]) == (4, 4, 0)
     batch, _, _, _, _ = q._q_take(3, 0.0, None)
