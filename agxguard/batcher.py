@@ -104,7 +104,7 @@ _perf_counter = time.perf_counter
 _torch = None
 _Size: Any = None  # torch.Size and torch.dtype once torch is imported (fast path in _describe)
 _dtype: Any = None
-_Tensor: Any = None  # torch.Tensor once imported (the dispatcher's fast path for one output)
+_Tensor: Any = None  # torch.Tensor once imported (_split_output's fast path for one tensor)
 
 
 def _get_torch() -> Any:
@@ -202,6 +202,9 @@ def _split_output(out: Any, sizes: list, total: int, trim: Optional[tuple] = Non
     split element by element and rebuilt with the same type for each request. ``trim``
     (lengths, pad_dim, padded length) trims padded outputs back to each request's length.
     """
+    if trim is None and type(out) is _Tensor:  # the common case, without the generic walk
+        return _split_tensor(out, sizes, total)
+
     def one(t: Any) -> list:
         parts = _split_tensor(t, sizes, total)
         return parts if trim is None else _trim(list(parts), *trim)
@@ -618,8 +621,7 @@ class Batcher(_RequestQueue):
             except RuntimeError:  # the loop is closed: nobody is waiting there any more
                 pass
 
-    def _collate(self, xs: list, sizes: list, lens: Optional[list],
-                 flight: Optional[_Flight] = None) -> tuple:
+    def _collate(self, xs: list, sizes: list, lens: Optional[list], flight: _Flight) -> tuple:
         """Build the batch tensor (padded with pad_value along pad_dim if set) and the
         lengths tensor (or None); on the device path, in pinned host memory (for fixed
         length, a staging buffer that ``flight`` keeps until its event fired), then copied
@@ -636,8 +638,7 @@ class Batcher(_RequestQueue):
             shape = (sum(sizes),) + tuple(x0.shape[1:])
             host = self._staging_get(shape, x0.dtype)
             torch.cat(xs, 0, out=host)
-            if flight is not None:
-                flight.staging = host
+            flight.staging = host
             return host.to(dev, non_blocking=True), None, None
         torch = _get_torch()
         padded = max(lens)
@@ -691,10 +692,7 @@ class Batcher(_RequestQueue):
             if self.device is not None:
                 out = _map_tensors(out, self._to_host)
                 flight.event = self._record_event()
-            if trim is None and type(out) is _Tensor:  # the common case, without the generic walk
-                results = _split_tensor(out, sizes, sum(sizes))
-            else:
-                results = _split_output(out, sizes, sum(sizes), trim)
+            results = _split_output(out, sizes, sum(sizes), trim)
             flight.results = results if type(results) is list else list(results)
         except BaseException as exc:  # every caller of this batch gets it, and only them
             flight.error = exc
@@ -899,8 +897,8 @@ class Batcher(_RequestQueue):
         (computed), rows, mean_batch_size, largest_batch, batch_sizes ({size: batches}),
         overlapped_batches (device path: launched while another batch was on the device),
         staging_reused (device path: batches collated into a pinned input buffer of an
-        earlier batch instead of a new one), queue_wait_mean_ms, queue_wait_p50_ms, queue_wait_p99_ms, batch_run_mean_ms
-        (forming to answering, per batch), latency_mean_ms, latency_p50_ms,
+        earlier batch instead of a new one), queue_wait_mean_ms, queue_wait_p50_ms,
+        queue_wait_p99_ms, batch_run_mean_ms (forming to answering, per batch), latency_mean_ms, latency_p50_ms,
         latency_p99_ms, latency_p999_ms (submit to answer, per request; the percentiles
         cover the newest 65,536 computed requests). Kept by the C queue (timestamps at
         enqueue, batch forming and answer).
