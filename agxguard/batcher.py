@@ -635,10 +635,21 @@ class Batcher(_RequestQueue):
                 return x, None, None
             torch = _get_torch()
             x0 = xs[0]
-            shape = (sum(sizes),) + tuple(x0.shape[1:])
-            host = self._staging_get(shape, x0.dtype)
-            torch.cat(xs, 0, out=host)
-            flight.staging = host
+            total = sum(sizes)
+            host = None
+            staged = self._q_staged()
+            if staged is not None:  # the callers copied their requests into it already
+                buf, rows = staged
+                if rows == total:
+                    host = buf if rows == buf.shape[0] else buf.narrow(0, 0, rows)
+                    flight.staging = buf
+                else:  # this batch is not its first rows: free again, concatenate
+                    self._staging_put(buf)
+            if host is None:
+                host = self._staging_get((total,) + tuple(x0.shape[1:]), x0.dtype)
+                torch.cat(xs, 0, out=host)
+                flight.staging = host
+            self._stage_next(flight.batch[0].key, x0)
             return host.to(dev, non_blocking=True), None, None
         torch = _get_torch()
         padded = max(lens)
@@ -718,6 +729,23 @@ class Batcher(_RequestQueue):
             ev = torch.cuda.Event() if self.device.type == "cuda" else torch.mps.event.Event()
         ev.record()
         return ev
+
+    def _stage_next(self, key: int, x0: Any) -> None:
+        """Register a pinned buffer of max_batch requests shaped like ``x0`` (a contiguous
+        CPU tensor of batching key ``key``) with the queue: callers of the next batch copy
+        their requests into it themselves (see RequestQueue._q_stage)."""
+        if type(x0) is not _Tensor or x0.device.type != "cpu" or x0.dtype.is_complex:
+            return
+        rows = self._max_batch * x0.shape[0]
+        if rows < 1 or x0.numel() == 0:
+            return
+        shape = (rows,) + tuple(x0.shape[1:])
+        row_bytes = x0.numel() // x0.shape[0] * x0.element_size()
+        if rows * row_bytes > STAGING_MAX_BYTES:
+            return
+        buf = self._staging_get(shape, x0.dtype)
+        if not self._q_stage(buf, key, buf.data_ptr(), row_bytes, rows, _Tensor):
+            self._staging_put(buf)
 
     def _staging_get(self, shape: tuple, dtype: Any) -> Any:
         """A pinned (cuda) host buffer of ``shape`` and ``dtype`` for a batch's input: a
@@ -897,7 +925,10 @@ class Batcher(_RequestQueue):
         (computed), rows, mean_batch_size, largest_batch, batch_sizes ({size: batches}),
         overlapped_batches (device path: launched while another batch was on the device),
         staging_reused (device path: batches collated into a pinned input buffer of an
-        earlier batch instead of a new one), queue_wait_mean_ms, queue_wait_p50_ms,
+        earlier batch instead of a new one), staged_batches (device path: batches whose
+        requests were copied into their pinned buffer as they arrived, mostly by their own
+        callers, so nothing was concatenated), staged_by_callers (requests of those a
+        caller copied itself, GIL released), queue_wait_mean_ms, queue_wait_p50_ms,
         queue_wait_p99_ms, batch_run_mean_ms (forming to answering, per batch), latency_mean_ms, latency_p50_ms,
         latency_p99_ms, latency_p999_ms (submit to answer, per request; the percentiles
         cover the newest 65,536 computed requests). Kept by the C queue (timestamps at

@@ -21,6 +21,19 @@
  * collected and dropped at the end). Only the counters a thread reads with the
  * GIL released are atomic: the queue length (room waiters) and closed.
  *
+ * Staging (the device path, fixed shapes): the dispatcher registers a pinned
+ * host buffer for the next batch of a key (_stage). Each request of that key
+ * accepted while it is registered gets the next rows of it; a caller copies its
+ * own request there right after releasing the GIL (so the copies of a batch run
+ * beside the other callers' Python instead of after them on the dispatcher),
+ * and the take that forms the batch detaches the buffer, copies (GIL released)
+ * whatever no caller copied (futures, requests queued before the buffer came),
+ * waits for copies in progress, and tells the dispatcher (_staged) whether the
+ * batch it formed is exactly the buffer's first rows, in order: then the buffer
+ * is the batch and nothing is concatenated. A copy is made by whoever claims
+ * it first (copy_state), and a buffer is handed back only when no copy into
+ * it can still be running.
+ *
  * Accounting: a request is finished exactly once, by whoever sets `claimed`
  * first (the dispatcher answering or failing it, close() failing it, its caller
  * giving it up), and that one counts it: answered, failed, cancelled or
@@ -32,9 +45,11 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "acquire.h"
 #include "event.h"
+#include "spin.h"
 #include "wakeup.h"
 
 #define RING_CAP 65536       /* per-request latency samples kept (the newest) */
@@ -60,7 +75,15 @@ typedef struct ReqObject {
     int claimed;   /* finished (answered, failed, given up): by the one who set it */
     int timed_out; /* given up at its timeout (acall sets it from Python) */
     agx_event ev;  /* REQ_CALL: set when answered */
+    /* staging: its rows in a registered buffer (COPY_PENDING until someone claims the copy) */
+    _Atomic int copy_state;
+    struct Stage *stage;
+    char *dst;
+    const char *src;
+    Py_ssize_t nbytes;
 } ReqObject;
+
+enum { COPY_NONE = 0, COPY_PENDING = 1, COPY_CLAIMED = 2 };
 
 static PyTypeObject ReqType;
 
@@ -74,6 +97,11 @@ static ReqObject *req_new(int kind) {
     r->rows = r->length = r->key = 0;
     r->kind = kind;
     r->claimed = r->timed_out = 0;
+    atomic_store_explicit(&r->copy_state, COPY_NONE, memory_order_relaxed);
+    r->stage = NULL;
+    r->dst = NULL;
+    r->src = NULL;
+    r->nbytes = 0;
     if (kind == REQ_CALL) agx_event_init(&r->ev);
     PyObject_GC_Track(r);
     return r;
@@ -186,10 +214,13 @@ typedef struct {
     int64_t last_arrival_ns;
     double ia_est_ns, run_est_ns;
     int wake_unlocked; /* wake sleeping callers with the GIL released */
+    struct Stage *stage; /* the registered staging buffer, or NULL */
+    PyObject *staged;    /* what the last take's detach found: (buffer, rows), or NULL */
+    long long staged_batches, staged_by_callers;
 } QueueObject;
 
 static PyTypeObject QueueType;
-static PyObject *s_shape, *s_dtype, *s_device, *s_name, *s_set_running, *s_pin_key;
+static PyObject *s_shape, *s_dtype, *s_device, *s_name, *s_set_running, *s_pin_key, *s_is_contiguous, *s_data_ptr;
 static PyObject *QueueFull; /* queue.Full */
 
 static agx_sleeper room_sleeper(QueueObject *q) {
@@ -357,6 +388,136 @@ static int describe(QueueObject *q, ReqObject *r, PyObject *x) {
     return rc;
 }
 
+/* ------------------------------------------------------------------ staging */
+
+typedef struct {
+    ReqObject *r; /* references: a request given rows, and its input */
+    PyObject *x;
+    int mine;     /* the take that detached the stage claimed this copy */
+} StageEntry;
+
+typedef struct Stage {
+    PyObject *buf;  /* the buffer (a reference): rows of row_bytes from ptr */
+    PyObject *type; /* the exact type a request must have (torch.Tensor) */
+    char *ptr;
+    Py_ssize_t key, row_bytes, cap_rows, used_rows;
+    Py_ssize_t n, cap; /* entries: the requests given rows, in order */
+    StageEntry *entries;
+    _Atomic Py_ssize_t copying; /* copies given out and not yet made */
+} Stage;
+
+/* Drop a detached stage's references (may run finalizers: call it last). */
+static void stage_free(Stage *st) {
+    if (st == NULL) return;
+    for (Py_ssize_t i = 0; i < st->n; i++) {
+        st->entries[i].r->stage = NULL;
+        Py_DECREF(st->entries[i].r);
+        Py_DECREF(st->entries[i].x);
+    }
+    Py_XDECREF(st->buf);
+    Py_XDECREF(st->type);
+    PyMem_Free(st->entries);
+    PyMem_Free(st);
+}
+
+/* x's first byte if x.is_contiguous(), from x.data_ptr(); else NULL, no error set. */
+static const char *contiguous_data(PyObject *x) {
+    PyObject *c = PyObject_CallMethodNoArgs(x, s_is_contiguous);
+    int ok = c == Py_True;
+    Py_XDECREF(c);
+    if (!ok) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *p = PyObject_CallMethodNoArgs(x, s_data_ptr);
+    void *ptr = p ? PyLong_AsVoidPtr(p) : NULL;
+    Py_XDECREF(p);
+    if (ptr == NULL) PyErr_Clear();
+    return ptr;
+}
+
+/* Give r (input x) the next rows of the registered stage if it fits there;
+ * otherwise it is concatenated as usual. Never fails (GIL held). */
+static void stage_assign(QueueObject *q, ReqObject *r, PyObject *x) {
+    Stage *st = q->stage;
+    if (st == NULL || x == NULL || r->key != st->key || Py_TYPE(x) != (PyTypeObject *)st->type || r->rows < 1 ||
+        st->used_rows + r->rows > st->cap_rows || st->n >= st->cap)
+        return;
+    const char *src = contiguous_data(x);
+    if (src == NULL || q->stage != st) return;
+    r->src = src;
+    r->nbytes = r->rows * st->row_bytes;
+    r->dst = st->ptr + st->used_rows * st->row_bytes;
+    r->stage = st;
+    st->entries[st->n].r = (ReqObject *)Py_NewRef((PyObject *)r);
+    st->entries[st->n].x = Py_NewRef(x);
+    st->entries[st->n].mine = 0;
+    st->n++;
+    st->used_rows += r->rows;
+    atomic_fetch_add(&st->copying, 1);
+    atomic_store(&r->copy_state, COPY_PENDING);
+}
+
+/* A caller's own copy, run with the GIL released (agx_wakeup_wait_then): made
+ * here unless the dispatcher claimed it first. */
+static void stage_copy_released(void *arg) {
+    ReqObject *r = arg;
+    int pending = COPY_PENDING;
+    if (!atomic_compare_exchange_strong(&r->copy_state, &pending, COPY_CLAIMED)) return;
+    Stage *st = r->stage; /* valid until the decrement: a detach waits for it */
+    memcpy(r->dst, r->src, (size_t)r->nbytes);
+    atomic_fetch_sub(&st->copying, 1);
+}
+
+static int no_copies_running(void *arg) { return atomic_load(&((Stage *)arg)->copying) == 0; }
+
+/* Unregister the stage (GIL held), then with the GIL released make every copy
+ * nobody claimed yet and wait for those in progress. NULL if none was
+ * registered. The caller frees it (stage_free). */
+static Stage *stage_detach(QueueObject *q) {
+    Stage *st = q->stage;
+    if (st == NULL) return NULL;
+    q->stage = NULL;
+    Py_ssize_t mine = 0;
+    for (Py_ssize_t i = 0; i < st->n; i++) {
+        int pending = COPY_PENDING;
+        st->entries[i].mine = atomic_compare_exchange_strong(&st->entries[i].r->copy_state, &pending, COPY_CLAIMED);
+        mine += st->entries[i].mine;
+    }
+    q->staged_by_callers += st->n - mine;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < st->n; i++) {
+        if (!st->entries[i].mine) continue;
+        ReqObject *r = st->entries[i].r;
+        memcpy(r->dst, r->src, (size_t)r->nbytes);
+        atomic_fetch_sub(&st->copying, 1);
+    }
+    /* a caller's copy in progress is one memcpy; its thread may be descheduled */
+    if (!agx_spin_until(no_copies_running, st, 100 * 1000))
+        while (!no_copies_running(st)) {
+            struct timespec ts = {0, 20 * 1000};
+            nanosleep(&ts, NULL);
+        }
+    Py_END_ALLOW_THREADS
+    return st;
+}
+
+/* After a take formed `batch` (finish_take done) with `st` detached: record for
+ * _staged() whether the batch is exactly st's first rows, in order. */
+static int stage_judge(QueueObject *q, Stage *st, PyObject *batch) {
+    Py_ssize_t n = PyList_GET_SIZE(batch), rows = 0;
+    int ok = n >= 1 && n <= st->n;
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        ok = PyList_GET_ITEM(batch, i) == (PyObject *)st->entries[i].r;
+        rows += st->entries[i].r->rows;
+    }
+    if (ok) q->staged_batches++;
+    PyObject *t = Py_BuildValue("(On)", st->buf, ok ? rows : (Py_ssize_t)0);
+    if (t == NULL) return -1;
+    Py_XSETREF(q->staged, t);
+    return 0;
+}
+
 /* ------------------------------------------------------------------ enqueuing */
 
 /* Wait (GIL released) until there is room, the queue closes, or room_deadline
@@ -407,6 +568,7 @@ static int push(QueueObject *q, ReqObject *r, int64_t room_deadline_ns, double t
         q->ia_est_ns = q->ia_est_ns == 0 ? gap : q->ia_est_ns * 0.8 + gap * 0.2;
     }
     q->last_arrival_ns = now;
+    if (q->stage) stage_assign(q, r, r->x);
     r->next = NULL;
     Py_INCREF(r);
     if (q->tail) q->tail->next = r;
@@ -461,8 +623,10 @@ static PyObject *queue_call(QueueObject *q, PyObject *x, PyObject *timeout) {
     r->x = Py_NewRef(x);
     r->deadline_ns = deadline;
     if (push(q, r, deadline, timeout_s) < 0) goto fail;
+    void (*copy)(void *) = atomic_load(&r->copy_state) == COPY_PENDING ? stage_copy_released : NULL;
     for (;;) {
-        int got = agx_wakeup_wait(&r->ev, deadline, q->spin_ns);
+        int got = agx_wakeup_wait_then(&r->ev, deadline, q->spin_ns, copy, r);
+        copy = NULL;
         if (got == 1) break;
         if (got < 0) { /* a signal handler raised (KeyboardInterrupt): give up */
             if (!r->claimed) {
@@ -887,6 +1051,21 @@ fail:
     return NULL;
 }
 
+/* A take formed `batch`: finish the take (the inputs move to its xs list, so a
+ * caller giving up while the GIL is released below takes nothing from the
+ * batch), then, if the batch is not empty, detach the stage (its copies made)
+ * and judge it against the batch. */
+static PyObject *take_formed(QueueObject *q, PyObject *batch, PyObject *deliver) {
+    PyObject *out = finish_take(q, batch, deliver);
+    Stage *st = out && PyList_GET_SIZE(batch) ? stage_detach(q) : NULL;
+    if (st && stage_judge(q, st, batch) < 0) {
+        PyErr_Clear(); /* no memory for the verdict: the batch is concatenated as usual */
+        Py_CLEAR(q->staged);
+    }
+    stage_free(st);
+    return out;
+}
+
 /* _take(max_batch, max_delay_s, target_s) -> (batch, xs, rows, lengths,
  * deliveries), or None once closed and drained. Waits (GIL released) for a
  * request, then while the batch is not full up to the delay counted from its
@@ -933,7 +1112,7 @@ static PyObject *Queue_take(QueueObject *q, PyObject *const *args, Py_ssize_t na
         }
     }
 ready:
-    out = finish_take(q, batch, deliver);
+    out = take_formed(q, batch, deliver);
 done:
     Py_XDECREF(batch);
     Py_XDECREF(deliver);
@@ -950,11 +1129,77 @@ static PyObject *Queue_take_ready(QueueObject *q, PyObject *arg) {
     if (atomic_load(&q->count) < max_batch || atomic_load(&q->closed) || q->head == NULL) Py_RETURN_NONE;
     PyObject *batch = PyList_New(0), *deliver = PyList_New(0), *drop = PyList_New(0), *out = NULL;
     if (batch && deliver && drop && take_key(q, q->head->key, batch, max_batch, deliver, drop) == 0)
-        out = finish_take(q, batch, deliver);
+        out = take_formed(q, batch, deliver);
     Py_XDECREF(batch);
     Py_XDECREF(deliver);
     Py_XDECREF(drop);
     return out;
+}
+
+/* _stage(buffer, key, data_ptr, row_bytes, rows, tensor_type) -> bool: register
+ * `buffer` (rows of row_bytes at data_ptr, kept alive here) as the staging
+ * buffer of the next batch of requests with batching key number `key` whose
+ * type is exactly tensor_type; requests of that key already queued get rows
+ * first (copied by the take). False (nothing done) if one is registered. */
+static PyObject *Queue_stage(QueueObject *q, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "_q_stage(buffer, key, data_ptr, row_bytes, rows, tensor_type)");
+        return NULL;
+    }
+    Py_ssize_t key = PyLong_AsSsize_t(args[1]);
+    void *ptr = PyLong_AsVoidPtr(args[2]);
+    Py_ssize_t row_bytes = PyLong_AsSsize_t(args[3]), rows = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    if (q->pad_dim >= 0) {
+        PyErr_SetString(PyExc_ValueError, "_q_stage: requests padded along pad_dim are not staged");
+        return NULL;
+    }
+    if (ptr == NULL || row_bytes < 1 || rows < 1 || !PyType_Check(args[5])) {
+        PyErr_SetString(PyExc_ValueError, "_q_stage: data_ptr must be non-zero, row_bytes and rows >= 1, "
+                                          "tensor_type a type");
+        return NULL;
+    }
+    if (q->stage) Py_RETURN_FALSE;
+    Stage *st = PyMem_Calloc(1, sizeof(Stage));
+    StageEntry *entries = PyMem_Calloc((size_t)rows, sizeof(StageEntry));
+    PyObject *queued = PyList_New(0);
+    if (st == NULL || entries == NULL || queued == NULL) {
+        PyMem_Free(st);
+        PyMem_Free(entries);
+        Py_XDECREF(queued);
+        return PyErr_NoMemory();
+    }
+    st->buf = Py_NewRef(args[0]);
+    st->type = Py_NewRef(args[5]);
+    st->ptr = ptr;
+    st->key = key;
+    st->row_bytes = row_bytes;
+    st->cap_rows = st->cap = rows;
+    st->entries = entries;
+    atomic_store(&st->copying, 0);
+    /* those already queued, in order; listed first because assigning calls methods of their inputs */
+    for (ReqObject *r = q->head; r; r = r->next)
+        if (!r->claimed && r->key == key && r->x && PyList_Append(queued, (PyObject *)r) < 0) {
+            PyErr_Clear();
+            break;
+        }
+    q->stage = st;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(queued); i++) {
+        ReqObject *r = (ReqObject *)PyList_GET_ITEM(queued, i);
+        if (!r->claimed) stage_assign(q, r, r->x);
+    }
+    Py_DECREF(queued);
+    Py_RETURN_TRUE;
+}
+
+/* _staged() -> (buffer, rows) or None: what the last take that formed a batch
+ * found in the stage it detached: rows > 0 when the batch is exactly the
+ * buffer's first `rows` rows (nothing to concatenate), 0 when the buffer is
+ * free again and the batch must be concatenated. Cleared by the call. */
+static PyObject *Queue_staged(QueueObject *q, PyObject *unused) {
+    PyObject *t = q->staged;
+    q->staged = NULL;
+    return t ? t : Py_NewRef(Py_None);
 }
 
 /* ------------------------------------------------------------------ lifecycle */
@@ -1011,8 +1256,11 @@ static PyObject *Queue_after_fork(QueueObject *q, PyObject *msg) {
     q->in_flight = 0;
     Py_XSETREF(q->closed_msg, Py_NewRef(msg));
     atomic_store(&q->closed, 1);
+    Stage *st = q->stage; /* copies given to the parent's threads never finish here: drop it */
+    q->stage = NULL;
     PyObject *old = drain(q);
     Py_XDECREF(old);
+    stage_free(st);
     Py_RETURN_NONE;
 }
 
@@ -1087,6 +1335,8 @@ static PyObject *Queue_stats(QueueObject *q, PyObject *unused) {
           put(d, "mean_batch_size",
               q->batches ? PyFloat_FromDouble((double)q->requests / (double)q->batches) : Py_NewRef(Py_None)) < 0 ||
           put(d, "largest_batch", PyLong_FromLongLong(q->largest)) < 0 ||
+          put(d, "staged_batches", PyLong_FromLongLong(q->staged_batches)) < 0 ||
+          put(d, "staged_by_callers", PyLong_FromLongLong(q->staged_by_callers)) < 0 ||
           put(d, "batch_sizes", Py_NewRef(hist)) < 0 ||
           put(d, "queue_wait_mean_ms", mean_ms(w, n)) < 0 || put(d, "queue_wait_p50_ms", pct_ms(w, n, 50)) < 0 ||
           put(d, "queue_wait_p99_ms", pct_ms(w, n, 99)) < 0 ||
@@ -1109,6 +1359,7 @@ static PyObject *Queue_stats(QueueObject *q, PyObject *unused) {
 static PyObject *Queue_reset_stats(QueueObject *q, PyObject *unused) {
     q->answered = q->failed = q->cancelled = q->expired = 0;
     q->batches = q->requests = q->rows = q->largest = 0;
+    q->staged_batches = q->staged_by_callers = 0;
     q->accepted = atomic_load(&q->count) + q->in_flight;
     q->ring_n = q->ring_pos = 0;
     q->run_sum_ns = 0;
@@ -1201,6 +1452,15 @@ static int Queue_traverse(QueueObject *q, visitproc visit, void *arg) {
     Py_VISIT(q->pin_obj);
     Py_VISIT(q->closed_msg);
     Py_VISIT(q->hist);
+    Py_VISIT(q->staged);
+    if (q->stage) {
+        Py_VISIT(q->stage->buf);
+        Py_VISIT(q->stage->type);
+        for (Py_ssize_t i = 0; i < q->stage->n; i++) {
+            Py_VISIT(q->stage->entries[i].r);
+            Py_VISIT(q->stage->entries[i].x);
+        }
+    }
     return 0;
 }
 
@@ -1220,6 +1480,10 @@ static int Queue_clear(QueueObject *q) {
     Py_CLEAR(q->pin_obj);
     Py_CLEAR(q->closed_msg);
     Py_CLEAR(q->hist);
+    Py_CLEAR(q->staged);
+    Stage *st = q->stage; /* no caller can be copying: each holds a reference to the queue */
+    q->stage = NULL;
+    stage_free(st);
     return 0;
 }
 
@@ -1286,6 +1550,10 @@ static PyMethodDef Queue_methods[] = {
     {"_q_after_fork", (PyCFunction)Queue_after_fork, METH_O, "_q_after_fork(message): closed and empty in a fork() child."},
     {"_q_stats", (PyCFunction)Queue_stats, METH_NOARGS, "_q_stats() -> dict of counters and latency percentiles."},
     {"_q_reset_stats", (PyCFunction)Queue_reset_stats, METH_NOARGS, "_q_reset_stats(): zero the counters."},
+    {"_q_stage", (PyCFunction)(void (*)(void))Queue_stage, METH_FASTCALL,
+     "_q_stage(buffer, key, data_ptr, row_bytes, rows, tensor_type) -> bool: register the next batch's staging buffer."},
+    {"_q_staged", (PyCFunction)Queue_staged, METH_NOARGS,
+     "_q_staged() -> (buffer, rows) or None: the stage the last take detached (rows 0: not usable)."},
     {"now", (PyCFunction)Queue_now, METH_NOARGS | METH_STATIC, "now() -> seconds on the queue's clock."},
     {NULL, NULL, 0, NULL},
 };
@@ -1319,6 +1587,8 @@ int agx_reqqueue_add_to_module(PyObject *m) {
     s_name = PyUnicode_InternFromString("name");
     s_set_running = PyUnicode_InternFromString("set_running_or_notify_cancel");
     s_pin_key = PyUnicode_InternFromString("agxguard.batcher.pinned");
+    s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
+    s_data_ptr = PyUnicode_InternFromString("data_ptr");
     if (!s_shape || !s_dtype || !s_device || !s_name || !s_set_running || !s_pin_key) return -1;
     PyObject *qmod = PyImport_ImportModule("queue");
     if (qmod == NULL) return -1;

@@ -120,12 +120,20 @@ static PyObject *Wakeup_wait(WakeupObject *self, PyObject *const *args, Py_ssize
 }
 
 int agx_wakeup_wait(agx_event *e, int64_t deadline_ns, int64_t spin_ns) {
+    return agx_wakeup_wait_then(e, deadline_ns, spin_ns, NULL, NULL);
+}
+
+int agx_wakeup_wait_then(agx_event *e, int64_t deadline_ns, int64_t spin_ns, void (*released)(void *), void *arg) {
     for (;;) {
         int64_t slice = agx_now_ns() + AGX_SLICE_NS;
         if (deadline_ns >= 0 && deadline_ns < slice) slice = deadline_ns;
         int got;
         PyThreadState *ts = PyEval_SaveThread();
         gate_leave();
+        if (released) {
+            released(arg);
+            released = NULL;
+        }
         got = agx_event_wait_until(e, slice, spin_ns);
         if (got) gate_enter();
         PyEval_RestoreThread(ts);

@@ -14,4 +14,10 @@
  * handler raises (return -1, exception set). spin_ns: spin this long first. */
 AGX_HIDDEN int agx_wakeup_wait(agx_event *e, int64_t deadline_ns, int64_t spin_ns);
 
+/* The same, and first run released(arg) once with the GIL released (and the
+ * gate left, so the next waiter can run Python meanwhile): the request queue's
+ * callers copy their request into the batch's staging buffer there. */
+AGX_HIDDEN int agx_wakeup_wait_then(agx_event *e, int64_t deadline_ns, int64_t spin_ns, void (*released)(void *),
+                                    void *arg);
+
 #endif
