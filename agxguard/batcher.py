@@ -532,33 +532,44 @@ class Batcher(_RequestQueue):
         awaiting task gives the request up, and one given up before its batch is formed
         is never computed.
         """
-        timeout = _check_timeout(timeout)
         loop = asyncio.get_running_loop()
         afut = loop.create_future()
         payload = (loop, afut)
-        t0 = _perf_counter()
-        while True:  # queue full: wait for room without blocking the loop
-            left = None if timeout is None else max(0.0, timeout - (_perf_counter() - t0))
-            try:
-                r = self._q_put(x, payload, True, 0.0, left)
-                break
-            except queue.Full:
-                if timeout is not None and _perf_counter() - t0 >= timeout:
-                    raise TimeoutError(f"Batcher {self.name!r}: queue full for {timeout} s")
-                await asyncio.sleep(0.0005)
-        afut.add_done_callback(lambda f, r=r: self._async_done(r, f))
         handle = None
-        if timeout is not None:
+        if timeout is None:
+            try:
+                r = self._q_put(x, payload, True, 0.0, None)
+            except queue.Full:
+                r = await self._aput_waiting(x, payload, None)
+        else:
+            timeout = _check_timeout(timeout)
+            t0 = _perf_counter()
+            r = await self._aput_waiting(x, payload, timeout)
+            left = max(0.0, timeout - (_perf_counter() - t0))
             handle = loop.call_later(left, self._async_expire, r, afut)
         try:
             return await afut
-        except asyncio.CancelledError:
-            if r.timed_out:
+        except BaseException as exc:  # cancelled (its task, or its timeout): give it up
+            self._q_give_up(r)
+            if r.timed_out and isinstance(exc, asyncio.CancelledError):
                 raise TimeoutError(f"Batcher {self.name!r}: no result within {timeout} s") from None
             raise
         finally:
             if handle is not None:
                 handle.cancel()
+
+    async def _aput_waiting(self, x: Any, payload: tuple, timeout: Optional[float]) -> Any:
+        """Queue an acall's request, waiting out a full queue without blocking the loop
+        (TimeoutError past ``timeout`` seconds, None: no limit)."""
+        t0 = _perf_counter()
+        while True:
+            left = None if timeout is None else max(0.0, timeout - (_perf_counter() - t0))
+            try:
+                return self._q_put(x, payload, True, 0.0, left)
+            except queue.Full:
+                if timeout is not None and _perf_counter() - t0 >= timeout:
+                    raise TimeoutError(f"Batcher {self.name!r}: queue full for {timeout} s") from None
+                await asyncio.sleep(0.0005)
 
     @staticmethod
     def _async_expire(r: Any, afut: Any) -> None:
@@ -566,12 +577,6 @@ class Batcher(_RequestQueue):
         if not afut.done():
             r.timed_out = True
             afut.cancel()
-
-    def _async_done(self, r: Any, f: Any) -> None:
-        """On the loop, when an acall's future is done: if it was cancelled (timeout, task
-        cancelled), give the request up (the queue counts it)."""
-        if f.cancelled():
-            self._q_give_up(r)
 
     def _closed_message(self) -> str:
         """Why a closed Batcher refuses a request."""
