@@ -23,11 +23,15 @@ Variable-length requests (``pad_dim``): requests that differ only in their size 
 output whose size along ``pad_dim`` is the padded length is trimmed back per request.
 
 Serving on a GPU (``device="cuda"`` or ``"mps"``): requests are CPU tensors and answers
-come back as CPU tensors. The dispatcher collates a batch into pinned host memory, copies
-it to the device in one copy, runs ``fn``, copies the outputs back in one copy each and
-records an event; while the device works it already collates the next batch when one is
-waiting (a pipeline of ``pipeline_depth`` batches), and answers each batch when its event
-has fired. On cpu (``device=None``) batches run one after the other, as fn returns.
+come back as CPU tensors. A batch is collated in pinned host memory: for fixed shapes the
+dispatcher registers a pinned buffer for the next batch with the queue and each caller
+copies its own request into its rows right after releasing the GIL (the queue's take
+copies what no caller did), so the dispatcher concatenates nothing; padded batches are
+collated by the dispatcher. The batch goes to the device in one copy, ``fn`` runs, the
+outputs come back in one copy each and an event is recorded; while the device works the
+dispatcher already forms the next batch when one is waiting (a pipeline of
+``pipeline_depth`` batches), and answers each batch when its event has fired. On cpu
+(``device=None``) batches run one after the other, as fn returns.
 
 The dispatcher cannot die: an exception anywhere in forming, running or answering a batch
 fails exactly that batch's callers, and the dispatcher goes on. Every accepted request
