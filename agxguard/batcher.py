@@ -752,9 +752,12 @@ class Batcher(_RequestQueue):
         row_bytes = x0.numel() // x0.shape[0] * x0.element_size()
         if rows * row_bytes > STAGING_MAX_BYTES:
             return
-        buf = self._staging_get(shape, x0.dtype)
-        if not self._q_stage(buf, key, buf.data_ptr(), row_bytes, rows, _Tensor):
-            self._staging_put(buf)
+        try:
+            buf = self._staging_get(shape, x0.dtype)
+            if not self._q_stage(buf, key, buf.data_ptr(), row_bytes, rows, _Tensor):
+                self._staging_put(buf)
+        except Exception:  # only a speed-up: the next batch is concatenated instead
+            log.debug("Batcher %r: no staging buffer for the next batch", self.name, exc_info=True)
 
     def _staging_get(self, shape: tuple, dtype: Any) -> Any:
         """A pinned (cuda) host buffer of ``shape`` and ``dtype`` for a batch's input: a

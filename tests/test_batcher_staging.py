@@ -97,6 +97,13 @@ def test_a_batch_that_is_not_the_buffers_first_rows_is_refused_and_the_buffer_fr
     assert batch == [first, second] and q._q_staged() == (buf, 0)
     assert torch.equal(torch.cat(xs), torch.cat([nc, row(5)]))  # concatenated as usual
     q._q_complete(batch, xs, None)
+    # nor does a negated view (its memory holds the values before negation)
+    buf = stage(q, key)
+    neg = torch._neg_view(row(4))
+    first = q._q_put(neg, concurrent.futures.Future(), False, None, None)
+    batch, xs, _, _, _ = q._q_take(8, 0.0, None)
+    assert batch == [first] and q._q_staged() == (buf, 0) and torch.equal(buf, row(-1, 8))
+    q._q_complete(batch, xs, None)
     # another shape (key) is never given rows; more rows than the buffer holds neither
     buf = stage(q, key, rows=2)
     other = q._q_put(torch.zeros(1, WIDTH + 1), concurrent.futures.Future(), False, None, None)
@@ -133,7 +140,9 @@ def test_many_callers_and_two_buffers_in_turn_never_mix_requests():
     """16 threads, each request carrying its own value; the test dispatcher registers one
     of two buffers after every take (as the Batcher does with its pool) and answers each
     request from the staged buffer when the batch is staged (else from the inputs):
-    every answer must be its own request, and most batches staged."""
+    every answer must be its own request, and most batches staged. (It caught a copy past
+    the end of a buffer: torch releases the GIL inside Tensor.is_neg(), and rows checked
+    before that call were taken by another caller by the time they were given.)"""
     q = Q(spin_us=200)
     key = key_of(q, row(0))
     threads, per = 16, 200

@@ -220,7 +220,7 @@ typedef struct {
 } QueueObject;
 
 static PyTypeObject QueueType;
-static PyObject *s_shape, *s_dtype, *s_device, *s_name, *s_set_running, *s_pin_key, *s_is_contiguous, *s_data_ptr;
+static PyObject *s_shape, *s_dtype, *s_device, *s_name, *s_set_running, *s_pin_key, *s_is_contiguous, *s_is_neg, *s_data_ptr;
 static PyObject *QueueFull; /* queue.Full */
 
 static agx_sleeper room_sleeper(QueueObject *q) {
@@ -410,7 +410,7 @@ typedef struct Stage {
 static void stage_free(Stage *st) {
     if (st == NULL) return;
     for (Py_ssize_t i = 0; i < st->n; i++) {
-        st->entries[i].r->stage = NULL;
+        if (st->entries[i].r->stage == st) st->entries[i].r->stage = NULL;
         Py_DECREF(st->entries[i].r);
         Py_DECREF(st->entries[i].x);
     }
@@ -420,11 +420,18 @@ static void stage_free(Stage *st) {
     PyMem_Free(st);
 }
 
-/* x's first byte if x.is_contiguous(), from x.data_ptr(); else NULL, no error set. */
+/* x's first byte if x.is_contiguous() and not x.is_neg() (a negated view's
+ * memory holds the values before negation), from x.data_ptr(); else NULL, no
+ * error set. */
 static const char *contiguous_data(PyObject *x) {
     PyObject *c = PyObject_CallMethodNoArgs(x, s_is_contiguous);
     int ok = c == Py_True;
     Py_XDECREF(c);
+    if (ok) {
+        c = PyObject_CallMethodNoArgs(x, s_is_neg);
+        ok = c == Py_False;
+        Py_XDECREF(c);
+    }
     if (!ok) {
         PyErr_Clear();
         return NULL;
@@ -436,15 +443,27 @@ static const char *contiguous_data(PyObject *x) {
     return ptr;
 }
 
-/* Give r (input x) the next rows of the registered stage if it fits there;
- * otherwise it is concatenated as usual. Never fails (GIL held). */
-static void stage_assign(QueueObject *q, ReqObject *r, PyObject *x) {
+/* Whether r (input x) may be staged: the registered stage's key and type,
+ * and x contiguous (then x's data, else NULL). Calls x's methods, and torch
+ * releases the GIL inside is_neg(): so it runs before stage_assign, never
+ * between its checks and its update (there another caller could take the rows
+ * this one was checked against, and its copy would run past the buffer). */
+static const char *stage_src(QueueObject *q, ReqObject *r, PyObject *x) {
     Stage *st = q->stage;
-    if (st == NULL || x == NULL || r->key != st->key || Py_TYPE(x) != (PyTypeObject *)st->type || r->rows < 1 ||
-        st->used_rows + r->rows > st->cap_rows || st->n >= st->cap)
+    if (st == NULL || x == NULL || r->key != st->key || Py_TYPE(x) != (PyTypeObject *)st->type || r->rows < 1)
+        return NULL;
+    return contiguous_data(x);
+}
+
+/* Give r (input x, data src from stage_src) the next rows of the registered
+ * stage if it still fits there; otherwise it is concatenated as usual. Plain C
+ * with the GIL held: nothing between the checks and the update can let
+ * another thread in. */
+static void stage_assign(QueueObject *q, ReqObject *r, PyObject *x, const char *src) {
+    Stage *st = q->stage;
+    if (st == NULL || src == NULL || x == NULL || r->key != st->key || Py_TYPE(x) != (PyTypeObject *)st->type ||
+        r->rows < 1 || st->used_rows + r->rows > st->cap_rows || st->n >= st->cap)
         return;
-    const char *src = contiguous_data(x);
-    if (src == NULL || q->stage != st) return;
     r->src = src;
     r->nbytes = r->rows * st->row_bytes;
     r->dst = st->ptr + st->used_rows * st->row_bytes;
@@ -554,6 +573,7 @@ static int wait_for_room(QueueObject *q, int64_t deadline_ns, double timeout_s) 
 /* Queue r (taking a reference), waiting for room up to room_deadline_ns (0: not
  * at all, -1: for ever), and wake the dispatcher if it waits for this many. */
 static int push(QueueObject *q, ReqObject *r, int64_t room_deadline_ns, double timeout_s) {
+    const char *src = q->stage ? stage_src(q, r, r->x) : NULL;
     if (atomic_load(&q->closed)) {
         if (q->closed_msg) PyErr_SetObject(PyExc_RuntimeError, q->closed_msg);
         else PyErr_SetString(PyExc_RuntimeError, "closed");
@@ -568,7 +588,7 @@ static int push(QueueObject *q, ReqObject *r, int64_t room_deadline_ns, double t
         q->ia_est_ns = q->ia_est_ns == 0 ? gap : q->ia_est_ns * 0.8 + gap * 0.2;
     }
     q->last_arrival_ns = now;
-    if (q->stage) stage_assign(q, r, r->x);
+    if (src) stage_assign(q, r, r->x, src);
     r->next = NULL;
     Py_INCREF(r);
     if (q->tail) q->tail->next = r;
@@ -1177,17 +1197,26 @@ static PyObject *Queue_stage(QueueObject *q, PyObject *const *args, Py_ssize_t n
     st->cap_rows = st->cap = rows;
     st->entries = entries;
     atomic_store(&st->copying, 0);
-    /* those already queued, in order; listed first because assigning calls methods of their inputs */
+    /* those already queued, in order: listed, their data looked up (methods of
+     * their inputs), then given rows in plain C */
     for (ReqObject *r = q->head; r; r = r->next)
         if (!r->claimed && r->key == key && r->x && PyList_Append(queued, (PyObject *)r) < 0) {
             PyErr_Clear();
             break;
         }
     q->stage = st;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(queued); i++) {
+    Py_ssize_t n = PyList_GET_SIZE(queued);
+    const char **srcs = PyMem_Calloc((size_t)(n ? n : 1), sizeof(char *));
+    if (srcs == NULL) n = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
         ReqObject *r = (ReqObject *)PyList_GET_ITEM(queued, i);
-        if (!r->claimed) stage_assign(q, r, r->x);
+        srcs[i] = q->stage == st ? stage_src(q, r, r->x) : NULL;
     }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        ReqObject *r = (ReqObject *)PyList_GET_ITEM(queued, i);
+        if (!r->claimed && atomic_load(&r->copy_state) != COPY_PENDING) stage_assign(q, r, r->x, srcs[i]);
+    }
+    PyMem_Free(srcs);
     Py_DECREF(queued);
     Py_RETURN_TRUE;
 }
@@ -1589,6 +1618,7 @@ int agx_reqqueue_add_to_module(PyObject *m) {
     s_pin_key = PyUnicode_InternFromString("agxguard.batcher.pinned");
     s_is_contiguous = PyUnicode_InternFromString("is_contiguous");
     s_data_ptr = PyUnicode_InternFromString("data_ptr");
+    s_is_neg = PyUnicode_InternFromString("is_neg");
     if (!s_shape || !s_dtype || !s_device || !s_name || !s_set_running || !s_pin_key) return -1;
     PyObject *qmod = PyImport_ImportModule("queue");
     if (qmod == NULL) return -1;
