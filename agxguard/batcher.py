@@ -754,7 +754,8 @@ class Batcher(_RequestQueue):
             return
         try:
             buf = self._staging_get(shape, x0.dtype)
-            if not self._q_stage(buf, key, buf.data_ptr(), row_bytes, rows, _Tensor):
+            single = row_bytes == x0.element_size()
+            if not self._q_stage(buf, key, buf.data_ptr(), row_bytes, rows, _Tensor, single):
                 self._staging_put(buf)
         except Exception:  # only a speed-up: the next batch is concatenated instead
             log.debug("Batcher %r: no staging buffer for the next batch", self.name, exc_info=True)

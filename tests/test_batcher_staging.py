@@ -32,7 +32,7 @@ def key_of(q, x):
 
 def stage(q, key, rows=8, fill=-1.0):
     buf = torch.full((rows, WIDTH), fill)
-    assert q._q_stage(buf, key, buf.data_ptr(), WIDTH * 4, rows, torch.Tensor) is True
+    assert q._q_stage(buf, key, buf.data_ptr(), WIDTH * 4, rows, torch.Tensor, False) is True
     return buf
 
 
@@ -97,13 +97,6 @@ def test_a_batch_that_is_not_the_buffers_first_rows_is_refused_and_the_buffer_fr
     assert batch == [first, second] and q._q_staged() == (buf, 0)
     assert torch.equal(torch.cat(xs), torch.cat([nc, row(5)]))  # concatenated as usual
     q._q_complete(batch, xs, None)
-    # nor does a negated view (its memory holds the values before negation)
-    buf = stage(q, key)
-    neg = torch._neg_view(row(4))
-    first = q._q_put(neg, concurrent.futures.Future(), False, None, None)
-    batch, xs, _, _, _ = q._q_take(8, 0.0, None)
-    assert batch == [first] and q._q_staged() == (buf, 0) and torch.equal(buf, row(-1, 8))
-    q._q_complete(batch, xs, None)
     # another shape (key) is never given rows; more rows than the buffer holds neither
     buf = stage(q, key, rows=2)
     other = q._q_put(torch.zeros(1, WIDTH + 1), concurrent.futures.Future(), False, None, None)
@@ -122,18 +115,19 @@ def test_a_batch_that_is_not_the_buffers_first_rows_is_refused_and_the_buffer_fr
 def test_staging_refuses_bad_arguments_a_second_buffer_and_padded_queues():
     q = Q()
     buf = torch.zeros(4, WIDTH)
-    bad = [(buf, 0, 0, 12, 4, torch.Tensor), (buf, 0, buf.data_ptr(), 0, 4, torch.Tensor),
-           (buf, 0, buf.data_ptr(), 12, 0, torch.Tensor), (buf, 0, buf.data_ptr(), 12, 4, "Tensor")]
+    bad = [(buf, 0, 0, 12, 4, torch.Tensor, False), (buf, 0, buf.data_ptr(), 0, 4, torch.Tensor, False),
+           (buf, 0, buf.data_ptr(), 12, 0, torch.Tensor, False),
+           (buf, 0, buf.data_ptr(), 12, 4, "Tensor", False)]
     for args in bad:
         with pytest.raises(ValueError, match="data_ptr must be non-zero, row_bytes and rows >= 1"):
             q._q_stage(*args)
     with pytest.raises(TypeError, match="_q_stage"):
         q._q_stage(buf)
-    assert q._q_stage(buf, 0, buf.data_ptr(), 12, 4, torch.Tensor) is True
-    assert q._q_stage(buf, 0, buf.data_ptr(), 12, 4, torch.Tensor) is False  # one at a time
+    assert q._q_stage(buf, 0, buf.data_ptr(), 12, 4, torch.Tensor, False) is True
+    assert q._q_stage(buf, 0, buf.data_ptr(), 12, 4, torch.Tensor, False) is False  # one at a time
     padded = RequestQueue(pad_dim=1)
     with pytest.raises(ValueError, match="pad_dim are not staged"):
-        padded._q_stage(buf, 0, buf.data_ptr(), 12, 4, torch.Tensor)
+        padded._q_stage(buf, 0, buf.data_ptr(), 12, 4, torch.Tensor, False)
 
 
 def test_many_callers_and_two_buffers_in_turn_never_mix_requests():
@@ -152,7 +146,7 @@ def test_many_callers_and_two_buffers_in_turn_never_mix_requests():
 
     def dispatcher():
         turn = 0
-        q._q_stage(pool[0], key, pool[0].data_ptr(), WIDTH * 4, 8, torch.Tensor)
+        q._q_stage(pool[0], key, pool[0].data_ptr(), WIDTH * 4, 8, torch.Tensor, False)
         while not stop.is_set():
             got = q._q_take(8, 0.0005, None)
             if got is None:
@@ -163,7 +157,7 @@ def test_many_callers_and_two_buffers_in_turn_never_mix_requests():
             st = q._q_staged()
             turn ^= 1
             nxt = pool[turn]
-            q._q_stage(nxt, key, nxt.data_ptr(), WIDTH * 4, 8, torch.Tensor)
+            q._q_stage(nxt, key, nxt.data_ptr(), WIDTH * 4, 8, torch.Tensor, False)
             if st is not None and st[1] == len(batch):
                 staged[0] += 1
                 src = st[0][:st[1]].clone()
@@ -197,3 +191,27 @@ def test_many_callers_and_two_buffers_in_turn_never_mix_requests():
     assert s["answered"] == threads * per + 1
     assert staged[0] >= s["batches"] // 4, (staged[0], s["batches"])
     assert s["staged_by_callers"] > 0
+
+
+def test_a_negated_single_element_is_not_staged():
+    """The .imag of a conjugated complex tensor of one element is a contiguous view whose
+    memory holds the value before negation: with a stage of one element per row, such a
+    request is asked is_neg() and concatenated (torch negates it), never copied raw."""
+    q = Q()
+    one = torch.tensor([[5.0]])
+    key = key_of(q, one)
+    neg = torch.tensor([[1.0 + 2.0j]]).conj().imag
+    assert neg.is_neg() and neg.is_contiguous() and neg.item() == -2.0
+    buf = torch.full((4, 1), 9.0)
+    assert q._q_stage(buf, key, buf.data_ptr(), 4, 4, torch.Tensor, True) is True
+    a = q._q_put(neg, concurrent.futures.Future(), False, None, None)
+    b = q._q_put(one, concurrent.futures.Future(), False, None, None)
+    batch, xs, _, _, _ = q._q_take(8, 0.0, None)
+    assert batch == [a, b] and q._q_staged() == (buf, 0)  # the batch is concatenated
+    assert torch.cat(xs).tolist() == [[-2.0], [5.0]]
+    # the same stage without the check would have taken the raw +2.0: it is the check that refuses
+    buf = torch.full((4, 1), 9.0)
+    assert q._q_stage(buf, key, buf.data_ptr(), 4, 4, torch.Tensor, False) is True
+    c = q._q_put(neg, concurrent.futures.Future(), False, None, None)
+    batch, _, _, _, _ = q._q_take(8, 0.0, None)
+    assert batch == [c] and q._q_staged() == (buf, 1) and buf[0].item() == 2.0

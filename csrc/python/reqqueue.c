@@ -401,6 +401,7 @@ typedef struct Stage {
     PyObject *type; /* the exact type a request must have (torch.Tensor) */
     char *ptr;
     Py_ssize_t key, row_bytes, cap_rows, used_rows;
+    int single; /* a row is one element: requests of one row are asked is_neg() */
     Py_ssize_t n, cap; /* entries: the requests given rows, in order */
     StageEntry *entries;
     _Atomic Py_ssize_t copying; /* copies given out and not yet made */
@@ -420,14 +421,17 @@ static void stage_free(Stage *st) {
     PyMem_Free(st);
 }
 
-/* x's first byte if x.is_contiguous() and not x.is_neg() (a negated view's
- * memory holds the values before negation), from x.data_ptr(); else NULL, no
- * error set. */
-static const char *contiguous_data(PyObject *x) {
+/* x's first byte if x.is_contiguous() and (check_neg) not x.is_neg(), from
+ * x.data_ptr(); else NULL, no error set. A negated view's memory holds the
+ * values before negation; torch's public API makes a contiguous one only of a
+ * single element (the .imag of a conjugated complex tensor), and is_neg()
+ * releases the GIL (a handoff on the caller's path), so it is asked only for
+ * single elements (check_neg). */
+static const char *contiguous_data(PyObject *x, int check_neg) {
     PyObject *c = PyObject_CallMethodNoArgs(x, s_is_contiguous);
     int ok = c == Py_True;
     Py_XDECREF(c);
-    if (ok) {
+    if (ok && check_neg) {
         c = PyObject_CallMethodNoArgs(x, s_is_neg);
         ok = c == Py_False;
         Py_XDECREF(c);
@@ -452,7 +456,7 @@ static const char *stage_src(QueueObject *q, ReqObject *r, PyObject *x) {
     Stage *st = q->stage;
     if (st == NULL || x == NULL || r->key != st->key || Py_TYPE(x) != (PyTypeObject *)st->type || r->rows < 1)
         return NULL;
-    return contiguous_data(x);
+    return contiguous_data(x, st->single && r->rows == 1);
 }
 
 /* Give r (input x, data src from stage_src) the next rows of the registered
@@ -1156,16 +1160,18 @@ static PyObject *Queue_take_ready(QueueObject *q, PyObject *arg) {
     return out;
 }
 
-/* _stage(buffer, key, data_ptr, row_bytes, rows, tensor_type) -> bool: register
- * `buffer` (rows of row_bytes at data_ptr, kept alive here) as the staging
- * buffer of the next batch of requests with batching key number `key` whose
- * type is exactly tensor_type; requests of that key already queued get rows
+/* _stage(buffer, key, data_ptr, row_bytes, rows, tensor_type, single) -> bool:
+ * register `buffer` (rows of row_bytes at data_ptr, kept alive here) as the
+ * staging buffer of the next batch of requests with batching key number `key`
+ * whose type is exactly tensor_type (single: a row is one element); requests of that key already queued get rows
  * first (copied by the take). False (nothing done) if one is registered. */
 static PyObject *Queue_stage(QueueObject *q, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "_q_stage(buffer, key, data_ptr, row_bytes, rows, tensor_type)");
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "_q_stage(buffer, key, data_ptr, row_bytes, rows, tensor_type, single)");
         return NULL;
     }
+    int single = PyObject_IsTrue(args[6]);
+    if (single < 0) return NULL;
     Py_ssize_t key = PyLong_AsSsize_t(args[1]);
     void *ptr = PyLong_AsVoidPtr(args[2]);
     Py_ssize_t row_bytes = PyLong_AsSsize_t(args[3]), rows = PyLong_AsSsize_t(args[4]);
@@ -1194,6 +1200,7 @@ static PyObject *Queue_stage(QueueObject *q, PyObject *const *args, Py_ssize_t n
     st->ptr = ptr;
     st->key = key;
     st->row_bytes = row_bytes;
+    st->single = single;
     st->cap_rows = st->cap = rows;
     st->entries = entries;
     atomic_store(&st->copying, 0);
@@ -1580,7 +1587,7 @@ static PyMethodDef Queue_methods[] = {
     {"_q_stats", (PyCFunction)Queue_stats, METH_NOARGS, "_q_stats() -> dict of counters and latency percentiles."},
     {"_q_reset_stats", (PyCFunction)Queue_reset_stats, METH_NOARGS, "_q_reset_stats(): zero the counters."},
     {"_q_stage", (PyCFunction)(void (*)(void))Queue_stage, METH_FASTCALL,
-     "_q_stage(buffer, key, data_ptr, row_bytes, rows, tensor_type) -> bool: register the next batch's staging buffer."},
+     "_q_stage(buffer, key, data_ptr, row_bytes, rows, tensor_type, single) -> bool: register the next batch's staging buffer."},
     {"_q_staged", (PyCFunction)Queue_staged, METH_NOARGS,
      "_q_staged() -> (buffer, rows) or None: the stage the last take detached (rows 0: not usable)."},
     {"now", (PyCFunction)Queue_now, METH_NOARGS | METH_STATIC, "now() -> seconds on the queue's clock."},
