@@ -321,3 +321,62 @@ def test_batcher_profile_benchmark_runs_on_cpu_and_its_steps_fit_in_the_cycle():
     row = [line for line in out.stdout.splitlines() if line.startswith("small_mlp")][0].split()
     cycle, steps = float(row[3]), [float(v) for v in row[4:11]]
     assert all(v >= 0 for v in steps) and 0 < sum(steps) <= cycle * 1.05, row
+
+
+# ---------------------------------------------------------------- a take that fails
+TAKE_STEPS = 11  # the steps needing memory in the take below: 2 for the expired request,
+# 3 appends to the batch, the 3 lists/tuple of its answer and one int per request
+
+
+@pytest.mark.parametrize("step", range(1, TAKE_STEPS + 2))
+def test_a_take_that_runs_out_of_memory_at_any_step_loses_no_request(step):
+    """Every step of a take that needs memory fails once in turn (_q_fault): the take
+    raises MemoryError, leaves its requests queued in order (futures not yet running)
+    and keeps the expired request's delivery for the next take, which returns all of it
+    exactly once. The last step number is the control: no failure."""
+    q = Q()
+    late = concurrent.futures.Future()
+    q._q_put(torch.zeros(1, 2), late, False, None, 0.0)  # expires before any batch forms
+    futs = [concurrent.futures.Future() for _ in range(3)]
+    reqs = [q._q_put(torch.full((1, 2), float(i)), f, False, None, None) for i, f in enumerate(futs)]
+    q._q_fault(step)
+    failed = False
+    try:
+        got = q._q_take(8, 0.0, None)
+    except MemoryError:
+        failed = True
+        # steps 1-2 are the expired request's: it stays queued too, undelivered
+        assert not any(f.running() for f in futs) and q._queued == (4 if step <= 2 else 3)
+        got = q._q_take(8, 0.0, None)
+    assert failed == (step <= TAKE_STEPS)
+    batch, xs, rows, _, deliver = got
+    assert batch == reqs and [x[0, 0].item() for x in xs] == [0.0, 1.0, 2.0] and rows == [1, 1, 1]
+    assert all(f.running() for f in futs)
+    assert len(deliver) == 1 and deliver[0][0] is late and isinstance(deliver[0][2], TimeoutError)
+    s = q._q_stats()
+    assert (s["accepted"], s["expired"], s["in_flight"], s["queued"]) == (4, 1, 3, 0)
+
+
+def test_a_caller_whose_take_failed_is_answered_by_the_next_one():
+    q = Q()
+    c = Caller(q, torch.ones(1, 2))
+    c.start()
+    wait_queued(q, 1)
+    q._q_fault(1)
+    with pytest.raises(MemoryError):
+        q._q_take(8, 0.0, None)
+    batch, xs, _, _, _ = q._q_take(8, 0.0, None)
+    q._q_complete(batch, [xs[0] * 3], None)
+    c.join(TIMEOUT)
+    assert c.error is None and torch.equal(c.result, torch.full((1, 2), 3.0))
+
+
+def test_the_batcher_answers_every_request_when_its_dispatcher_runs_out_of_memory():
+    """The dispatcher's take fails with MemoryError (logged, the dispatcher goes on): the
+    requests it was taking are served by the next take."""
+    with Batcher(lambda x: x + 1, max_batch=4, max_delay_ms=1) as b:
+        b._q_fault(2)
+        futures = [b.submit(torch.full((1, 2), float(i))) for i in range(6)]
+        got = [f.result(TIMEOUT) for f in futures]
+    assert [g[0, 0].item() for g in got] == [float(i + 1) for i in range(6)]
+    assert b.stats()["answered"] == 6

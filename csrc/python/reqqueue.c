@@ -217,6 +217,8 @@ typedef struct {
     struct Stage *stage; /* the registered staging buffer, or NULL */
     PyObject *staged;    /* what the last take's detach found: (buffer, rows), or NULL */
     long long staged_batches, staged_by_callers;
+    PyObject *undelivered;      /* deliveries a failed take made: the next take returns them */
+    Py_ssize_t fault_countdown; /* _q_fault: the n-th next fallible step of a take fails */
 } QueueObject;
 
 static PyTypeObject QueueType;
@@ -745,8 +747,8 @@ fail:
 /* Deliver a claimed request: a call's caller is woken; a future's triple goes to
  * `deliver` for Python. Returns -1 only when the triple cannot be made. */
 static int deliver_one(ReqObject *r, PyObject *value, PyObject *error, PyObject *deliver) {
-    Py_CLEAR(r->x);
     if (r->kind == REQ_CALL) {
+        Py_CLEAR(r->x);
         if (error) r->error = Py_NewRef(error);
         else r->value = Py_NewRef(value ? value : Py_None);
         if (deliver) agx_event_set(&r->ev); /* r belongs to its caller again */
@@ -756,6 +758,7 @@ static int deliver_one(ReqObject *r, PyObject *value, PyObject *error, PyObject 
     if (t == NULL) return -1;
     int rc = PyList_Append(deliver, t);
     Py_DECREF(t);
+    if (rc == 0) Py_CLEAR(r->x); /* on failure r is as it was (a take leaves it queued) */
     return rc;
 }
 
@@ -966,6 +969,45 @@ static void dispatcher_sleep(QueueObject *q, Py_ssize_t wake_at, int64_t deadlin
     else if (got != 1) agx_event_consume(&q->wake); /* woken right after its deadline */
 }
 
+/* A take's steps that need memory go through fallible(): _q_fault(n) makes the
+ * n-th next one fail with MemoryError, so tests can check that a failed take
+ * loses no request (each such failure leaves the queue as it was, and the
+ * deliveries already made wait for the next take). */
+static int fallible(QueueObject *q) {
+    if (q->fault_countdown > 0 && --q->fault_countdown == 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static int fallible_append(QueueObject *q, PyObject *list, PyObject *item) {
+    return fallible(q) < 0 ? -1 : PyList_Append(list, item);
+}
+
+static PyObject *fallible_list(QueueObject *q, Py_ssize_t n) { return fallible(q) < 0 ? NULL : PyList_New(n); }
+
+/* Unlink r (whose predecessor is prev) from the queue; the queue's reference
+ * goes to the caller. */
+static void unlink_req(QueueObject *q, ReqObject *prev, ReqObject *r) {
+    if (prev) prev->next = r->next;
+    else q->head = r->next;
+    if (q->tail == r) q->tail = prev;
+    r->next = NULL;
+    atomic_store(&q->count, atomic_load(&q->count) - 1);
+}
+
+/* Put a failed take's batch back at the head of the queue, in order. */
+static void requeue_front(QueueObject *q, PyObject *batch) {
+    for (Py_ssize_t i = PyList_GET_SIZE(batch) - 1; i >= 0; i--) {
+        ReqObject *r = (ReqObject *)Py_NewRef(PyList_GET_ITEM(batch, i));
+        r->next = q->head;
+        q->head = r;
+        if (q->tail == NULL) q->tail = r;
+        atomic_store(&q->count, atomic_load(&q->count) + 1);
+    }
+}
+
 /* Move queued requests of `key` into batch (oldest first, up to max_batch);
  * others keep their places. Given-up requests leave the queue (to `drop`);
  * expired ones are failed with TimeoutError (calls woken, futures to deliver). */
@@ -986,24 +1028,32 @@ static int take_key(QueueObject *q, Py_ssize_t key, PyObject *batch, Py_ssize_t 
             }
             if (!remove && r->key == key) take = remove = 1;
         }
+        if (remove == 2) { /* expired before its batch formed: never computed */
+            PyObject *exc = new_named_error(
+                q, PyExc_TimeoutError, "Batcher %R: the request's timeout passed before its batch formed");
+            Py_ssize_t had = PyList_GET_SIZE(deliver);
+            if (exc == NULL || fallible_append(q, drop, (PyObject *)r) < 0) {
+                Py_XDECREF(exc);
+                return -1; /* it stays queued, untouched */
+            }
+            r->claimed = 1;
+            if (fallible(q) < 0 || deliver_one(r, NULL, exc, deliver) < 0) {
+                r->claimed = 0; /* not delivered: it stays queued for the next take */
+                PyList_SetSlice(deliver, had, PyList_GET_SIZE(deliver), NULL);
+                PyList_SetSlice(drop, PyList_GET_SIZE(drop) - 1, PyList_GET_SIZE(drop), NULL);
+                Py_DECREF(exc);
+                return -1;
+            }
+            Py_DECREF(exc);
+            q->expired++;
+        } else if (remove && fallible_append(q, take ? batch : drop, (PyObject *)r) < 0) {
+            return -1; /* it stays queued */
+        }
         if (remove) {
-            if (prev) prev->next = next;
-            else q->head = next;
-            if (q->tail == r) q->tail = prev;
-            r->next = NULL;
-            atomic_store(&q->count, atomic_load(&q->count) - 1);
             /* the queue's reference moves to batch or drop (both lists hold one
              * until the end of the dispatcher's call) */
-            if (PyList_Append(take ? batch : drop, (PyObject *)r) < 0) rc = -1;
-            if (remove == 2) { /* expired before its batch formed: never computed */
-                r->claimed = 1;
-                q->expired++;
-                PyObject *exc = new_named_error(
-                    q, PyExc_TimeoutError, "Batcher %R: the request's timeout passed before its batch formed");
-                if (exc == NULL || deliver_one(r, NULL, exc, deliver) < 0) rc = -1;
-                Py_XDECREF(exc);
-            }
-            Py_DECREF(r); /* the list holds it */
+            unlink_req(q, prev, r);
+            Py_DECREF(r);
         } else {
             prev = r;
         }
@@ -1017,7 +1067,26 @@ static int take_key(QueueObject *q, Py_ssize_t key, PyObject *batch, Py_ssize_t 
  * inputs, rows and lengths come back as lists. Python code may run here (a
  * Future's lock): the queue is consistent by now. */
 static PyObject *finish_take(QueueObject *q, PyObject *batch, PyObject *deliver) {
+    /* everything that needs memory first, while a failure can still leave the
+     * requests as they were (the take then puts them back) */
     Py_ssize_t n = PyList_GET_SIZE(batch), kept = 0;
+    PyObject *xs = fallible_list(q, n), *rows = fallible_list(q, n);
+    PyObject *lens = q->pad_dim >= 0 ? fallible_list(q, n) : Py_NewRef(Py_None);
+    PyObject *out = fallible(q) < 0 ? NULL : PyTuple_New(5);
+    if (xs == NULL || rows == NULL || lens == NULL || out == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        ReqObject *r = (ReqObject *)PyList_GET_ITEM(batch, i);
+        PyObject *v = fallible(q) < 0 ? NULL : PyLong_FromSsize_t(r->rows);
+        if (v == NULL) goto fail;
+        PyList_SET_ITEM(rows, i, v);
+        if (lens != Py_None) {
+            v = PyLong_FromSsize_t(r->length);
+            if (v == NULL) goto fail;
+            PyList_SET_ITEM(lens, i, v);
+        }
+    }
+    /* futures (submit) go running, or leave the batch if cancelled or set by
+     * their caller (counted cancelled); nothing below can fail */
     for (Py_ssize_t i = 0; i < n; i++) {
         ReqObject *r = (ReqObject *)PyList_GET_ITEM(batch, i);
         int keep = 1;
@@ -1034,44 +1103,49 @@ static PyObject *finish_take(QueueObject *q, PyObject *batch, PyObject *deliver)
             }
         }
         if (keep) {
-            if (kept != i) {
+            if (kept != i) { /* move request i, its rows and length to slot kept */
                 PyObject *old = PyList_GET_ITEM(batch, kept);
                 PyList_SET_ITEM(batch, kept, Py_NewRef((PyObject *)r));
                 Py_DECREF(old);
+                old = PyList_GET_ITEM(rows, kept);
+                PyList_SET_ITEM(rows, kept, Py_NewRef(PyList_GET_ITEM(rows, i)));
+                Py_DECREF(old);
+                if (lens != Py_None) {
+                    old = PyList_GET_ITEM(lens, kept);
+                    PyList_SET_ITEM(lens, kept, Py_NewRef(PyList_GET_ITEM(lens, i)));
+                    Py_DECREF(old);
+                }
             }
             kept++;
         }
     }
-    if (kept != n && PyList_SetSlice(batch, kept, n, NULL) < 0) return NULL;
+    if (kept != n) { /* shrinking a list needs no memory */
+        PyList_SetSlice(batch, kept, n, NULL);
+        PyList_SetSlice(rows, kept, n, NULL);
+        if (lens != Py_None) PyList_SetSlice(lens, kept, n, NULL);
+        PyList_SetSlice(xs, kept, n, NULL);
+    }
     n = kept;
-    PyObject *xs = PyList_New(n), *rows = PyList_New(n), *lens = q->pad_dim >= 0 ? PyList_New(n) : Py_NewRef(Py_None);
-    if (xs == NULL || rows == NULL || lens == NULL) goto fail;
     int64_t now = agx_now_ns();
     for (Py_ssize_t i = 0; i < n; i++) {
         ReqObject *r = (ReqObject *)PyList_GET_ITEM(batch, i);
         r->start_ns = now;
         PyList_SET_ITEM(xs, i, r->x ? r->x : Py_NewRef(Py_None)); /* the list takes r's reference */
         r->x = NULL;
-        PyObject *v = PyLong_FromSsize_t(r->rows);
-        if (v == NULL) goto fail;
-        PyList_SET_ITEM(rows, i, v);
-        if (lens != Py_None) {
-            v = PyLong_FromSsize_t(r->length);
-            if (v == NULL) goto fail;
-            PyList_SET_ITEM(lens, i, v);
-        }
     }
     q->in_flight += n;
     if (atomic_load(&q->room_sleepers)) wake_room(q);
-    PyObject *out = PyTuple_Pack(5, batch, xs, rows, lens, deliver);
-    Py_DECREF(xs);
-    Py_DECREF(rows);
-    Py_DECREF(lens);
+    PyTuple_SET_ITEM(out, 0, Py_NewRef(batch));
+    PyTuple_SET_ITEM(out, 1, xs);
+    PyTuple_SET_ITEM(out, 2, rows);
+    PyTuple_SET_ITEM(out, 3, lens);
+    PyTuple_SET_ITEM(out, 4, Py_NewRef(deliver));
     return out;
 fail:
     Py_XDECREF(xs);
     Py_XDECREF(rows);
     Py_XDECREF(lens);
+    Py_XDECREF(out);
     return NULL;
 }
 
@@ -1090,6 +1164,24 @@ static PyObject *take_formed(QueueObject *q, PyObject *batch, PyObject *deliver)
     return out;
 }
 
+/* A take's three lists: its batch, its deliveries (starting with those a
+ * failed take left) and the requests it drops. -1 when out of memory. */
+static int take_lists(QueueObject *q, PyObject **batch, PyObject **deliver, PyObject **drop) {
+    *batch = PyList_New(0);
+    *drop = PyList_New(0);
+    *deliver = q->undelivered ? q->undelivered : PyList_New(0);
+    q->undelivered = NULL;
+    return *batch && *drop && *deliver ? 0 : -1;
+}
+
+/* A take failed (an exception is set): the requests it took go back to the
+ * head of the queue, in order, and the deliveries it made wait for the next
+ * take, so that nothing is lost. */
+static void take_failed(QueueObject *q, PyObject *batch, PyObject *deliver) {
+    if (batch) requeue_front(q, batch);
+    if (deliver && PyList_GET_SIZE(deliver)) Py_XSETREF(q->undelivered, Py_NewRef(deliver));
+}
+
 /* _take(max_batch, max_delay_s, target_s) -> (batch, xs, rows, lengths,
  * deliveries), or None once closed and drained. Waits (GIL released) for a
  * request, then while the batch is not full up to the delay counted from its
@@ -1104,8 +1196,8 @@ static PyObject *Queue_take(QueueObject *q, PyObject *const *args, Py_ssize_t na
     double target = args[2] == Py_None ? -1 : PyFloat_AsDouble(args[2]);
     if (PyErr_Occurred()) return NULL;
     if (max_batch < 1) max_batch = 1;
-    PyObject *batch = PyList_New(0), *deliver = PyList_New(0), *drop = PyList_New(0), *out = NULL;
-    if (batch == NULL || deliver == NULL || drop == NULL) goto done;
+    PyObject *batch, *deliver, *drop, *out = NULL;
+    if (take_lists(q, &batch, &deliver, &drop) < 0) goto failed;
     int64_t delay = batch_delay(q, 0, max_batch, max_delay, target);
     if (q->head == NULL && !atomic_load(&q->closed) && delay > 0 && max_batch > 1)
         dispatcher_sleep(q, max_batch, agx_now_ns() + delay);
@@ -1122,7 +1214,7 @@ static PyObject *Queue_take(QueueObject *q, PyObject *const *args, Py_ssize_t na
         }
         head_key = q->head->key;
         head_t = q->head->t_ns;
-        if (take_key(q, head_key, batch, max_batch, deliver, drop) < 0) goto done;
+        if (take_key(q, head_key, batch, max_batch, deliver, drop) < 0) goto failed;
         if (PyList_GET_SIZE(batch) == 0 && PyList_GET_SIZE(deliver)) goto ready;
     }
     delay = batch_delay(q, PyList_GET_SIZE(batch), max_batch, max_delay, target);
@@ -1131,17 +1223,21 @@ static PyObject *Queue_take(QueueObject *q, PyObject *const *args, Py_ssize_t na
         for (;;) {
             if (deadline <= agx_now_ns()) break;
             dispatcher_sleep(q, atomic_load(&q->count) + max_batch - PyList_GET_SIZE(batch), deadline);
-            if (take_key(q, head_key, batch, max_batch, deliver, drop) < 0) goto done;
+            if (take_key(q, head_key, batch, max_batch, deliver, drop) < 0) goto failed;
             if (PyList_GET_SIZE(batch) >= max_batch || atomic_load(&q->closed)) break;
         }
     }
 ready:
     out = take_formed(q, batch, deliver);
+    if (out == NULL) take_failed(q, batch, deliver);
 done:
     Py_XDECREF(batch);
     Py_XDECREF(deliver);
     Py_XDECREF(drop); /* may run finalizers: the queue is consistent */
     return out;
+failed:
+    take_failed(q, batch, deliver);
+    goto done;
 }
 
 /* _take_ready(max_batch) -> as _take, or None: a batch only if max_batch
@@ -1151,9 +1247,10 @@ static PyObject *Queue_take_ready(QueueObject *q, PyObject *arg) {
     if (max_batch == -1 && PyErr_Occurred()) return NULL;
     if (max_batch < 1) max_batch = 1;
     if (atomic_load(&q->count) < max_batch || atomic_load(&q->closed) || q->head == NULL) Py_RETURN_NONE;
-    PyObject *batch = PyList_New(0), *deliver = PyList_New(0), *drop = PyList_New(0), *out = NULL;
-    if (batch && deliver && drop && take_key(q, q->head->key, batch, max_batch, deliver, drop) == 0)
+    PyObject *batch, *deliver, *drop, *out = NULL;
+    if (take_lists(q, &batch, &deliver, &drop) == 0 && take_key(q, q->head->key, batch, max_batch, deliver, drop) == 0)
         out = take_formed(q, batch, deliver);
+    if (out == NULL) take_failed(q, batch, deliver);
     Py_XDECREF(batch);
     Py_XDECREF(deliver);
     Py_XDECREF(drop);
@@ -1226,6 +1323,15 @@ static PyObject *Queue_stage(QueueObject *q, PyObject *const *args, Py_ssize_t n
     PyMem_Free(srcs);
     Py_DECREF(queued);
     Py_RETURN_TRUE;
+}
+
+/* _fault(n): make the n-th next fallible step of a take fail with MemoryError
+ * (0: none); for tests of failed takes. */
+static PyObject *Queue_fault(QueueObject *q, PyObject *arg) {
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    q->fault_countdown = n > 0 ? n : 0;
+    Py_RETURN_NONE;
 }
 
 /* _staged() -> (buffer, rows) or None: what the last take that formed a batch
@@ -1489,6 +1595,7 @@ static int Queue_traverse(QueueObject *q, visitproc visit, void *arg) {
     Py_VISIT(q->closed_msg);
     Py_VISIT(q->hist);
     Py_VISIT(q->staged);
+    Py_VISIT(q->undelivered);
     if (q->stage) {
         Py_VISIT(q->stage->buf);
         Py_VISIT(q->stage->type);
@@ -1517,6 +1624,7 @@ static int Queue_clear(QueueObject *q) {
     Py_CLEAR(q->closed_msg);
     Py_CLEAR(q->hist);
     Py_CLEAR(q->staged);
+    Py_CLEAR(q->undelivered);
     Stage *st = q->stage; /* no caller can be copying: each holds a reference to the queue */
     q->stage = NULL;
     stage_free(st);
@@ -1588,6 +1696,8 @@ static PyMethodDef Queue_methods[] = {
     {"_q_reset_stats", (PyCFunction)Queue_reset_stats, METH_NOARGS, "_q_reset_stats(): zero the counters."},
     {"_q_stage", (PyCFunction)(void (*)(void))Queue_stage, METH_FASTCALL,
      "_q_stage(buffer, key, data_ptr, row_bytes, rows, tensor_type, single) -> bool: register the next batch's staging buffer."},
+    {"_q_fault", (PyCFunction)Queue_fault, METH_O,
+     "_q_fault(n): the n-th next step of a take that needs memory fails with MemoryError (tests; 0: none)."},
     {"_q_staged", (PyCFunction)Queue_staged, METH_NOARGS,
      "_q_staged() -> (buffer, rows) or None: the stage the last take detached (rows 0: not usable)."},
     {"now", (PyCFunction)Queue_now, METH_NOARGS | METH_STATIC, "now() -> seconds on the queue's clock."},
