@@ -34,6 +34,10 @@
  * it first (copy_state), and a buffer is handed back only when no copy into
  * it can still be running.
  *
+ * A take that fails (MemoryError) leaves the queue as it found it: requests it
+ * took go back to the head in order, and deliveries it made (expired futures)
+ * wait for the next take (fallible(), _q_fault for tests).
+ *
  * Accounting: a request is finished exactly once, by whoever sets `claimed`
  * first (the dispatcher answering or failing it, close() failing it, its caller
  * giving it up), and that one counts it: answered, failed, cancelled or
