@@ -1264,8 +1264,9 @@ static PyObject *Queue_take_ready(QueueObject *q, PyObject *arg) {
 /* _stage(buffer, key, data_ptr, row_bytes, rows, tensor_type, single) -> bool:
  * register `buffer` (rows of row_bytes at data_ptr, kept alive here) as the
  * staging buffer of the next batch of requests with batching key number `key`
- * whose type is exactly tensor_type (single: a row is one element); requests of that key already queued get rows
- * first (copied by the take). False (nothing done) if one is registered. */
+ * whose type is exactly tensor_type (single: a row is one element); requests
+ * of that key already queued get rows first (copied by the take). False
+ * (nothing done) if one is registered. */
 static PyObject *Queue_stage(QueueObject *q, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 7) {
         PyErr_SetString(PyExc_TypeError, "_q_stage(buffer, key, data_ptr, row_bytes, rows, tensor_type, single)");
