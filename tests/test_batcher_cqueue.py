@@ -332,8 +332,9 @@ TAKE_STEPS = 11  # the steps needing memory in the take below: 2 for the expired
 def test_a_take_that_runs_out_of_memory_at_any_step_loses_no_request(step):
     """Every step of a take that needs memory fails once in turn (_q_fault): the take
     raises MemoryError, leaves its requests queued in order (futures not yet running)
-    and keeps the expired request's delivery for the next take, which returns all of it
-    exactly once. The last step number is the control: no failure."""
+    and keeps the expired request's delivery, which the next take returns at once, and
+    the take after it every request: each exactly once. The last step number is the
+    control: no failure."""
     q = Q()
     late = concurrent.futures.Future()
     q._q_put(torch.zeros(1, 2), late, False, None, 0.0)  # expires before any batch forms
@@ -348,6 +349,11 @@ def test_a_take_that_runs_out_of_memory_at_any_step_loses_no_request(step):
         # steps 1-2 are the expired request's: it stays queued too, undelivered
         assert not any(f.running() for f in futs) and q._queued == (4 if step <= 2 else 3)
         got = q._q_take(8, 0.0, None)
+        if step > 2:  # the expired one's delivery was made: the next take returns it at once
+            assert got[0] == [] and len(got[4]) == 1
+            stashed = got[4]
+            got = q._q_take(8, 0.0, None)
+            got = got[:4] + (stashed + got[4],)
     assert failed == (step <= TAKE_STEPS)
     batch, xs, rows, _, deliver = got
     assert batch == reqs and [x[0, 0].item() for x in xs] == [0.0, 1.0, 2.0] and rows == [1, 1, 1]
@@ -380,3 +386,48 @@ def test_the_batcher_answers_every_request_when_its_dispatcher_runs_out_of_memor
         got = [f.result(TIMEOUT) for f in futures]
     assert [g[0, 0].item() for g in got] == [float(i + 1) for i in range(6)]
     assert b.stats()["answered"] == 6
+
+
+@pytest.mark.parametrize("step", range(1, 6))
+def test_an_answer_that_runs_out_of_memory_loses_no_delivery(step):
+    """_q_complete fails at its step-th delivery (of 4: a call and three futures; step 5
+    is the control): it raises MemoryError, the call answered before is woken, the
+    deliveries made go out with the next take, and the requests not answered stay
+    unclaimed and in flight, so the dispatcher's _q_fail(settle=True) fails them. Every
+    request ends with exactly one outcome."""
+    q = Q()
+    c = Caller(q, torch.full((1, 2), 7.0))
+    c.start()
+    wait_queued(q, 1)
+    futs = [concurrent.futures.Future() for _ in range(3)]
+    for i, f in enumerate(futs):
+        q._q_put(torch.full((1, 2), float(i)), f, False, None, None)
+    batch, xs, _, _, _ = q._q_take(8, 0.0, None)
+    assert len(batch) == 4
+    q._q_fault(step)
+    outcomes = []
+    try:
+        outcomes += q._q_complete(batch, [x + 1 for x in xs], None)
+        failed = False
+    except MemoryError:
+        failed = True
+        outcomes += q._q_fail(batch, RuntimeError, "dispatcher error", settle=True)
+        if step > 2:  # futures were delivered before the failure: the next take returns them
+            got = q._q_take(8, 0.0, None)
+            assert got[0] == [] and len(got[4]) == step - 2
+            outcomes += got[4]
+    assert failed == (step <= 4)
+    c.join(TIMEOUT)
+    if step == 1:  # the call's delivery failed: it was failed by _q_fail instead
+        assert isinstance(c.error, RuntimeError) and c.result is None
+    else:
+        assert c.error is None and torch.equal(c.result, torch.full((1, 2), 8.0))
+    assert sorted(id(o[0]) for o in outcomes) == sorted(id(f) for f in futs)  # once each
+    for payload, value, error in outcomes:
+        i = futs.index(payload)
+        if i + 2 < step or not failed:  # delivered before the failure: its answer
+            assert error is None and torch.equal(value, torch.full((1, 2), i + 1.0))
+        else:
+            assert isinstance(error, RuntimeError)
+    s = q._q_stats()
+    assert (s["answered"] + s["failed"], s["in_flight"], s["queued"]) == (4, 0, 0)

@@ -748,6 +748,25 @@ fail:
 
 /* ------------------------------------------------------------------ answering */
 
+/* The steps of a take or an answer that need memory go through fallible():
+ * _q_fault(n) makes the n-th next one fail with MemoryError, so tests can
+ * check that a failure loses no request (a failed take leaves the queue as it
+ * was; the deliveries already made wait for the next take). */
+static int fallible(QueueObject *q) {
+    if (q->fault_countdown > 0 && --q->fault_countdown == 0) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 0;
+}
+
+static int fallible_append(QueueObject *q, PyObject *list, PyObject *item) {
+    return fallible(q) < 0 ? -1 : PyList_Append(list, item);
+}
+
+static PyObject *fallible_list(QueueObject *q, Py_ssize_t n) { return fallible(q) < 0 ? NULL : PyList_New(n); }
+
+
 /* Deliver a claimed request: a call's caller is woken; a future's triple goes to
  * `deliver` for Python. Returns -1 only when the triple cannot be made. */
 static int deliver_one(ReqObject *r, PyObject *value, PyObject *error, PyObject *deliver) {
@@ -837,15 +856,35 @@ static PyObject *Queue_complete(QueueObject *q, PyObject *const *args, Py_ssize_
         record_sample(q, r->start_ns - r->t_ns, done - r->t_ns);
         q->rows += r->rows;
         if (r->claimed) continue; /* its caller gave up (counted then), or close() failed it */
+        if (bad) continue;        /* after a failed delivery: left to the dispatcher's _q_fail */
+        int later = r->kind == REQ_CALL && wake != NULL;
+        if (fallible(q) < 0 ||
+            deliver_one(r, error ? NULL : PyList_GET_ITEM(results, i), error, later ? NULL : deliver) < 0) {
+            bad = 1; /* r stays unclaimed, as it was */
+            continue;
+        }
         r->claimed = 1;
         if (error) q->failed++;
         else q->answered++;
-        int later = r->kind == REQ_CALL && wake != NULL;
-        if (deliver_one(r, error ? NULL : PyList_GET_ITEM(results, i), error, later ? NULL : deliver) < 0) bad = 1;
         if (later) {
             wake[nwake++] = &r->ev;
             sleeping |= atomic_load_explicit(&r->ev.sleepers, memory_order_relaxed) > 0;
         }
+    }
+    if (bad) { /* out of memory: wake the calls answered, keep the deliveries made for
+                * the next take, and leave the batch in flight for _q_fail(settle) */
+        PyObject *et, *ev, *tb;
+        PyErr_Fetch(&et, &ev, &tb);
+        for (Py_ssize_t i = 0; i < nwake; i++) agx_event_set(wake[i]);
+        if (wake != small) PyMem_Free(wake);
+        if (PyList_GET_SIZE(deliver)) {
+            if (q->undelivered == NULL) q->undelivered = Py_NewRef(deliver);
+            else if (PyList_SetSlice(q->undelivered, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, deliver) < 0) PyErr_Clear();
+        }
+        Py_DECREF(deliver);
+        Py_XDECREF(own_error);
+        PyErr_Restore(et, ev, tb);
+        return NULL;
     }
     q->in_flight -= n;
     if (q->in_flight < 0) q->in_flight = 0;
@@ -861,9 +900,11 @@ static PyObject *Queue_complete(QueueObject *q, PyObject *const *args, Py_ssize_
         PyObject *old = PyDict_GetItemWithError(q->hist, k);
         long long c = old ? PyLong_AsLongLong(old) + 1 : 1;
         PyObject *v = PyLong_FromLongLong(c);
-        if (v == NULL || PyDict_SetItem(q->hist, k, v) < 0) bad = 1;
+        if (v == NULL || PyDict_SetItem(q->hist, k, v) < 0) PyErr_Clear(); /* a statistic only */
         Py_XDECREF(v);
         Py_DECREF(k);
+    } else {
+        PyErr_Clear();
     }
     /* counted before anyone is woken: a caller that reads stats() sees its batch */
     if (nwake && sleeping && q->wake_unlocked) {
@@ -875,10 +916,6 @@ static PyObject *Queue_complete(QueueObject *q, PyObject *const *args, Py_ssize_
     }
     if (wake != small) PyMem_Free(wake);
     Py_XDECREF(own_error);
-    if (bad) {
-        Py_DECREF(deliver);
-        return NULL;
-    }
     return deliver;
 }
 
@@ -972,24 +1009,6 @@ static void dispatcher_sleep(QueueObject *q, Py_ssize_t wake_at, int64_t deadlin
     if (q->sleeping) q->sleeping = 0;                /* nobody woke it */
     else if (got != 1) agx_event_consume(&q->wake); /* woken right after its deadline */
 }
-
-/* A take's steps that need memory go through fallible(): _q_fault(n) makes the
- * n-th next one fail with MemoryError, so tests can check that a failed take
- * loses no request (each such failure leaves the queue as it was, and the
- * deliveries already made wait for the next take). */
-static int fallible(QueueObject *q) {
-    if (q->fault_countdown > 0 && --q->fault_countdown == 0) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    return 0;
-}
-
-static int fallible_append(QueueObject *q, PyObject *list, PyObject *item) {
-    return fallible(q) < 0 ? -1 : PyList_Append(list, item);
-}
-
-static PyObject *fallible_list(QueueObject *q, Py_ssize_t n) { return fallible(q) < 0 ? NULL : PyList_New(n); }
 
 /* Unlink r (whose predecessor is prev) from the queue; the queue's reference
  * goes to the caller. */
@@ -1202,6 +1221,7 @@ static PyObject *Queue_take(QueueObject *q, PyObject *const *args, Py_ssize_t na
     if (max_batch < 1) max_batch = 1;
     PyObject *batch, *deliver, *drop, *out = NULL;
     if (take_lists(q, &batch, &deliver, &drop) < 0) goto failed;
+    if (PyList_GET_SIZE(deliver)) goto ready; /* left by a failed call: out at once */
     int64_t delay = batch_delay(q, 0, max_batch, max_delay, target);
     if (q->head == NULL && !atomic_load(&q->closed) && delay > 0 && max_batch > 1)
         dispatcher_sleep(q, max_batch, agx_now_ns() + delay);
