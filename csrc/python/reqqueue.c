@@ -36,7 +36,10 @@
  *
  * A take that fails (MemoryError) leaves the queue as it found it: requests it
  * took go back to the head in order, and deliveries it made (expired futures)
- * wait for the next take (fallible(), _q_fault for tests).
+ * wait for the next take. An answer (_complete) that fails claims only the
+ * requests it delivered (their deliveries also wait for the next take, which
+ * returns them at once) and leaves the batch in flight for the dispatcher's
+ * _fail(settle=True). (fallible(); _q_fault for tests.)
  *
  * Accounting: a request is finished exactly once, by whoever sets `claimed`
  * first (the dispatcher answering or failing it, close() failing it, its caller
