@@ -411,8 +411,8 @@ typedef struct Stage {
     char *ptr;
     Py_ssize_t key, row_bytes, cap_rows, used_rows;
     int single; /* a row is one element: requests of one row are asked is_neg() */
-    Py_ssize_t n, cap; /* entries: the requests given rows, in order */
-    StageEntry *entries;
+    Py_ssize_t n;         /* the requests given rows, in order */
+    StageEntry *entries; /* room for cap_rows (a request has a row at least) */
     _Atomic Py_ssize_t copying; /* copies given out and not yet made */
 } Stage;
 
@@ -475,7 +475,7 @@ static const char *stage_src(QueueObject *q, ReqObject *r, PyObject *x) {
 static void stage_assign(QueueObject *q, ReqObject *r, PyObject *x, const char *src) {
     Stage *st = q->stage;
     if (st == NULL || src == NULL || x == NULL || r->key != st->key || Py_TYPE(x) != (PyTypeObject *)st->type ||
-        r->rows < 1 || st->used_rows + r->rows > st->cap_rows || st->n >= st->cap)
+        r->rows < 1 || st->used_rows + r->rows > st->cap_rows)
         return;
     r->src = src;
     r->nbytes = r->rows * st->row_bytes;
@@ -1041,7 +1041,6 @@ static int take_key(QueueObject *q, Py_ssize_t key, PyObject *batch, Py_ssize_t 
                     PyObject *drop) {
     ReqObject *prev = NULL, *r = q->head;
     int64_t now = -1;
-    int rc = 0;
     while (r && PyList_GET_SIZE(batch) < max_batch) {
         ReqObject *next = r->next;
         int take = 0, remove = 0;
@@ -1085,7 +1084,7 @@ static int take_key(QueueObject *q, Py_ssize_t key, PyObject *batch, Py_ssize_t 
         }
         r = next;
     }
-    return rc;
+    return 0;
 }
 
 /* After taking: futures (submit) go running, or leave the batch if cancelled or
@@ -1326,7 +1325,7 @@ static PyObject *Queue_stage(QueueObject *q, PyObject *const *args, Py_ssize_t n
     st->key = key;
     st->row_bytes = row_bytes;
     st->single = single;
-    st->cap_rows = st->cap = rows;
+    st->cap_rows = rows;
     st->entries = entries;
     atomic_store(&st->copying, 0);
     /* those already queued, in order: listed, their data looked up (methods of
