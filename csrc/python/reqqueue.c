@@ -517,6 +517,7 @@ static Stage *stage_detach(QueueObject *q) {
         mine += st->entries[i].mine;
     }
     q->staged_by_callers += st->n - mine;
+    if (mine == 0 && no_copies_running(st)) return st; /* the callers made every copy */
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < st->n; i++) {
         if (!st->entries[i].mine) continue;
@@ -818,6 +819,31 @@ static int check_reqs(PyObject *reqs) {
     return 0;
 }
 
+/* Count an answered batch of n requests that ran run_ns: in flight no more,
+ * batch and size statistics, the run-time estimate. */
+static void count_batch(QueueObject *q, Py_ssize_t n, int64_t run_ns) {
+    q->in_flight -= n;
+    if (q->in_flight < 0) q->in_flight = 0;
+    q->batches++;
+    q->requests += n;
+    if (n > q->largest) q->largest = n;
+    double run = (double)run_ns;
+    q->run_sum_ns += run_ns;
+    q->run_count++;
+    q->run_est_ns = q->run_est_ns == 0 ? run : q->run_est_ns * 0.8 + run * 0.2;
+    PyObject *k = PyLong_FromSsize_t(n);
+    if (k) {
+        PyObject *old = PyDict_GetItemWithError(q->hist, k);
+        long long c = old ? PyLong_AsLongLong(old) + 1 : 1;
+        PyObject *v = PyLong_FromLongLong(c);
+        if (v == NULL || PyDict_SetItem(q->hist, k, v) < 0) PyErr_Clear(); /* a statistic only */
+        Py_XDECREF(v);
+        Py_DECREF(k);
+    } else {
+        PyErr_Clear();
+    }
+}
+
 /* _complete(batch, results, error) -> deliveries: answer a batch the dispatcher
  * took (results: one per request) or fail it all with `error`; requests given up
  * are skipped (their answers discarded). Counts the batch. */
@@ -874,40 +900,16 @@ static PyObject *Queue_complete(QueueObject *q, PyObject *const *args, Py_ssize_
             sleeping |= atomic_load_explicit(&r->ev.sleepers, memory_order_relaxed) > 0;
         }
     }
-    if (bad) { /* out of memory: wake the calls answered, keep the deliveries made for
-                * the next take, and leave the batch in flight for _q_fail(settle) */
-        PyObject *et, *ev, *tb;
+    PyObject *et = NULL, *ev = NULL, *tb = NULL;
+    if (bad) { /* out of memory: keep the deliveries made for the next take, wake the
+                * calls answered (below), and leave the batch in flight for _q_fail(settle) */
         PyErr_Fetch(&et, &ev, &tb);
-        for (Py_ssize_t i = 0; i < nwake; i++) agx_event_set(wake[i]);
-        if (wake != small) PyMem_Free(wake);
         if (PyList_GET_SIZE(deliver)) {
             if (q->undelivered == NULL) q->undelivered = Py_NewRef(deliver);
             else if (PyList_SetSlice(q->undelivered, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, deliver) < 0) PyErr_Clear();
         }
-        Py_DECREF(deliver);
-        Py_XDECREF(own_error);
-        PyErr_Restore(et, ev, tb);
-        return NULL;
-    }
-    q->in_flight -= n;
-    if (q->in_flight < 0) q->in_flight = 0;
-    q->batches++;
-    q->requests += n;
-    if (n > q->largest) q->largest = n;
-    double run = (double)(done - start);
-    q->run_sum_ns += done - start;
-    q->run_count++;
-    q->run_est_ns = q->run_est_ns == 0 ? run : q->run_est_ns * 0.8 + run * 0.2;
-    PyObject *k = PyLong_FromSsize_t(n);
-    if (k) {
-        PyObject *old = PyDict_GetItemWithError(q->hist, k);
-        long long c = old ? PyLong_AsLongLong(old) + 1 : 1;
-        PyObject *v = PyLong_FromLongLong(c);
-        if (v == NULL || PyDict_SetItem(q->hist, k, v) < 0) PyErr_Clear(); /* a statistic only */
-        Py_XDECREF(v);
-        Py_DECREF(k);
     } else {
-        PyErr_Clear();
+        count_batch(q, n, done - start);
     }
     /* counted before anyone is woken: a caller that reads stats() sees its batch */
     if (nwake && sleeping && q->wake_unlocked) {
@@ -919,6 +921,11 @@ static PyObject *Queue_complete(QueueObject *q, PyObject *const *args, Py_ssize_
     }
     if (wake != small) PyMem_Free(wake);
     Py_XDECREF(own_error);
+    if (bad) {
+        Py_DECREF(deliver);
+        PyErr_Restore(et, ev, tb);
+        return NULL;
+    }
     return deliver;
 }
 
@@ -1087,6 +1094,13 @@ static int take_key(QueueObject *q, Py_ssize_t key, PyObject *batch, Py_ssize_t 
     return 0;
 }
 
+/* list[to] = list[from] (to < from; both slots filled). */
+static void list_move(PyObject *list, Py_ssize_t from, Py_ssize_t to) {
+    PyObject *old = PyList_GET_ITEM(list, to);
+    PyList_SET_ITEM(list, to, Py_NewRef(PyList_GET_ITEM(list, from)));
+    Py_DECREF(old);
+}
+
 /* After taking: futures (submit) go running, or leave the batch if cancelled or
  * set by their caller (counted cancelled). Then the batch is in flight: its
  * inputs, rows and lengths come back as lists. Python code may run here (a
@@ -1129,17 +1143,9 @@ static PyObject *finish_take(QueueObject *q, PyObject *batch, PyObject *deliver)
         }
         if (keep) {
             if (kept != i) { /* move request i, its rows and length to slot kept */
-                PyObject *old = PyList_GET_ITEM(batch, kept);
-                PyList_SET_ITEM(batch, kept, Py_NewRef((PyObject *)r));
-                Py_DECREF(old);
-                old = PyList_GET_ITEM(rows, kept);
-                PyList_SET_ITEM(rows, kept, Py_NewRef(PyList_GET_ITEM(rows, i)));
-                Py_DECREF(old);
-                if (lens != Py_None) {
-                    old = PyList_GET_ITEM(lens, kept);
-                    PyList_SET_ITEM(lens, kept, Py_NewRef(PyList_GET_ITEM(lens, i)));
-                    Py_DECREF(old);
-                }
+                list_move(batch, i, kept);
+                list_move(rows, i, kept);
+                if (lens != Py_None) list_move(lens, i, kept);
             }
             kept++;
         }
